@@ -1,0 +1,75 @@
+"""Seconds from the last C-STORE of a 2-image study to the SR arriving at the PACS.
+
+    .venv/bin/python benchmarks/e2e_latency.py [--runs 5] [--stable-seconds 1] [--model FILE] [--size 2048]
+
+dcmtk storescu plays the modality and dcmtk storescp the PACS; `osteogate serve` runs as a
+subprocess with a real SQLite file and spool. Prints each run and the median, with and without
+the configured stable_seconds (the quiet time the gateway waits on purpose).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from pydicom.uid import generate_uid  # noqa: E402
+
+from tests.gateway_harness import GatewayProcess  # noqa: E402
+from tests.helpers import StoreSCP, make_dataset, storescu, write_dataset  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--stable-seconds", type=float, default=1.0)
+    parser.add_argument("--size", type=int, default=2048, help="image rows and columns (16-bit)")
+    parser.add_argument("--model", type=Path, default=ROOT / "model" / "shipped" / "osteogate-knee.safetensors")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="osteogate-bench-") as tmp:
+        work = Path(tmp)
+        pacs = StoreSCP(work / "pacs").start()
+        gateway = GatewayProcess(work / "gw", model=args.model, destinations=[f"PACS@127.0.0.1:{pacs.port}"],
+                                 stable_seconds=args.stable_seconds,
+                                 env={"OSTEOGATE_STUDY_CHECK_INTERVAL_SECONDS": "0.1",
+                                      "OSTEOGATE_WORKER_POLL_INTERVAL_SECONDS": "0.1",
+                                      "OSTEOGATE_DELIVERY_CHECK_INTERVAL_SECONDS": "0.2"})
+        gateway.start(timeout=300)
+        latencies = []
+        try:
+            for run in range(args.runs):
+                study_uid = generate_uid()
+                files = [write_dataset(make_dataset(study_uid=study_uid, size=(args.size, args.size)),
+                                       work / f"run{run}_{i}.dcm") for i in range(2)]
+                before = set(pacs.files("SR*.dcm"))
+                sent = storescu(files, "127.0.0.1", gateway.port, "OSTEOGATE")
+                t_last_store = time.monotonic()  # storescu returns after the last C-STORE response
+                if sent.returncode != 0:
+                    raise SystemExit(f"storescu failed: {sent.stdout}{sent.stderr}")
+                while not (set(pacs.files("SR*.dcm")) - before):
+                    if time.monotonic() - t_last_store > 120:
+                        raise SystemExit("no SR within 120 s:\n" + gateway.log()[-3000:])
+                    time.sleep(0.01)
+                latency = time.monotonic() - t_last_store
+                latencies.append(latency)
+                print(f"run {run + 1}: {latency:.2f} s total, {latency - args.stable_seconds:.2f} s beyond "
+                      f"stable_seconds={args.stable_seconds:g}")
+        finally:
+            gateway.stop()
+            pacs.stop()
+        median = statistics.median(latencies)
+        print(f"\n2-image study of {args.size}x{args.size} 16-bit DX, model {args.model.name}:")
+        print(f"median last C-STORE -> SR at PACS: {median:.2f} s "
+              f"({median - args.stable_seconds:.2f} s excluding stable_seconds={args.stable_seconds:g})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

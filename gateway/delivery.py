@@ -1,0 +1,160 @@
+"""Delivery of result SRs to PACS by C-STORE, with retries that survive restarts.
+
+Every attempt's outcome is in SQL (deliveries table), so a restarted gateway carries on where it
+stopped. Transient failures (peer down, timeout, transient rejection, out-of-resources status) are
+retried with exponential backoff; a permanent rejection (A-ASSOCIATE-RJ "rejected-permanent",
+e.g. unknown called AE title) or a permanent failure status is marked REJECTED and logged, not
+retried blindly: an admin fixes the configuration and uses `osteogate resend`.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from datetime import timedelta
+
+import pydicom
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+from sqlalchemy import or_, select, update
+
+from gateway.config import Destination, Settings
+from gateway.db import Database, Delivery, DeliveryStatus, StudyResult, utcnow
+from gateway.logs import get_logger
+from gateway.spool import Spool
+
+log = get_logger("gateway.delivery")
+
+
+@dataclass(frozen=True)
+class SendOutcome:
+    ok: bool
+    permanent: bool
+    detail: str
+
+
+def send_file(
+    path: str, destination: Destination, calling_aet: str, timeout: float = 30
+) -> SendOutcome:
+    """C-STORE one file to one destination; classify the outcome as ok / transient / permanent."""
+    ds = pydicom.dcmread(path)
+    ae = AE(ae_title=calling_aet)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.connection_timeout = timeout
+    ae.add_requested_context(ds.SOPClassUID, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    if assoc.is_rejected:
+        rj = assoc.acceptor.primitive
+        result = getattr(rj, "result", None)
+        detail = f"association rejected (result {result}, source {getattr(rj, 'result_source', None)}, " \
+                 f"reason {getattr(rj, 'diagnostic', None)})"
+        # PS3.8 7.1.1.8: result 1 = rejected-permanent, 2 = rejected-transient.
+        return SendOutcome(False, permanent=result == 0x01, detail=detail)
+    if not assoc.is_established:
+        return SendOutcome(False, permanent=False, detail="association failed (peer unreachable or aborted)")
+    try:
+        if not assoc.accepted_contexts:
+            return SendOutcome(False, permanent=True, detail="peer accepts no context for this SR")
+        status = assoc.send_c_store(ds)
+    finally:
+        assoc.release()
+    if not status or "Status" not in status:
+        return SendOutcome(False, permanent=False, detail="no C-STORE response (timeout or abort)")
+    code = int(status.Status)
+    if code == 0x0000 or (code & 0xF000) == 0xB000:  # success or warning
+        return SendOutcome(True, permanent=False, detail=f"status 0x{code:04X}")
+    # 0xA7xx out of resources is worth retrying; refusals of the dataset itself (0xA9xx, 0xCxxx,
+    # 0x0122 SOP class not supported) will fail again the same way.
+    permanent = (code & 0xFF00) != 0xA700
+    return SendOutcome(False, permanent=permanent, detail=f"C-STORE failed with status 0x{code:04X}")
+
+
+class DeliveryManager:
+    def __init__(self, settings: Settings, db: Database, reports: Spool) -> None:
+        self.settings = settings
+        self.db = db
+        self.reports = reports
+        self._lock = threading.Lock()  # one sender pass at a time in this process
+
+    def backoff(self, attempts: int) -> float:
+        cfg = self.settings.delivery
+        return min(cfg.retry_base_seconds * 2 ** max(attempts - 1, 0), cfg.retry_max_seconds)
+
+    def run_due(self) -> int:
+        """Send every delivery that is due; returns how many were sent successfully."""
+        if not self._lock.acquire(blocking=False):
+            return 0
+        try:
+            sent = 0
+            while (claimed := self._claim()) is not None:
+                sent += self._attempt(*claimed)
+            return sent
+        finally:
+            self._lock.release()
+
+    def _claim(self) -> tuple[int, str, str, str] | None:
+        now = utcnow()
+        due = (
+            (Delivery.status == DeliveryStatus.PENDING)
+            & (Delivery.next_attempt_at <= now)
+            & or_(Delivery.claimed_until.is_(None), Delivery.claimed_until < now)
+        )
+        with self.db.session() as session:
+            query = select(Delivery.id).where(due).order_by(Delivery.next_attempt_at).limit(1)
+            if self.db.is_postgres:
+                query = query.with_for_update(skip_locked=True)
+            delivery_id = session.execute(query).scalar_one_or_none()
+            if delivery_id is None:
+                return None
+            claim_until = now + timedelta(seconds=self.settings.delivery.timeout_seconds * 4)
+            if session.execute(
+                update(Delivery).where(Delivery.id == delivery_id, due).values(claimed_until=claim_until)
+            ).rowcount != 1:
+                return None
+            delivery = session.get(Delivery, delivery_id)
+            assert delivery is not None
+            return delivery.id, delivery.destination, delivery.result.sr_path, delivery.result.study.study_key
+
+    def _attempt(self, delivery_id: int, destination_text: str, sr_path: str, key: str) -> int:
+        destination = Destination.parse(destination_text)
+        try:
+            outcome = send_file(
+                str(self.reports.absolute(sr_path)), destination, self.settings.delivery_calling_aet,
+                self.settings.delivery.timeout_seconds,
+            )
+        except Exception as exc:
+            outcome = SendOutcome(False, permanent=False, detail=f"{type(exc).__name__}: {exc}")
+        with self.db.session() as session:
+            delivery = session.get(Delivery, delivery_id)
+            assert delivery is not None
+            delivery.attempts += 1
+            delivery.claimed_until = None
+            if outcome.ok:
+                delivery.status = DeliveryStatus.SENT
+                delivery.sent_at = utcnow()
+                delivery.last_error = None
+                log.info("sr_delivered", study_key=key, destination=destination.ae_title,
+                         attempts=delivery.attempts, detail=outcome.detail)
+                return 1
+            delivery.last_error = outcome.detail[:2000]
+            if outcome.permanent:
+                delivery.status = DeliveryStatus.REJECTED
+                log.error("sr_delivery_rejected", study_key=key, destination=destination.ae_title,
+                          detail=outcome.detail)
+            else:
+                delay = self.backoff(delivery.attempts)
+                delivery.next_attempt_at = utcnow() + timedelta(seconds=delay)
+                log.warning("sr_delivery_retry", study_key=key, destination=destination.ae_title,
+                            attempts=delivery.attempts, retry_in_s=delay, detail=outcome.detail)
+        return 0
+
+    def requeue(self, result_id: int, destinations: list[Destination] | None = None) -> int:
+        """Queue the SR of one result again (``osteogate resend``)."""
+        with self.db.session() as session:
+            result = session.get(StudyResult, result_id)
+            if result is None:
+                return 0
+            targets = destinations or self.settings.delivery.destinations
+            for destination in targets:
+                result.deliveries.append(Delivery(destination=str(destination), status=DeliveryStatus.PENDING))
+            return len(targets)

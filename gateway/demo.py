@@ -1,0 +1,105 @@
+"""``osteogate demo``: a gateway and a local PACS on free ports, the samples sent, the SRs printed."""
+
+from __future__ import annotations
+
+import socket
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pydicom
+from pydicom.dataset import Dataset
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import Comprehensive3DSRStorage, ComprehensiveSRStorage, Verification
+
+from gateway.config import Destination, load_settings
+from gateway.logs import configure_logging
+
+SAMPLES = Path(__file__).resolve().parent.parent / "sample_dicom"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class DemoPACS:
+    """A minimal PACS: accepts SRs by C-STORE and keeps them in memory."""
+
+    def __init__(self, port: int, ae_title: str = "DEMOPACS") -> None:
+        self.received: list[Dataset] = []
+        self._lock = threading.Lock()
+        ae = AE(ae_title=ae_title)
+        for sop_class in (Comprehensive3DSRStorage, ComprehensiveSRStorage, Verification):
+            ae.add_supported_context(sop_class)
+        self._server = ae.start_server(("127.0.0.1", port), block=False,
+                                       evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+
+    def _on_store(self, event: evt.Event) -> int:
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        with self._lock:
+            self.received.append(ds)
+        return 0x0000
+
+    def stop(self) -> None:
+        self._server.shutdown()
+
+
+def run_demo(model: Path | None = None, timeout: float = 180) -> int:
+    from gateway.service import Gateway
+    from gateway.sr import sr_summary
+
+    configure_logging("console", "warning")
+    samples = sorted(SAMPLES.glob("*.dcm"))
+    if not samples:
+        print(f"no sample files in {SAMPLES}")
+        return 1
+    with tempfile.TemporaryDirectory(prefix="osteogate-demo-") as data_dir:
+        pacs = DemoPACS(free_port())
+        pacs_port = pacs._server.server_address[1]
+        settings = load_settings(environ={}, overrides={
+            "storage": {"data_dir": data_dir, "min_free_mb": 0},
+            "dicom": {"ae_title": "OSTEOGATE", "port": 0, "bind": "127.0.0.1"},
+            "study": {"stable_seconds": 1, "check_interval_seconds": 0.5},
+            "delivery": {"destinations": [Destination(ae_title="DEMOPACS", host="127.0.0.1", port=pacs_port)],
+                         "check_interval_seconds": 1},
+            "model": {"path": str(model) if model else ""},
+        })
+        gateway = Gateway(settings)
+        print(f"local PACS DEMOPACS on 127.0.0.1:{pacs_port}; starting the gateway and loading the model…")
+        gateway.start()
+        try:
+            print(f"sending {len(samples)} sample file(s) to OSTEOGATE@127.0.0.1:{gateway.port}")
+            studies = {str(pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID) for p in samples}
+            _send(samples, gateway.port)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline and len({str(d.StudyInstanceUID) for d in pacs.received}) < len(studies):
+                time.sleep(0.2)
+            got = {str(d.StudyInstanceUID) for d in pacs.received}
+            print(f"\nPACS received {len(pacs.received)} SR(s) for {len(got)} of {len(studies)} studies\n")
+            for ds in pacs.received:
+                print(sr_summary(ds))
+                print("-" * 78)
+            return 0 if len(got) == len(studies) else 1
+        finally:
+            gateway.stop()
+            pacs.stop()
+
+
+def _send(files: list[Path], port: int) -> None:
+    datasets = [pydicom.dcmread(p) for p in files]
+    ae = AE(ae_title="DEMOMODALITY")
+    for sop_class, syntax in {(str(d.SOPClassUID), str(d.file_meta.TransferSyntaxUID)) for d in datasets}:
+        ae.add_requested_context(sop_class, syntax)
+    assoc = ae.associate("127.0.0.1", port, ae_title="OSTEOGATE")
+    if not assoc.is_established:
+        raise RuntimeError("could not associate with the gateway")
+    try:
+        for path, ds in zip(files, datasets, strict=True):
+            status = assoc.send_c_store(ds)
+            print(f"  {path.name}: status 0x{int(status.Status):04X}" if status else f"  {path.name}: no response")
+    finally:
+        assoc.release()

@@ -1,0 +1,50 @@
+"""Periodic work of the gateway, run by apscheduler: study completion and delivery retries.
+
+Each job can also be run "now" (``trigger``) so a result is sent the moment it exists, without
+waiting for the next tick; apscheduler's max_instances=1 keeps a job from overlapping itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from gateway.logs import get_logger
+
+log = get_logger("gateway.scheduler")
+
+
+class GatewayScheduler:
+    def __init__(self) -> None:
+        self._scheduler = BackgroundScheduler(
+            executors={"default": ThreadPoolExecutor(4)},
+            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 30},
+            timezone="UTC",
+        )
+
+    def add(self, name: str, func: Callable[[], object], seconds: float) -> None:
+        def run() -> None:
+            try:
+                func()
+            except Exception:
+                # A failing tick (DB briefly locked, PACS glitch) must not kill the schedule.
+                log.exception("scheduled_job_failed", job=name)
+
+        self._scheduler.add_job(run, "interval", seconds=seconds, id=name, name=name,
+                                next_run_time=datetime.now().astimezone())
+
+    def trigger(self, name: str) -> None:
+        """Run a job as soon as possible (coalesced with a run already pending)."""
+        job = self._scheduler.get_job(name)
+        if job is not None:
+            job.modify(next_run_time=datetime.now().astimezone())
+
+    def start(self) -> None:
+        self._scheduler.start()
+
+    def stop(self) -> None:
+        if self._scheduler.running:
+            self._scheduler.shutdown(wait=True)

@@ -1,0 +1,147 @@
+"""The running gateway: wires listener, store, tracker, worker, delivery and scheduler together."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+from gateway.config import Settings
+from gateway.db import Database
+from gateway.delivery import DeliveryManager
+from gateway.ingest import Ingestor
+from gateway.logs import get_logger, set_hash_salt
+from gateway.scheduler import GatewayScheduler
+from gateway.scp import StorageSCP
+from gateway.spool import Spool
+from gateway.tracker import StudyTracker
+from gateway.worker import ClassifierWorker
+
+log = get_logger("gateway.service")
+
+SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "model" / "shipped" / "osteogate-knee.safetensors"
+
+
+def resolve_model_path(settings: Settings) -> Path:
+    """The configured checkpoint, else the shipped one, else an untrained one made once (loudly)."""
+    if settings.model.path:
+        path = Path(settings.model.path)
+        if not path.is_file():
+            raise FileNotFoundError(f"model.path: checkpoint {path} does not exist")
+        return path
+    if SHIPPED_MODEL.is_file():
+        return SHIPPED_MODEL
+    untrained = settings.storage.data_dir / "models" / "untrained-efficientnet_b0.safetensors"
+    if not untrained.is_file():
+        from model.network import create_untrained_checkpoint
+
+        untrained.parent.mkdir(parents=True, exist_ok=True)
+        create_untrained_checkpoint(untrained)
+    log.warning("model_untrained", path=str(untrained),
+                message="NO TRAINED MODEL: results are random; the SR algorithm name says UNTRAINED")
+    return untrained
+
+
+class ClassifierCache:
+    """Loads checkpoints once; replay jobs may name another checkpoint than the served one."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._default = resolve_model_path(settings)
+        self._loaded: dict[Path, Any] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, path: str | None = None) -> Any:
+        from model.inference import Classifier
+
+        target = Path(path) if path else self._default
+        with self._lock:
+            if target not in self._loaded:
+                cfg = self.settings.model
+                self._loaded[target] = Classifier.load(
+                    target, backend=cfg.backend, device=cfg.device,
+                    cache_dir=self.settings.storage.data_dir / "models" / "onnx",
+                )
+                classifier = self._loaded[target]
+                log.info("model_loaded", model=classifier.card.display_name, backend=classifier.backend_name,
+                         sha256=classifier.sha256[:12], trained=not classifier.untrained)
+            return self._loaded[target]
+
+
+class Gateway:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        set_hash_salt(settings.logging.hash_salt)
+        storage = settings.storage
+        storage.data_dir.mkdir(parents=True, exist_ok=True)
+        self.db = Database(storage.resolved_database_url())
+        self.db.create_schema()
+        self.spool = Spool(storage.spool_dir)
+        self.reports = Spool(storage.reports_dir)
+        self.scheduler = GatewayScheduler()
+        self.tracker = StudyTracker(self.db, settings.study.stable_seconds, on_queued=self._wake_worker)
+        self.delivery = DeliveryManager(settings, self.db, self.reports)
+        self.classifiers = ClassifierCache(settings) if settings.worker.enabled else None
+        self.worker = (
+            ClassifierWorker(settings, self.db, self.spool, self.reports, self.classifiers,
+                             on_result=lambda: self.scheduler.trigger("delivery"))
+            if self.classifiers else None
+        )
+        self.scp = StorageSCP(settings.dicom, Ingestor(self.db, self.spool), accepting=self.refusal_reason)
+        self._stopped = threading.Event()
+
+    def _wake_worker(self) -> None:
+        if self.worker:
+            self.worker.wake.set()
+
+    def refusal_reason(self) -> str | None:
+        free_mb = self.spool.free_bytes() / (1024 * 1024)
+        if free_mb < self.settings.storage.min_free_mb:
+            return f"spool disk has {free_mb:.0f} MB free, below storage.min_free_mb"
+        return None
+
+    @property
+    def port(self) -> int:
+        return self.scp.port
+
+    def start(self) -> None:
+        if self.classifiers:
+            self.classifiers()  # load the model before accepting work: fail fast on a bad checkpoint
+        self.scheduler.add("study_completion", self.tracker.queue_stable_studies,
+                           self.settings.study.check_interval_seconds)
+        self.scheduler.add("delivery", self.delivery.run_due, self.settings.delivery.check_interval_seconds)
+        self.scheduler.start()
+        if self.worker:
+            self.worker.start()
+        self.scp.start()
+        log.info("gateway_started", ae_title=self.settings.dicom.ae_title, port=self.port,
+                 destinations=[str(d) for d in self.settings.delivery.destinations],
+                 stable_seconds=self.settings.study.stable_seconds)
+
+    def stop(self) -> None:
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self.scp.stop()  # stop taking new work first
+        if self.worker:
+            self.worker.stop()
+        self.scheduler.stop()
+        self.db.dispose()
+        log.info("gateway_stopped")
+
+    def serve_forever(self) -> None:
+        """Run until SIGINT/SIGTERM, then stop cleanly."""
+        done = threading.Event()
+
+        def on_signal(signum: int, _frame: object) -> None:
+            log.info("signal_received", signal=signal.Signals(signum).name)
+            done.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        self.start()
+        try:
+            done.wait()
+        finally:
+            self.stop()

@@ -1,0 +1,419 @@
+"""Classifier worker: takes queued studies from SQL, classifies them, writes the SR and queues delivery.
+
+Runs in its own thread (ONNX Runtime and torch release the GIL during inference, so the SCP keeps
+answering). Jobs are claimed with a conditional UPDATE (plus SKIP LOCKED on PostgreSQL), so
+several workers, in threads, processes or hosts, never take the same job; a claimed job carries a
+lease, and a job whose worker died is taken again once the lease expires.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from io import BytesIO
+from typing import Any
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+from sqlalchemy import or_, select, update
+
+from gateway.config import Settings
+from gateway.db import (
+    Database,
+    Delivery,
+    DeliveryStatus,
+    ImageResult,
+    Instance,
+    Job,
+    JobStatus,
+    Study,
+    StudyResult,
+    StudyStatus,
+    utcnow,
+)
+from gateway.logs import get_logger
+from gateway.region import detect_region
+from gateway.spool import Spool
+
+log = get_logger("gateway.worker")
+
+CLASSIFIED_MODALITIES = {"CR", "DX"}
+CLASSES = ("normal", "osteopenia", "osteoporosis")
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()[:40]}:{os.getpid()}"
+
+
+def sr_series_uid(study_uid: str) -> str:
+    """One SR series per study, stable across versions, so PACS shows the versions together."""
+    return generate_uid(entropy_srcs=[study_uid, "osteogate-result-series"])
+
+
+@dataclass
+class ImageOutcome:
+    instance: Instance
+    header: Dataset
+    region: str | None = None
+    probabilities: dict[str, float] | None = None
+    label: str | None = None
+    skip_reason: str | None = None
+    decode_ms: float | None = None
+
+
+@dataclass
+class StudyOutcome:
+    images: list[ImageOutcome] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def classified(self) -> list[ImageOutcome]:
+        return [i for i in self.images if i.probabilities is not None]
+
+    def summary(self) -> tuple[str | None, str | None, dict[str, float] | None]:
+        """Study-level region, label and probabilities: the mean over classified images.
+
+        The mean is a deliberate, simple choice: every classified view counts equally, and the
+        per-image values stay in the SR for the reader.
+        """
+        classified = self.classified
+        if not classified:
+            return None, None, None
+        region = Counter(i.region for i in classified).most_common(1)[0][0]
+        probs = {c: sum(i.probabilities[c] for i in classified) / len(classified) for c in CLASSES}  # type: ignore[index]
+        label = max(probs, key=probs.__getitem__)
+        return region, label, probs
+
+
+class ClassifierWorker:
+    """Processes classify jobs one at a time; ``run_once`` is the unit the thread loop repeats."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database,
+        spool: Spool,
+        reports: Spool,
+        classifier_factory: Callable[[str | None], Any],
+        on_result: Callable[[], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.db = db
+        self.spool = spool
+        self.reports = reports
+        self.classifier_factory = classifier_factory
+        self.on_result = on_result
+        self.id = worker_id()
+        self.wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.last_heartbeat = time.monotonic()
+
+    # -- thread ----------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.recover_own_dead_jobs()
+        self._thread = threading.Thread(target=self._loop, name="osteogate-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30) -> None:
+        self._stop.set()
+        self.wake.set()
+        if self._thread:
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return bool(self._thread and self._thread.is_alive())
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.last_heartbeat = time.monotonic()
+            try:
+                worked = self.run_once()
+            except Exception:
+                log.exception("worker_loop_error")
+                worked = False
+            if not worked:
+                self.wake.wait(self.settings.worker.poll_interval_seconds)
+                self.wake.clear()
+
+    # -- job claiming ------------------------------------------------------------------------------
+
+    def recover_own_dead_jobs(self) -> int:
+        """Jobs left 'running' by an earlier process on this host whose PID is gone go back to pending.
+
+        Other hosts' jobs are left to lease expiry: we cannot tell whether they are alive.
+        """
+        host = socket.gethostname()[:40]
+        recovered = 0
+        with self.db.session() as session:
+            jobs = session.execute(select(Job).where(Job.status == JobStatus.RUNNING)).scalars().all()
+            for job in jobs:
+                owner_host, _, pid = (job.worker or "").rpartition(":")
+                if owner_host == host and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+                    job.status = JobStatus.PENDING
+                    job.lease_until = None
+                    recovered += 1
+        if recovered:
+            log.warning("jobs_recovered", count=recovered, reason="previous worker process died")
+        return recovered
+
+    def claim(self) -> int | None:
+        now = utcnow()
+        lease = now + timedelta(seconds=self.settings.worker.lease_seconds)
+        claimable = or_(
+            Job.status == JobStatus.PENDING,
+            (Job.status == JobStatus.RUNNING) & (Job.lease_until < now),
+        )
+        with self.db.session() as session:
+            query = select(Job.id).where(claimable).order_by(Job.id).limit(1)
+            if self.db.is_postgres:
+                query = query.with_for_update(skip_locked=True)
+            job_id = session.execute(query).scalar_one_or_none()
+            if job_id is None:
+                return None
+            # The conditional UPDATE is what makes the claim exclusive on SQLite too.
+            claimed = session.execute(
+                update(Job)
+                .where(Job.id == job_id, claimable)
+                .values(status=JobStatus.RUNNING, worker=self.id, lease_until=lease, started_at=now,
+                        attempts=Job.attempts + 1)
+            ).rowcount
+            if claimed != 1:
+                return None
+            session.execute(
+                update(Study).where(Study.id == select(Job.study_id).where(Job.id == job_id).scalar_subquery())
+                .where(Study.status == StudyStatus.QUEUED).values(status=StudyStatus.PROCESSING)
+            )
+        return job_id
+
+    def run_once(self) -> bool:
+        job_id = self.claim()
+        if job_id is None:
+            return False
+        try:
+            self.process(job_id)
+        except Exception as exc:
+            log.exception("job_failed", job=job_id, error=type(exc).__name__)
+            self._fail(job_id, f"{type(exc).__name__}: {exc}")
+        return True
+
+    # -- processing ------------------------------------------------------------------------------
+
+    def process(self, job_id: int) -> None:
+        started = time.perf_counter()
+        with self.db.session() as session:
+            job = session.get(Job, job_id)
+            assert job is not None
+            study = job.study
+            instances = list(study.instances)
+            study_uid, study_id, key, version = study.study_uid, study.id, study.study_key, job.study_version
+            model_path = job.model_path
+            # The newest SR actually sent for this study is the predecessor of the next one.
+            previous_sr = next((r.sr_path for r in reversed(study.results) if r.sr_path), None)
+        log.info("job_started", job=job_id, study_key=key, version=version, instances=len(instances))
+
+        classifier = self.classifier_factory(model_path)
+        outcome = self.classify(instances, classifier)
+        outcome.timings["total_ms"] = (time.perf_counter() - started) * 1000
+
+        if self._superseded(job_id):
+            log.info("job_superseded", job=job_id, study_key=key)
+            return
+
+        with self.db.session() as session:
+            result_version = 1 + (session.execute(
+                select(StudyResult.version).where(StudyResult.study_id == study_id)
+                .order_by(StudyResult.version.desc()).limit(1)).scalar_one_or_none() or 0)
+        if outcome.classified:
+            sr_uid, series_uid = generate_uid(), sr_series_uid(study_uid)
+            predecessor = self._read_header(self.reports, previous_sr) if previous_sr else None
+            sr = self.build_report(outcome, classifier, series_uid, sr_uid, result_version, predecessor)
+            sr_relative: str | None = self.reports.report_path(study_uid, sr_uid).as_posix()
+            buffer = BytesIO()
+            sr.save_as(buffer, enforce_file_format=True)
+            # The SR is durable before any delivery row points at it: no half-made report is sent.
+            self.reports.write_atomic(sr_relative, buffer.getvalue())
+        else:
+            # Nothing in scope: recorded as skipped with reasons; PACS gets no empty report.
+            sr_uid = series_uid = sr_relative = None
+        self._commit(job_id, outcome, classifier, result_version, sr_uid, series_uid, sr_relative)
+        region, label, _ = outcome.summary()
+        log.info("study_classified", job=job_id, study_key=key, region=region, label=label,
+                 images=len(outcome.classified), skipped=len(outcome.images) - len(outcome.classified),
+                 sr=sr_uid is not None, ms=round(outcome.timings["total_ms"], 1))
+        if self.on_result:
+            self.on_result()
+
+    def classify(self, instances: Sequence[Instance], classifier: Any) -> StudyOutcome:
+        from model.pixels import PixelDecodeError, dataset_to_image
+
+        outcome = StudyOutcome()
+        pending: list[tuple[ImageOutcome, Any]] = []
+        decode_total = 0.0
+        for instance in sorted(instances, key=lambda i: i.received_at):
+            t0 = time.perf_counter()
+            try:
+                ds = pydicom.dcmread(self.spool.absolute(instance.path))
+            except Exception as exc:
+                header = Dataset()
+                item = ImageOutcome(instance, header, skip_reason=f"spooled file unreadable: {type(exc).__name__}")
+                outcome.images.append(item)
+                continue
+            header = _header_only(ds)
+            item = ImageOutcome(instance, header)
+            outcome.images.append(item)
+            modality = str(ds.get("Modality", "")).upper()
+            if modality not in CLASSIFIED_MODALITIES:
+                item.skip_reason = f"out of scope: modality {modality or 'missing'}"
+                continue
+            decision = detect_region(ds)
+            if not decision.known:
+                item.skip_reason = f"region unknown ({decision.source})"
+                continue
+            if decision.region not in classifier.card.regions:
+                item.skip_reason = f"region {decision.region} not supported by the model"
+                continue
+            item.region = decision.region
+            try:
+                image = dataset_to_image(ds)
+            except PixelDecodeError as exc:
+                item.skip_reason = f"pixel data could not be decoded: {exc}"
+                continue
+            item.decode_ms = (time.perf_counter() - t0) * 1000
+            decode_total += item.decode_ms
+            pending.append((item, image))
+        outcome.timings["decode_ms"] = decode_total
+        if pending:
+            t0 = time.perf_counter()
+            predictions = classifier.predict(
+                [image for _, image in pending], [item.region for item, _ in pending],
+                batch_size=self.settings.model.batch_size,
+            )
+            outcome.timings["inference_ms"] = (time.perf_counter() - t0) * 1000
+            for (item, _), prediction in zip(pending, predictions, strict=True):
+                item.probabilities = {c: float(prediction.probabilities[c]) for c in CLASSES}
+                item.label = prediction.label
+        return outcome
+
+    def build_report(
+        self, outcome: StudyOutcome, classifier: Any, series_uid: str, sr_uid: str, version: int,
+        predecessor: Dataset | None,
+    ) -> Dataset:
+        from gateway.sr import AlgorithmInfo, ImageFinding, SkippedImage, build_result_sr
+
+        card = classifier.card
+        algorithm = AlgorithmInfo(name=card.display_name, version=card.version, checkpoint_sha256=classifier.sha256)
+        findings = [
+            ImageFinding(source=i.header, region=i.region, probabilities=i.probabilities, label=i.label)  # type: ignore[arg-type]
+            for i in outcome.classified
+        ]
+        skipped = [SkippedImage(source=i.header, reason=i.skip_reason or "not classified")
+                   for i in outcome.images if i.probabilities is None and "StudyInstanceUID" in i.header]
+        _, label, probs = outcome.summary()
+        return build_result_sr(
+            findings, algorithm, series_instance_uid=series_uid, sop_instance_uid=sr_uid,
+            instance_number=version, skipped=skipped, study_label=label, study_probabilities=probs,
+            predecessor=predecessor,
+        )
+
+    # -- bookkeeping -----------------------------------------------------------------------------
+
+    def _superseded(self, job_id: int) -> bool:
+        with self.db.session() as session:
+            job = session.get(Job, job_id)
+            assert job is not None
+            if job.study.version == job.study_version:
+                return False
+            # New instances arrived while we worked: the tracker queues the new version; this
+            # result would be out of date before it reached PACS.
+            job.status = JobStatus.DONE
+            job.finished_at = utcnow()
+            job.error = "superseded by a newer study version"
+            return True
+
+    def _commit(
+        self, job_id: int, outcome: StudyOutcome, classifier: Any, version: int, sr_uid: str | None,
+        series_uid: str | None, sr_relative: str | None,
+    ) -> None:
+        region, label, probs = outcome.summary()
+        status = StudyStatus.DONE if outcome.classified else StudyStatus.SKIPPED
+        with self.db.session() as session:
+            job = session.get(Job, job_id)
+            assert job is not None
+            result = StudyResult(
+                study_id=job.study_id, job_id=job.id, version=version, status=status, region=region,
+                label=label, p_normal=probs["normal"] if probs else None,
+                p_osteopenia=probs["osteopenia"] if probs else None,
+                p_osteoporosis=probs["osteoporosis"] if probs else None,
+                model_name=classifier.card.display_name[:128], model_version=classifier.card.version[:32],
+                model_sha256=classifier.sha256, backend=classifier.backend_name[:32],
+                timings={k: round(v, 2) for k, v in outcome.timings.items()},
+                sr_sop_instance_uid=sr_uid, sr_series_uid=series_uid, sr_path=sr_relative,
+            )
+            session.add(result)
+            for item in outcome.images:
+                p = item.probabilities or {}
+                result.images.append(ImageResult(
+                    sop_instance_uid=item.instance.sop_instance_uid,
+                    status="classified" if item.probabilities else "skipped", reason=item.skip_reason,
+                    region=item.region, label=item.label, p_normal=p.get("normal"),
+                    p_osteopenia=p.get("osteopenia"), p_osteoporosis=p.get("osteoporosis"),
+                    decode_ms=item.decode_ms,
+                ))
+            for destination in self.settings.delivery.destinations if sr_uid else ():
+                result.deliveries.append(Delivery(destination=str(destination), status=DeliveryStatus.PENDING))
+            job.status = JobStatus.DONE
+            job.finished_at = utcnow()
+            job.lease_until = None
+            if job.study.version == job.study_version:
+                job.study.status = status
+
+    def _fail(self, job_id: int, error: str) -> None:
+        with self.db.session() as session:
+            job = session.get(Job, job_id)
+            if job is None:
+                return
+            job.error = error[:2000]
+            job.lease_until = None
+            if job.attempts >= self.settings.worker.max_attempts:
+                job.status = JobStatus.FAILED
+                job.finished_at = utcnow()
+                if job.study.version == job.study_version:
+                    job.study.status = StudyStatus.FAILED
+            else:
+                job.status = JobStatus.PENDING
+
+    @staticmethod
+    def _read_header(store: Spool, relative: str) -> Dataset | None:
+        try:
+            return pydicom.dcmread(store.absolute(relative), stop_before_pixels=True)
+        except Exception:
+            return None
+
+
+def _header_only(ds: Dataset) -> Dataset:
+    """A copy without pixel data: the SR needs only the header, and big arrays should be freed."""
+    header = Dataset()
+    header.update({elem.tag: elem for elem in ds if elem.tag.group != 0x7FE0})
+    header.file_meta = ds.file_meta
+    return header
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+

@@ -1,0 +1,241 @@
+"""Classifier: checkpoint -> predictions, on ONNX Runtime (CPU) or torch (CUDA).
+
+The CPU path never imports torch (torch costs ~1 s of import and a few hundred MB of RSS per process);
+torch is imported only for the torch backend or when an ONNX file must be (re-)exported.
+
+Scoring: logits of the image's region row, divided by ``card.temperature`` (calibration), softmax over
+classes; in patches mode the per-patch probabilities are averaged (mean pooling of probabilities, not
+logits, so one extreme patch cannot dominate); the label is the arg-max class.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from model.card import ModelCard
+from model.checkpoint import checkpoint_sha256, read_card
+from model.preprocess import prepare
+
+log = logging.getLogger(__name__)
+
+SHA_KEY = "osteogate.checkpoint_sha256"  # same value as model.export.SHA_KEY (export imports torch)
+INPUT_NAME, OUTPUT_NAME = "image", "logits"
+DEFAULT_CACHE_DIR = Path("~/.cache/osteogate")
+
+
+@dataclass
+class Prediction:
+    probabilities: dict[str, float]
+    label: str
+    region: str
+    n_inputs: int = 1  # network inputs pooled into this prediction (patches_per_image in patches mode)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Backend(Protocol):
+    name: str
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """float32 [B, C, H, W] -> float32 logits [B, n_regions, n_classes]."""
+        ...
+
+
+def cuda_present() -> bool:
+    """Cheap GPU probe that avoids importing torch on machines without an NVIDIA driver."""
+    if Path("/dev/nvidiactl").exists():
+        return True
+    if shutil.which("nvidia-smi") is None:
+        return False
+    try:
+        result = subprocess.run(["nvidia-smi", "-L"], capture_output=True, timeout=5, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return result.returncode == 0 and b"GPU" in result.stdout
+
+
+class OnnxBackend:
+    """ONNX Runtime on CPU. Must not import torch."""
+
+    def __init__(self, onnx_path: Path, intra_op_threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if intra_op_threads:
+            options.intra_op_num_threads = int(intra_op_threads)
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(onnx_path), sess_options=options,
+                                            providers=["CPUExecutionProvider"])
+        self.path = Path(onnx_path)
+        self.name = "onnxruntime-cpu"
+        self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+
+
+class TorchBackend:
+    """torch eager: CUDA (channels_last + fp16 autocast) when available, else CPU fp32."""
+
+    def __init__(self, checkpoint_path: Path, device: str = "auto") -> None:
+        import torch
+
+        from model.checkpoint import load_checkpoint
+        from model.network import build_network
+
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise RuntimeError("device 'cuda' requested but torch sees no CUDA GPU")
+        state, card = load_checkpoint(checkpoint_path)
+        network = build_network(card)
+        network.load_state_dict(state, strict=True)
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        network = network.to(self.device).eval()
+        if self.cuda:
+            network = network.to(memory_format=torch.channels_last)  # faster convs on tensor cores
+        self.network = network
+        self.name = f"torch-{self.device.type}"
+        self._torch = torch
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        torch = self._torch
+        with torch.inference_mode():
+            tensor = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device)
+            if self.cuda:
+                tensor = tensor.contiguous(memory_format=torch.channels_last)
+                with torch.autocast("cuda", dtype=torch.float16):
+                    logits = self.network(tensor)
+            else:
+                logits = self.network(tensor)
+            return logits.float().cpu().numpy()
+
+
+def _onnx_sha(path: Path) -> str | None:
+    """The checkpoint sha recorded in an ONNX file, read without building a session."""
+    try:
+        import onnx
+
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # unreadable/corrupt -> treated as stale and re-exported
+        return None
+    return next((p.value for p in proto.metadata_props if p.key == SHA_KEY), None)
+
+
+def resolve_onnx(checkpoint_path: Path, sha256: str, cache_dir: Path | None) -> Path:
+    """Fresh ONNX file for the checkpoint: the sibling if its sha matches, else a cached/new export."""
+    sibling = checkpoint_path.with_suffix(".onnx")
+    if sibling.is_file() and _onnx_sha(sibling) == sha256:
+        return sibling
+    cache = Path(cache_dir if cache_dir is not None else DEFAULT_CACHE_DIR).expanduser()
+    cached = cache / f"{checkpoint_path.stem}-{sha256[:16]}.onnx"
+    if cached.is_file() and _onnx_sha(cached) == sha256:
+        return cached
+    try:
+        from model.export import export_onnx  # imports torch: only paid when an export is needed
+    except ImportError as exc:
+        raise RuntimeError(f"no up-to-date ONNX file for {checkpoint_path.name} and torch is not installed "
+                           f"to export one; run `osteogate export` where torch is available") from exc
+    log.info("exporting %s to ONNX in %s (sibling missing or stale)", checkpoint_path.name, cache)
+    return export_onnx(checkpoint_path, cached)
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=-1, keepdims=True)
+
+
+class Classifier:
+    """Loaded model + card; ``predict`` turns decoded images into Predictions."""
+
+    def __init__(self, card: ModelCard, sha256: str, backend: Backend, path: Path) -> None:
+        self.card = card
+        self.sha256 = sha256
+        self.backend = backend
+        self.path = path
+        self.last_timings: dict[str, float] = {}
+
+    @property
+    def backend_name(self) -> str:
+        return self.backend.name
+
+    @property
+    def untrained(self) -> bool:
+        return not self.card.trained
+
+    @classmethod
+    def load(cls, path: Path | str, backend: str = "auto", device: str = "auto",
+             cache_dir: Path | str | None = None, intra_op_threads: int | None = None) -> Classifier:
+        """backend: "auto" (torch on a CUDA GPU, else ONNX Runtime), "onnx" or "torch";
+        device: "auto", "cpu" or "cuda" (torch backend only; "cpu" with "auto" means ONNX Runtime)."""
+        path = Path(path)
+        card = read_card(path)
+        sha = checkpoint_sha256(path)
+        if backend not in ("auto", "onnx", "torch"):
+            raise ValueError(f"backend must be auto, onnx or torch, got {backend!r}")
+        if device not in ("auto", "cpu") and not device.startswith("cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda[:N], got {device!r}")
+        chosen = backend
+        if backend == "auto":
+            chosen = "onnx"
+            if device != "cpu" and cuda_present():
+                import torch
+
+                if torch.cuda.is_available():
+                    chosen = "torch"
+            if device.startswith("cuda") and chosen != "torch":
+                raise RuntimeError("device 'cuda' requested but no usable CUDA GPU was found")
+        if chosen == "torch":
+            engine: Backend = TorchBackend(path, device=device)
+        else:
+            if device.startswith("cuda"):
+                raise ValueError("the onnx backend runs on CPU only; use backend='torch' for CUDA")
+            threads = intra_op_threads or int(os.environ.get("OSTEOGATE_ORT_THREADS", "0")) or None
+            engine = OnnxBackend(resolve_onnx(path, sha, Path(cache_dir) if cache_dir else None), threads)
+        return cls(card, sha, engine, path)
+
+    def predict(self, images: Sequence[np.ndarray], regions: Sequence[str], batch_size: int = 8) -> list[Prediction]:
+        if len(images) != len(regions):
+            raise ValueError(f"{len(images)} images but {len(regions)} regions")
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        region_index = {region: i for i, region in enumerate(self.card.regions)}
+        for region in regions:
+            if region not in region_index:
+                raise ValueError(f"region {region!r} not supported by this model (expects {list(self.card.regions)})")
+        if not images:
+            self.last_timings = {"preprocess_ms": 0.0, "model_ms": 0.0, "n_images": 0, "n_inputs": 0}
+            return []
+        t0 = time.perf_counter()
+        inputs = [prepare(image, self.card.input) for image in images]
+        counts = [len(x) for x in inputs]
+        stacked = np.concatenate(inputs, axis=0)
+        del inputs
+        rows = np.repeat([region_index[r] for r in regions], counts)
+        t1 = time.perf_counter()
+        logits = np.concatenate([self.backend.run(stacked[i:i + batch_size])
+                                 for i in range(0, len(stacked), batch_size)], axis=0)
+        t2 = time.perf_counter()
+        selected = logits[np.arange(len(rows)), rows].astype(np.float64) / self.card.temperature
+        probabilities = _softmax(selected)
+        predictions: list[Prediction] = []
+        start = 0
+        for region, count in zip(regions, counts, strict=True):
+            pooled = probabilities[start:start + count].mean(axis=0)
+            start += count
+            probs = {name: float(p) for name, p in zip(self.card.classes, pooled, strict=True)}
+            predictions.append(Prediction(probs, self.card.classes[int(np.argmax(pooled))], region, count))
+        self.last_timings = {"preprocess_ms": (t1 - t0) * 1000, "model_ms": (t2 - t1) * 1000,
+                             "n_images": len(images), "n_inputs": len(stacked)}
+        return predictions

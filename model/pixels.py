@@ -1,0 +1,201 @@
+"""The ONE pixel decoder used by serving and training: DICOM / PNG / JPEG -> float32 HxW in [0, 1].
+
+Training and serving must see identical pixels, otherwise the model is evaluated on a different input
+distribution than it was trained on. Pipeline for DICOM:
+
+1. decode the first frame only (pydicom + pylibjpeg/pyjpegls plugins; multi-frame files are rare for
+   radiographs and the first frame is the acquired image);
+2. colour (RGB/YBR/PALETTE COLOR) -> luminance, scaled by the stored bit depth;
+3. grayscale: Modality LUT (rescale slope/intercept or LUT), then the VOI chosen by the sender
+   (VOI LUT sequence, else the first window), mapped to [0, 1]; without VOI, a robust min-max between
+   the 0.5th and 99.5th percentiles so a few hot/cold pixels (markers, collimator edges) do not squash
+   the contrast;
+4. MONOCHROME1 is inverted so bone is always bright.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.uid import UID
+
+MAX_SIDE = 16384  # radiographs are at most ~4-5k px; anything bigger is corrupt or not an image
+LOW_PERCENTILE, HIGH_PERCENTILE = 0.5, 99.5
+_PERCENTILE_SAMPLES = 1_000_000  # subsample big images for the percentiles: same result, 4x faster
+
+
+class PixelDecodeError(ValueError):
+    """The instance has no usable image (missing/undecodable pixels, unsupported syntax, absurd size)."""
+
+
+def _check_geometry(ds: Dataset) -> None:
+    rows, columns = ds.get("Rows"), ds.get("Columns")
+    if not rows or not columns:
+        raise PixelDecodeError("Rows/Columns missing or zero")
+    if rows > MAX_SIDE or columns > MAX_SIDE:
+        raise PixelDecodeError(f"absurd image size {rows}x{columns}")
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    if samples not in (1, 3):
+        raise PixelDecodeError(f"unsupported SamplesPerPixel {samples}")
+    if int(ds.get("BitsAllocated", 0) or 0) not in (1, 8, 16, 32):
+        raise PixelDecodeError(f"unsupported BitsAllocated {ds.get('BitsAllocated')!r}")
+
+
+def _transfer_syntax(ds: Dataset) -> UID:
+    meta = getattr(ds, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    if syntax is None:
+        # Datasets built in memory (tests, the SCP before writing) carry no file meta: they are native.
+        little = getattr(ds, "is_little_endian", True) is not False
+        return pydicom.uid.ExplicitVRLittleEndian if little else pydicom.uid.ExplicitVRBigEndian
+    return UID(syntax)
+
+
+def _decode_first_frame(ds: Dataset) -> np.ndarray:
+    syntax = _transfer_syntax(ds)
+    try:
+        decoder = pydicom.pixels.get_decoder(syntax)
+    except NotImplementedError as exc:
+        raise PixelDecodeError(f"unsupported transfer syntax {syntax} ({syntax.name})") from exc
+    if not decoder.is_available:
+        raise PixelDecodeError(f"no decoder plugin installed for {syntax.name}")
+    try:
+        # index=0 decodes one frame only: a 100-frame file costs one frame of memory.
+        # as_rgb converts YBR colour to RGB so the luminance formula below holds.
+        array, _ = decoder.as_array(ds, index=0, as_rgb=True, transfer_syntax_uid=syntax)
+    except Exception as exc:  # plugins raise anything from ValueError to RuntimeError on corrupt data
+        raise PixelDecodeError(f"cannot decode pixel data ({syntax.name}): {type(exc).__name__}: {exc}") from exc
+    return array
+
+
+def _colour_to_gray(array: np.ndarray, ds: Dataset) -> np.ndarray:
+    photometric = str(ds.get("PhotometricInterpretation", ""))
+    if photometric == "PALETTE COLOR":
+        try:
+            array = pydicom.pixels.apply_color_lut(array, ds)
+        except Exception as exc:
+            raise PixelDecodeError(f"cannot apply palette colour LUT: {exc}") from exc
+        max_value = float(2 ** int(ds.RedPaletteColorLookupTableDescriptor[2]) - 1)
+    else:
+        max_value = float(2 ** int(ds.get("BitsStored", 8)) - 1)
+    rgb = array.astype(np.float32, copy=False)
+    gray = rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114  # ITU-R BT.601 luma
+    return np.clip(gray / max_value, 0.0, 1.0)
+
+
+def _window(values: np.ndarray, ds: Dataset) -> np.ndarray:
+    """DICOM PS3.3 C.11.2.1.2 windowing, written directly to the [0, 1] output range."""
+    center = float(np.atleast_1d(ds.WindowCenter)[0])
+    width = float(np.atleast_1d(ds.WindowWidth)[0])
+    function = str(ds.get("VOILUTFunction", "LINEAR")).upper()
+    if width <= 0 or (function == "LINEAR" and width < 1):
+        raise PixelDecodeError(f"invalid WindowWidth {width}")
+    if function == "SIGMOID":
+        return (1.0 / (1.0 + np.exp(-4.0 * (values - center) / width))).astype(np.float32)
+    if function == "LINEAR_EXACT":
+        out = (values - center) / width + 0.5
+    else:
+        out = (values - (center - 0.5)) / (width - 1.0) + 0.5
+    return np.clip(out, 0.0, 1.0)
+
+
+def _voi_lut(values: np.ndarray, ds: Dataset) -> np.ndarray:
+    item = ds.VOILUTSequence[0]
+    try:
+        # LUT lookup needs integer input: modality values are integral for any real LUT use.
+        out = pydicom.pixels.apply_voi(np.rint(values).astype(np.int64), ds, index=0).astype(np.float32, copy=False)
+    except Exception as exc:
+        raise PixelDecodeError(f"cannot apply VOI LUT: {exc}") from exc
+    # The output range is that of the LUT data (its descriptor's bit depth is unreliable in the wild).
+    lut = np.frombuffer(item.LUTData, dtype=np.uint8 if int(item.LUTDescriptor[2]) <= 8 else np.uint16) \
+        if isinstance(item.LUTData, bytes) else np.asarray(item.LUTData)
+    low, high = float(np.min(lut)), float(np.max(lut))
+    return np.clip((out - low) / max(high - low, 1e-6), 0.0, 1.0)
+
+
+def _robust_minmax(values: np.ndarray) -> np.ndarray:
+    sample = values.ravel()
+    if sample.size > _PERCENTILE_SAMPLES:
+        sample = sample[:: sample.size // _PERCENTILE_SAMPLES + 1]
+    low, high = np.percentile(sample, [LOW_PERCENTILE, HIGH_PERCENTILE])
+    if high <= low:  # flat image: keep it flat (all zeros) rather than divide by zero
+        return np.zeros_like(values, dtype=np.float32)
+    return np.clip((values - low) / (high - low), 0.0, 1.0)
+
+
+def _has_window(ds: Dataset) -> bool:
+    return ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None
+
+
+def dataset_to_image(ds: Dataset) -> np.ndarray:
+    """Decode a DICOM dataset to a float32 2-D array in [0, 1], bone bright (see module docstring)."""
+    if "PixelData" not in ds:
+        kind = "float/double pixel data" if ("FloatPixelData" in ds or "DoubleFloatPixelData" in ds) else "no PixelData"
+        raise PixelDecodeError(f"{kind}: not a decodable radiograph")
+    _check_geometry(ds)
+    array = _decode_first_frame(ds)
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
+    if samples == 3 or photometric == "PALETTE COLOR":
+        image = _colour_to_gray(array, ds)
+    else:
+        if array.ndim != 2:
+            raise PixelDecodeError(f"unexpected decoded shape {array.shape}")
+        try:
+            values = pydicom.pixels.apply_modality_lut(array, ds).astype(np.float32, copy=False)
+        except Exception as exc:
+            raise PixelDecodeError(f"cannot apply Modality LUT: {exc}") from exc
+        if "VOILUTSequence" in ds and len(ds.VOILUTSequence) > 0:
+            image = _voi_lut(values, ds)
+        elif _has_window(ds):
+            image = _window(values, ds)
+        else:
+            image = _robust_minmax(values)
+        if photometric == "MONOCHROME1":
+            image = 1.0 - image
+    image = np.ascontiguousarray(image, dtype=np.float32)
+    if not np.isfinite(image).all():
+        raise PixelDecodeError("decoded image contains NaN/inf")
+    return image
+
+
+def _is_dicom_file(path: Path) -> bool:
+    if path.suffix.lower() in (".dcm", ".dicom"):
+        return True
+    with path.open("rb") as handle:
+        handle.seek(128)
+        return handle.read(4) == b"DICM"
+
+
+def _load_raster(path: Path) -> np.ndarray:
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as opened:
+            image = ImageOps.exif_transpose(opened)  # phone photos of films carry EXIF rotation
+            if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+                values = np.asarray(image, dtype=np.float32)
+                # 16-bit PNGs come back as mode "I": scale by the 16-bit range, like the 8-bit path.
+                return np.clip(values / 65535.0, 0.0, 1.0)
+            if image.mode == "F":
+                return _robust_minmax(np.asarray(image, dtype=np.float32))
+            return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+    except (UnidentifiedImageError, OSError) as exc:
+        raise PixelDecodeError(f"{path.name}: cannot read image: {exc}") from exc
+
+
+def load_image_file(path: Path | str) -> np.ndarray:
+    """PNG/JPEG (Pillow, grayscale) or DICOM (preamble 'DICM' or .dcm suffix) -> float32 HxW in [0, 1]."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    if _is_dicom_file(path):
+        try:
+            ds = pydicom.dcmread(path)
+        except Exception as exc:
+            raise PixelDecodeError(f"{path.name}: not a readable DICOM file: {exc}") from exc
+        return dataset_to_image(ds)
+    return np.ascontiguousarray(_load_raster(path), dtype=np.float32)

@@ -1,0 +1,1 @@
+"""Sample DICOM files and their generator (a package only so tests can import the builder)."""

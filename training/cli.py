@@ -1,0 +1,157 @@
+"""Training subcommands for the `osteogate` CLI: train, evaluate, export, dataset audit.
+
+gateway/cli.py imports this module on every CLI call just to build the parser, so nothing heavy
+(torch, numpy, sklearn) is imported at module level: handlers import what they need.
+Exit codes: 0 success, 1 failure, 2 bad input (data, config, arguments).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+
+def _error(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+
+
+def _train_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags override the TOML config; default None means "not given" (config or built-in default wins)."""
+    add = parser.add_argument
+    add("--arch", dest="architecture", help="timm model name or osteogate_smallcnn (default efficientnet_b0)")
+    add("--mode", choices=("whole", "patches"), help="whole image at --size, or patches of --patch-size (default)")
+    add("--size", type=int, help="whole-image input size")
+    add("--patch-size", type=int, dest="patch_size")
+    add("--patches", type=int, dest="patches_per_image", help="patches per image at evaluation/serving")
+    add("--train-patches", type=int, dest="train_patches", help="random patches per image per training step")
+    add("--working-size", type=int, dest="working_size", help="long side patches are cut from")
+    add("--epochs", type=int)
+    add("--batch-size", type=int, dest="batch_size")
+    add("--lr", type=float)
+    add("--weight-decay", type=float, dest="weight_decay")
+    add("--patience", type=int)
+    add("--folds", type=int, help="k-fold cross-validation before the final fit (0 = skip)")
+    add("--seed", type=int)
+    add("--threads", type=int)
+    add("--balance", choices=("loss", "sampler", "none"))
+    add("--target-sensitivity", type=float, dest="target_sensitivity")
+    add("--pretrained", action="store_true", default=None, help="timm hub weights (needs network access)")
+    add("--init-from", dest="init_from", help="local backbone weights (.safetensors or .pth state dict)")
+    add("--no-progress", dest="progress", action="store_false", default=None)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    train = subparsers.add_parser("train", help="train (and cross-validate) a model; writes checkpoint + card + report")
+    train.add_argument("data", type=Path, help="manifest CSV, folder with manifest.csv, or region/label/* folders")
+    train.add_argument("--config", type=Path, help="TOML file ([train] table); flags override it")
+    train.add_argument("--out", type=Path, default=Path("model/trained/osteogate.safetensors"))
+    train.add_argument("--report-dir", type=Path, help="plots (default: next to --out)")
+    train.add_argument("--cache-dir", type=Path, help="decoded-image cache (default /tmp/osteogate-cache)")
+    train.add_argument("--save-predictions", type=Path, help="write out-of-fold CV predictions (.npz)")
+    _train_flags(train)
+    train.set_defaults(func=train_command)
+
+    evaluate = subparsers.add_parser("evaluate", help="metrics with 95%% CIs, plots and JSON for a checkpoint")
+    evaluate.add_argument("checkpoint", type=Path)
+    evaluate.add_argument("data", type=Path)
+    evaluate.add_argument("--out", type=Path, default=Path("evaluation"), help="output folder")
+    evaluate.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for CIs")
+    evaluate.add_argument("--gradcam", type=int, default=8, help="Grad-CAM sample images (0 = none)")
+    evaluate.add_argument("--cache-dir", type=Path)
+    evaluate.set_defaults(func=evaluate_command)
+
+    export = subparsers.add_parser("export", help="write the ONNX sibling of a checkpoint and check parity")
+    export.add_argument("checkpoint", type=Path)
+    export.add_argument("--onnx", type=Path, help="output path (default: <checkpoint stem>.onnx)")
+    export.add_argument("--atol", type=float, default=1e-4)
+    export.set_defaults(func=export_command)
+
+    dataset = subparsers.add_parser("dataset", help="dataset tools")
+    dataset_sub = dataset.add_subparsers(dest="dataset_command", required=True)
+    audit = dataset_sub.add_parser("audit", help="duplicates, label conflicts, class balance, image sizes")
+    audit.add_argument("data", type=Path)
+    audit.add_argument("--phash-distance", type=int, default=4)
+    audit.add_argument("--working-size", type=int, default=1024)
+    audit.add_argument("--cache-dir", type=Path)
+    audit.set_defaults(func=audit_command)
+
+
+def train_command(args: argparse.Namespace) -> int:
+    from training.config import TrainConfig, load_config
+
+    flags = {name: getattr(args, name, None) for name in TrainConfig.__dataclass_fields__ if name != "augment"}
+    try:
+        config = load_config(args.config, flags)
+    except (OSError, ValueError) as exc:
+        _error(f"configuration: {exc}")
+        return EXIT_USAGE
+    from training.data import DataError
+    from training.networks import PretrainedUnavailable
+    from training.pipeline import run_training
+
+    command = "osteogate " + " ".join(shlex.quote(a) for a in getattr(args, "argv", sys.argv[1:]))
+    try:
+        run_training(args.data, config, args.out, args.report_dir, command, args.cache_dir, args.save_predictions)
+    except PretrainedUnavailable as exc:
+        _error(f"--pretrained: {exc}")
+        return EXIT_USAGE
+    except (DataError, FileNotFoundError) as exc:
+        _error(str(exc))
+        return EXIT_USAGE
+    return EXIT_OK
+
+
+def evaluate_command(args: argparse.Namespace) -> int:
+    from training.data import DataError
+    from training.evaluate import evaluate_checkpoint, format_metrics
+
+    try:
+        report = evaluate_checkpoint(args.checkpoint, args.data, args.out, args.bootstrap, args.gradcam, args.cache_dir)
+    except (DataError, FileNotFoundError, ValueError) as exc:
+        _error(str(exc))
+        return EXIT_USAGE
+    print(f"{report['n_images']} images {report['class_counts']}, temperature {report['temperature']:.3f}")
+    print(format_metrics(report["metrics"]))
+    print(f"wrote {Path(args.out) / 'evaluation.json'} and {len(report['plots'])} plots")
+    return EXIT_OK
+
+
+def export_command(args: argparse.Namespace) -> int:
+    from model.export import check_parity, export_onnx
+
+    try:
+        onnx_path = export_onnx(args.checkpoint, args.onnx)
+        difference = check_parity(args.checkpoint, onnx_path, args.atol)
+    except (FileNotFoundError, ValueError) as exc:
+        _error(str(exc))
+        return EXIT_FAIL
+    print(f"wrote {onnx_path}; parity max |p_torch - p_onnx| = {difference:.2e} (atol {args.atol:g})")
+    return EXIT_OK
+
+
+def audit_command(args: argparse.Namespace) -> int:
+    from training.audit import audit_table
+    from training.data import DataError
+
+    try:
+        print(audit_table(args.data, args.working_size, args.phash_distance, args.cache_dir))
+    except (DataError, FileNotFoundError) as exc:
+        _error(str(exc))
+        return EXIT_USAGE
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.cli", description=__doc__.splitlines()[0])
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""Metrics with bootstrap 95 % CIs, calibration (temperature scaling, ECE), operating thresholds.
+
+Classification metrics come from scikit-learn. ECE has no scikit-learn implementation; it is the
+standard top-label binned ECE (Guo et al. 2017) and is written out below.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+from scipy.optimize import minimize_scalar
+from scipy.special import softmax
+from sklearn.metrics import (
+    accuracy_score,
+    confusion_matrix,
+    f1_score,
+    log_loss,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+    roc_curve,
+)
+
+CLASSES = ("normal", "osteopenia", "osteoporosis")
+
+
+def low_bmd_score(probs: np.ndarray) -> np.ndarray:
+    """P(osteopenia) + P(osteoporosis): the screening score for low bone mineral density."""
+    return probs[:, 1] + probs[:, 2]
+
+
+def sensitivity_at_specificity(y_binary: np.ndarray, score: np.ndarray, specificity: float) -> float:
+    """Best sensitivity among ROC points whose specificity is >= the target (scikit-learn roc_curve)."""
+    fpr, tpr, _ = roc_curve(y_binary, score)
+    ok = fpr <= 1.0 - specificity + 1e-12
+    return float(tpr[ok].max()) if ok.any() else 0.0
+
+
+def threshold_for_sensitivity(y_binary: np.ndarray, score: np.ndarray, sensitivity: float) -> float:
+    """Highest score threshold (predict positive when score >= t) whose sensitivity reaches the target.
+
+    Highest, because among thresholds meeting the sensitivity target it gives the best specificity.
+    """
+    fpr, tpr, thresholds = roc_curve(y_binary, score)
+    ok = np.nonzero(tpr >= sensitivity - 1e-12)[0]
+    threshold = float(thresholds[ok[0]])
+    return min(threshold, 1.0)  # roc_curve's first threshold is +inf
+
+
+def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, n_bins: int = 10) -> float:
+    """Top-label ECE: sum over equal-width confidence bins of |accuracy - confidence| * bin share."""
+    confidence = probs.max(axis=1)
+    correct = (probs.argmax(axis=1) == y_true).astype(float)
+    bins = np.minimum((confidence * n_bins).astype(int), n_bins - 1)
+    ece = 0.0
+    for b in range(n_bins):
+        in_bin = bins == b
+        if in_bin.any():
+            ece += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
+    return float(ece)
+
+
+def pooled_probs(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """[N, C] or [N, K, C] logits -> [N, C] probabilities: softmax(z / T), then the mean over the K
+    patches (serving's pooling in model/inference.py: mean of probabilities, not of logits)."""
+    logits = np.asarray(logits, dtype=np.float64)
+    if logits.ndim == 2:
+        return softmax(logits / temperature, axis=-1)
+    return softmax(logits / temperature, axis=-1).mean(axis=1)
+
+
+def fit_temperature(logits: np.ndarray, y_true: np.ndarray) -> float:
+    """Temperature T > 0 minimising the NLL of the pooled probabilities (1-D search on log T).
+
+    `logits` is [N, C] (whole images) or [N, K, C] (patches, pooled as serving pools them).
+    """
+
+    def nll(log_t: float) -> float:
+        probs = pooled_probs(logits, float(np.exp(log_t)))
+        return float(-np.log(np.clip(probs[np.arange(len(y_true)), y_true], 1e-12, None)).mean())
+
+    result = minimize_scalar(nll, bounds=(np.log(0.05), np.log(20.0)), method="bounded")
+    return float(np.exp(result.x))
+
+
+def nll(logits: np.ndarray, y_true: np.ndarray, temperature: float = 1.0) -> float:
+    probs = pooled_probs(logits, temperature)
+    return float(log_loss(y_true, probs, labels=list(range(probs.shape[1]))))
+
+
+def point_metrics(y_true: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    """All headline metrics for one set of predictions (3-class y_true in 0..2, probs [N, 3])."""
+    labels = list(range(len(CLASSES)))
+    pred = probs.argmax(axis=1)
+    out: dict[str, float] = {"accuracy": float(accuracy_score(y_true, pred))}
+    kwargs = {"labels": labels, "zero_division": 0}
+    precision = precision_score(y_true, pred, average=None, **kwargs)
+    recall = recall_score(y_true, pred, average=None, **kwargs)
+    f1 = f1_score(y_true, pred, average=None, **kwargs)
+    for k, name in enumerate(CLASSES):
+        out[f"precision_{name}"] = float(precision[k])
+        out[f"recall_{name}"] = float(recall[k])
+        out[f"f1_{name}"] = float(f1[k])
+    out["precision_macro"] = float(precision_score(y_true, pred, average="macro", **kwargs))
+    out["recall_macro"] = float(recall_score(y_true, pred, average="macro", **kwargs))
+    out["f1_macro"] = float(f1_score(y_true, pred, average="macro", **kwargs))
+    y_op = (y_true == 2).astype(int)
+    y_low = (y_true >= 1).astype(int)
+    low = low_bmd_score(probs)
+    for name, y_bin, score in (("osteoporosis", y_op, probs[:, 2]), ("low_bmd", y_low, low)):
+        if 0 < y_bin.sum() < len(y_bin):
+            out[f"auc_{name}"] = float(roc_auc_score(y_bin, score))
+        else:
+            out[f"auc_{name}"] = float("nan")  # one class only (a bootstrap draw can do this)
+    if 0 < y_low.sum() < len(y_low):
+        out["sens_low_bmd_at_spec_0.80"] = sensitivity_at_specificity(y_low, low, 0.80)
+        out["sens_low_bmd_at_spec_0.90"] = sensitivity_at_specificity(y_low, low, 0.90)
+    out["ece"] = expected_calibration_error(y_true, probs)
+    return out
+
+
+def bootstrap(
+    y_true: np.ndarray,
+    probs: np.ndarray,
+    metric_fn: Callable[[np.ndarray, np.ndarray], dict[str, float]] = point_metrics,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, dict[str, float]]:
+    """{metric: {value, ci_low, ci_high}}: percentile 95 % CIs over resampled images."""
+    point = metric_fn(y_true, probs)
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list[float]] = {k: [] for k in point}
+    n = len(y_true)
+    for _ in range(n_boot):
+        idx = rng.integers(0, n, n)
+        for key, value in metric_fn(y_true[idx], probs[idx]).items():
+            if key in draws and np.isfinite(value):
+                draws[key].append(value)
+    result: dict[str, dict[str, float]] = {}
+    for key, value in point.items():
+        values = np.asarray(draws[key])
+        low, high = (np.percentile(values, [2.5, 97.5]) if len(values) else (np.nan, np.nan))
+        result[key] = {"value": round(value, 4), "ci_low": round(float(low), 4), "ci_high": round(float(high), 4)}
+    return result
+
+
+def fold_spread(per_fold: Sequence[dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Mean and standard deviation of each metric across CV folds."""
+    keys = per_fold[0].keys() if per_fold else []
+    out: dict[str, dict[str, float]] = {}
+    for key in keys:
+        values = np.array([fold[key] for fold in per_fold if key in fold], dtype=float)
+        values = values[np.isfinite(values)]
+        if len(values):
+            out[key] = {"mean": round(float(values.mean()), 4), "sd": round(float(values.std(ddof=1)) if len(values) > 1 else 0.0, 4)}
+    return out
+
+
+def confusion(y_true: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    return confusion_matrix(y_true, probs.argmax(axis=1), labels=list(range(len(CLASSES))))
+
+
+def operating_thresholds(y_true: np.ndarray, probs: np.ndarray, target_sensitivity: float) -> dict[str, float]:
+    """Thresholds on validation data for the stated target sensitivity (stored in the card)."""
+    out: dict[str, float] = {}
+    y_low = (y_true >= 1).astype(int)
+    if 0 < y_low.sum() < len(y_low):
+        out["low_bmd"] = round(threshold_for_sensitivity(y_low, low_bmd_score(probs), target_sensitivity), 6)
+    y_op = (y_true == 2).astype(int)
+    if 0 < y_op.sum() < len(y_op):
+        out["osteoporosis"] = round(threshold_for_sensitivity(y_op, probs[:, 2], target_sensitivity), 6)
+    return out
