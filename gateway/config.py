@@ -8,6 +8,7 @@ start.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -20,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 ENV_PREFIX = "OSTEOGATE_"
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE VR: no backslash, no control chars
-_DEST_RE = re.compile(r"^(?P<aet>[^@]{1,16})@(?P<host>[^:@]+):(?P<port>\d{1,5})$")
+_DEST_RE = re.compile(r"^(?P<aet>[^@]{1,16})@(?P<host>[^:@]+):(?P<port>\d{1,5})(?P<tls>\+tls)?$")
 
 
 class ConfigError(ValueError):
@@ -46,6 +47,7 @@ class Destination(BaseModel):
     ae_title: str
     host: str
     port: int = Field(ge=1, le=65535)
+    tls: bool = False
 
     @field_validator("ae_title")
     @classmethod
@@ -54,30 +56,63 @@ class Destination(BaseModel):
 
     @classmethod
     def parse(cls, text: str) -> Destination:
-        """Parse ``AET@HOST:PORT`` as written on the command line."""
+        """Parse ``AET@HOST:PORT`` (``+tls`` appended for TLS) as written on the command line."""
         match = _DEST_RE.match(text.strip())
         if not match:
             raise ValueError(f"destination {text!r} is not AET@HOST:PORT")
-        return cls(ae_title=match["aet"], host=match["host"], port=int(match["port"]))
+        return cls(ae_title=match["aet"], host=match["host"], port=int(match["port"]), tls=bool(match["tls"]))
 
     def __str__(self) -> str:
-        return f"{self.ae_title}@{self.host}:{self.port}"
+        return f"{self.ae_title}@{self.host}:{self.port}" + ("+tls" if self.tls else "")
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class TlsConfig(_Section):
+    """TLS for DICOM (PS3.15 B.1). Receiving: cert + key, and a CA to require client certificates.
+
+    Sending: a CA to verify the PACS (always verified when TLS is on), and an optional client
+    certificate + key for PACS that require mutual TLS.
+    """
+
+    enabled: bool = False
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    ca_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _files_exist(self) -> TlsConfig:
+        for name in ("cert_file", "key_file", "ca_file"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{name} {path} does not exist")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        return self
+
+
 class DicomConfig(_Section):
     ae_title: str = "OSTEOGATE"
     bind: str = "0.0.0.0"
-    port: int = Field(11112, ge=1, le=65535)
+    port: int = Field(11112, ge=0, le=65535)  # 0: any free port (tests, demo)
     max_associations: int = Field(16, ge=1)
     # Calling AE titles allowed to store; empty means any.
     allowed_calling_aets: list[str] = []
+    # Source addresses (IPs or CIDR networks) allowed to associate; empty means any.
+    allowed_hosts: list[str] = []
     # Largest instance accepted, in MB; bigger ones are refused with 0xA700.
     max_instance_mb: int = Field(512, ge=1)
     network_timeout_seconds: float = Field(60, gt=0)
+    tls: TlsConfig = Field(default_factory=lambda: TlsConfig())
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _valid_networks(cls, value: list[str]) -> list[str]:
+        for item in value:
+            ipaddress.ip_network(item, strict=False)  # ValueError names the bad entry
+        return value
 
     @field_validator("ae_title")
     @classmethod
@@ -139,6 +174,8 @@ class DeliveryConfig(_Section):
     retry_max_seconds: float = Field(600, gt=0)
     check_interval_seconds: float = Field(2, gt=0)
     timeout_seconds: float = Field(30, gt=0)
+    # TLS for sending to destinations marked tls (``AET@HOST:PORT+tls`` or tls = true).
+    tls: TlsConfig = Field(default_factory=lambda: TlsConfig())
 
     @field_validator("destinations", mode="before")
     @classmethod
@@ -148,6 +185,29 @@ class DeliveryConfig(_Section):
         if isinstance(value, list):
             return [Destination.parse(v) if isinstance(v, str) else v for v in value]
         return value
+
+
+class HttpConfig(_Section):
+    """/healthz and /metrics. Off by default and bound to localhost: it is for the site's monitoring."""
+
+    enabled: bool = False
+    bind: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+
+
+class RetentionConfig(_Section):
+    """Spool housekeeping: delivered, finished studies lose their image files after this long."""
+
+    # Days after the last received instance; 0 keeps spooled images forever. SRs are always kept.
+    spool_days: float = Field(0, ge=0)
+
+
+class SchedulerConfig(_Section):
+    """Intervals of the periodic maintenance jobs (completion and delivery have their own)."""
+
+    stale_jobs_seconds: float = Field(60, gt=0)
+    retention_seconds: float = Field(3600, gt=0)
+    selfcheck_seconds: float = Field(86400, gt=0)  # daily: disk, database, C-ECHO of destinations
 
 
 class LoggingConfig(_Section):
@@ -164,7 +224,10 @@ class Settings(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     worker: WorkerConfig = Field(default_factory=WorkerConfig)
     delivery: DeliveryConfig = Field(default_factory=DeliveryConfig)
+    http: HttpConfig = Field(default_factory=HttpConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    retention: RetentionConfig = Field(default_factory=RetentionConfig)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
 
     @model_validator(mode="after")
     def _check_calling_aet(self) -> Settings:

@@ -18,9 +18,11 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from sqlalchemy import or_, select, update
 
-from gateway.config import Destination, Settings
+from gateway.config import Destination, Settings, TlsConfig
 from gateway.db import Database, Delivery, DeliveryStatus, StudyResult, utcnow
 from gateway.logs import get_logger
+from gateway.metrics import DELIVERIES
+from gateway.scp import client_tls_context
 from gateway.spool import Spool
 
 log = get_logger("gateway.delivery")
@@ -34,7 +36,8 @@ class SendOutcome:
 
 
 def send_file(
-    path: str, destination: Destination, calling_aet: str, timeout: float = 30
+    path: str, destination: Destination, calling_aet: str, timeout: float = 30,
+    tls: TlsConfig | None = None,
 ) -> SendOutcome:
     """C-STORE one file to one destination; classify the outcome as ok / transient / permanent."""
     ds = pydicom.dcmread(path)
@@ -42,7 +45,8 @@ def send_file(
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.connection_timeout = timeout
     ae.add_requested_context(ds.SOPClassUID, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    tls_args = (client_tls_context(tls or TlsConfig()), destination.host) if destination.tls else None
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args)
     if assoc.is_rejected:
         rj = assoc.acceptor.primitive
         result = getattr(rj, "result", None)
@@ -120,7 +124,7 @@ class DeliveryManager:
         try:
             outcome = send_file(
                 str(self.reports.absolute(sr_path)), destination, self.settings.delivery_calling_aet,
-                self.settings.delivery.timeout_seconds,
+                self.settings.delivery.timeout_seconds, self.settings.delivery.tls,
             )
         except Exception as exc:
             outcome = SendOutcome(False, permanent=False, detail=f"{type(exc).__name__}: {exc}")
@@ -129,6 +133,7 @@ class DeliveryManager:
             assert delivery is not None
             delivery.attempts += 1
             delivery.claimed_until = None
+            DELIVERIES.labels(outcome="sent" if outcome.ok else "rejected" if outcome.permanent else "failed").inc()
             if outcome.ok:
                 delivery.status = DeliveryStatus.SENT
                 delivery.sent_at = utcnow()

@@ -15,6 +15,8 @@ from pynetdicom.sop_class import Comprehensive3DSRStorage, ComprehensiveSRStorag
 
 from gateway.config import Destination, load_settings
 from gateway.logs import configure_logging
+from gateway.queries import describe_study, list_studies
+from gateway.service import Gateway
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_dicom"
 
@@ -49,7 +51,6 @@ class DemoPACS:
 
 
 def run_demo(model: Path | None = None, timeout: float = 180) -> int:
-    from gateway.service import Gateway
     from gateway.sr import sr_summary
 
     configure_logging("console", "warning")
@@ -76,17 +77,33 @@ def run_demo(model: Path | None = None, timeout: float = 180) -> int:
             studies = {str(pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID) for p in samples}
             _send(samples, gateway.port)
             deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline and len({str(d.StudyInstanceUID) for d in pacs.received}) < len(studies):
+            while time.monotonic() < deadline and not _all_settled(gateway, len(studies)):
                 time.sleep(0.2)
+            rows = list_studies(gateway.db)
+            expected_srs = sum(row["status"] == "done" for row in rows)
             got = {str(d.StudyInstanceUID) for d in pacs.received}
             print(f"\nPACS received {len(pacs.received)} SR(s) for {len(got)} of {len(studies)} studies\n")
             for ds in pacs.received:
                 print(sr_summary(ds))
                 print("-" * 78)
-            return 0 if len(got) == len(studies) else 1
+            for row in rows:
+                if row["status"] != "done":
+                    details = describe_study(gateway.db, settings, row["study_uid"]) or ""
+                    reasons = [line.strip() for line in details.splitlines() if line.strip().startswith("image ")]
+                    print(f"study {row['study_key']}: {row['status']}, no SR sent; " + "; ".join(reasons))
+            return 0 if len(rows) == len(studies) and len(got) == expected_srs else 1
         finally:
             gateway.stop()
             pacs.stop()
+
+
+def _all_settled(gateway: Gateway, count: int) -> bool:
+    """Every study processed, and every SR made has been delivered (or given up on)."""
+    rows = list_studies(gateway.db)
+    finished = [r for r in rows if r["status"] in ("done", "skipped", "failed")]
+    delivered = all(r["delivered"] is None or r["delivered"].split("/")[0] == r["delivered"].split("/")[1]
+                    for r in finished)
+    return len(finished) == count and delivered
 
 
 def _send(files: list[Path], port: int) -> None:

@@ -59,7 +59,8 @@ def configure_logging(
     # pynetdicom logs through the standard library, including dataset dumps at debug level that
     # would print patient names: keep it at WARNING whatever our own level is.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    # apscheduler warns each time a run-now trigger meets a run in progress: expected, not news.
+    logging.getLogger("apscheduler").setLevel(logging.ERROR)
 
 
 def get_logger(name: str) -> structlog.typing.FilteringBoundLogger:

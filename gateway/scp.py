@@ -6,6 +6,8 @@ on disk and in SQL (see gateway.ingest).
 
 from __future__ import annotations
 
+import ipaddress
+import ssl
 import threading
 from collections.abc import Callable
 
@@ -28,9 +30,10 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
-from gateway.config import DicomConfig
+from gateway.config import DicomConfig, TlsConfig
 from gateway.ingest import ACCEPTED_SOP_CLASSES, OUT_OF_RESOURCES, Ingestor, RejectedInstance
 from gateway.logs import get_logger, hashed
+from gateway.metrics import INSTANCES_RECEIVED, INSTANCES_REFUSED
 
 log = get_logger("gateway.scp")
 
@@ -93,15 +96,18 @@ class StorageSCP:
 
     def start(self) -> None:
         handlers = [
+            (evt.EVT_REQUESTED, self.handle_requested),
             (evt.EVT_C_STORE, self.handle_store),
             (evt.EVT_C_ECHO, self.handle_echo),
             (evt.EVT_ESTABLISHED, self.handle_established),
             (evt.EVT_REJECTED, self.handle_rejected),
         ]
         self._server = self.ae.start_server(
-            (self.config.bind, self.config.port), block=False, evt_handlers=handlers
+            (self.config.bind, self.config.port), block=False, evt_handlers=handlers,
+            ssl_context=server_tls_context(self.config.tls),
         )
-        log.info("scp_listening", ae_title=self.config.ae_title, port=self.port, bind=self.config.bind)
+        log.info("scp_listening", ae_title=self.config.ae_title, port=self.port, bind=self.config.bind,
+                 tls=self.config.tls.enabled)
 
     def stop(self) -> None:
         if self._server is not None:
@@ -110,6 +116,33 @@ class StorageSCP:
             log.info("scp_stopped")
 
     # -- event handlers ------------------------------------------------------------------------
+
+    def host_allowed(self, address: str) -> bool:
+        if not self.config.allowed_hosts:
+            return True
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in ipaddress.ip_network(net, strict=False) for net in self.config.allowed_hosts)
+
+    def handle_requested(self, event: evt.Event) -> None:
+        """Refuse an association before negotiation: unknown source host, or no room to store."""
+        assoc = event.assoc
+        address = str(assoc.requestor.address)
+        if not self.host_allowed(address):
+            log.warning("association_refused", reason="source host not allowed", peer=hashed(address),
+                        calling_ae=assoc.requestor.ae_title)
+            # Permanent, service user, no reason given: do not tell a stranger what would work.
+            assoc.acse.send_reject(0x01, 0x01, 0x01)
+            assoc.kill()  # waits until the A-ASSOCIATE-RJ has left, then ends the association
+            return
+        refusal = self.accepting()
+        if refusal:
+            log.warning("association_refused", reason=refusal, calling_ae=assoc.requestor.ae_title)
+            # Transient "local limit exceeded": the modality keeps its images and retries later.
+            assoc.acse.send_reject(0x02, 0x03, 0x02)
+            assoc.kill()
 
     def handle_established(self, event: evt.Event) -> None:
         log.info(
@@ -138,9 +171,11 @@ class StorageSCP:
             stored = self.ingestor.store(encoded, calling_ae=calling_ae, context_sop_class=context_sop_class)
         except RejectedInstance as exc:
             log.warning("instance_refused", status=f"0x{exc.status:04X}", reason=exc.reason, calling_ae=calling_ae)
+            INSTANCES_REFUSED.labels(status=f"0x{exc.status:04X}").inc()
             return exc.status
         except Exception as exc:  # never let a bug take the listener down
             log.exception("instance_store_failed", error=type(exc).__name__, calling_ae=calling_ae)
+            INSTANCES_REFUSED.labels(status=f"0x{OUT_OF_RESOURCES:04X}").inc()
             return OUT_OF_RESOURCES
         log.info(
             "instance_stored",
@@ -149,6 +184,32 @@ class StorageSCP:
             duplicate=stored.duplicate,
             calling_ae=calling_ae,
         )
+        INSTANCES_RECEIVED.labels(calling_ae=calling_ae).inc()
         if self.on_stored and not stored.duplicate:
             self.on_stored(stored.study_uid)
         return 0x0000
+
+
+def server_tls_context(config: TlsConfig) -> ssl.SSLContext | None:
+    """TLS for the listener; with a CA file, clients must present a certificate it signed."""
+    if not config.enabled:
+        return None
+    if not (config.cert_file and config.key_file):
+        raise ValueError("dicom.tls.enabled needs dicom.tls.cert_file and dicom.tls.key_file")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(str(config.cert_file), str(config.key_file))
+    if config.ca_file:
+        context.load_verify_locations(cafile=str(config.ca_file))
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def client_tls_context(config: TlsConfig) -> ssl.SSLContext:
+    """TLS for sending: the PACS certificate is always verified (against ca_file or system CAs)."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH,
+                                         cafile=str(config.ca_file) if config.ca_file else None)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if config.cert_file and config.key_file:
+        context.load_cert_chain(str(config.cert_file), str(config.key_file))
+    return context

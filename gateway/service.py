@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,8 @@ from gateway.db import Database
 from gateway.delivery import DeliveryManager
 from gateway.ingest import Ingestor
 from gateway.logs import get_logger, set_hash_salt
-from gateway.scheduler import GatewayScheduler
+from gateway.metrics import REGISTRY, HealthServer, StoreCollector
+from gateway.scheduler import GatewayScheduler, add_maintenance_jobs
 from gateway.scp import StorageSCP
 from gateway.spool import Spool
 from gateway.tracker import StudyTracker
@@ -52,6 +54,10 @@ class ClassifierCache:
         self._loaded: dict[Path, Any] = {}
         self._lock = threading.Lock()
 
+    @property
+    def loaded(self) -> bool:
+        return self._default in self._loaded
+
     def __call__(self, path: str | None = None) -> Any:
         from model.inference import Classifier
 
@@ -76,7 +82,7 @@ class Gateway:
         storage = settings.storage
         storage.data_dir.mkdir(parents=True, exist_ok=True)
         self.db = Database(storage.resolved_database_url())
-        self.db.create_schema()
+        self.db.migrate()
         self.spool = Spool(storage.spool_dir)
         self.reports = Spool(storage.reports_dir)
         self.scheduler = GatewayScheduler()
@@ -90,6 +96,27 @@ class Gateway:
         )
         self.scp = StorageSCP(settings.dicom, Ingestor(self.db, self.spool), accepting=self.refusal_reason)
         self._stopped = threading.Event()
+        self.http: HealthServer | None = None
+        self._collector = StoreCollector(self.db, self.spool.free_bytes)
+
+    def health(self) -> dict[str, Any]:
+        """What /healthz reports; healthy only if every check passes."""
+        checks: dict[str, Any] = {}
+        try:
+            checks["database"] = self.db.ping()
+        except Exception as exc:
+            checks["database"] = False
+            checks["database_error"] = type(exc).__name__
+        refusal = self.refusal_reason()
+        checks["spool_disk"] = refusal is None
+        checks["spool_free_mb"] = round(self.spool.free_bytes() / 2**20)
+        if refusal:
+            checks["spool_disk_error"] = refusal
+        checks["worker_alive"] = self.worker.alive if self.worker else None
+        checks["model_loaded"] = self.classifiers.loaded if self.classifiers else None
+        checks["healthy"] = bool(checks["database"] and checks["spool_disk"]
+                                 and checks["worker_alive"] is not False and checks["model_loaded"] is not False)
+        return checks
 
     def _wake_worker(self) -> None:
         if self.worker:
@@ -111,10 +138,15 @@ class Gateway:
         self.scheduler.add("study_completion", self.tracker.queue_stable_studies,
                            self.settings.study.check_interval_seconds)
         self.scheduler.add("delivery", self.delivery.run_due, self.settings.delivery.check_interval_seconds)
+        add_maintenance_jobs(self.scheduler, self.settings, self.db, self.spool)
         self.scheduler.start()
         if self.worker:
             self.worker.start()
         self.scp.start()
+        if self.settings.http.enabled:
+            REGISTRY.register(self._collector)
+            self.http = HealthServer(self.settings.http.bind, self.settings.http.port, self.health)
+            self.http.start()
         log.info("gateway_started", ae_title=self.settings.dicom.ae_title, port=self.port,
                  destinations=[str(d) for d in self.settings.delivery.destinations],
                  stable_seconds=self.settings.study.stable_seconds)
@@ -124,6 +156,9 @@ class Gateway:
             return
         self._stopped.set()
         self.scp.stop()  # stop taking new work first
+        if self.http:
+            self.http.stop()
+            REGISTRY.unregister(self._collector)
         if self.worker:
             self.worker.stop()
         self.scheduler.stop()
@@ -132,16 +167,59 @@ class Gateway:
 
     def serve_forever(self) -> None:
         """Run until SIGINT/SIGTERM, then stop cleanly."""
-        done = threading.Event()
+        run_until_signal(self.start, self.stop)
 
-        def on_signal(signum: int, _frame: object) -> None:
-            log.info("signal_received", signal=signal.Signals(signum).name)
-            done.set()
 
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
-        self.start()
-        try:
-            done.wait()
-        finally:
-            self.stop()
+def run_until_signal(start: Callable[[], None], stop: Callable[[], None]) -> None:
+    done = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("signal_received", signal=signal.Signals(signum).name)
+        done.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    start()
+    try:
+        done.wait()
+    finally:
+        stop()
+
+
+class WorkerService:
+    """``osteogate worker``: classification + delivery + maintenance, no DICOM listener.
+
+    For scale-out: several of these (and one ``serve`` that receives) share one PostgreSQL
+    database and one spool (a shared filesystem). Job and delivery claims are exclusive, so
+    each study is classified once and each SR sent once, whichever process does it. Study
+    completion stays with ``serve``: its tracker is the one writer of new classify jobs.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        set_hash_salt(settings.logging.hash_salt)
+        settings.storage.data_dir.mkdir(parents=True, exist_ok=True)
+        self.db = Database(settings.storage.resolved_database_url())
+        self.db.migrate()
+        self.spool = Spool(settings.storage.spool_dir)
+        self.reports = Spool(settings.storage.reports_dir)
+        self.scheduler = GatewayScheduler()
+        self.delivery = DeliveryManager(settings, self.db, self.reports)
+        self.classifiers = ClassifierCache(settings)
+        self.worker = ClassifierWorker(settings, self.db, self.spool, self.reports, self.classifiers,
+                                       on_result=lambda: self.scheduler.trigger("delivery"))
+
+    def start(self) -> None:
+        self.classifiers()  # fail fast on a bad checkpoint
+        self.scheduler.add("delivery", self.delivery.run_due, self.settings.delivery.check_interval_seconds)
+        add_maintenance_jobs(self.scheduler, self.settings, self.db, self.spool)
+        self.scheduler.start()
+        self.worker.start()
+        log.info("worker_started", worker=self.worker.id,
+                 destinations=[str(d) for d in self.settings.delivery.destinations])
+
+    def stop(self) -> None:
+        self.worker.stop()
+        self.scheduler.stop()
+        self.db.dispose()
+        log.info("worker_stopped", worker=self.worker.id)

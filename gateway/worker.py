@@ -9,11 +9,12 @@ lease, and a job whose worker died is taken again once the lease expires.
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from io import BytesIO
@@ -39,6 +40,7 @@ from gateway.db import (
     utcnow,
 )
 from gateway.logs import get_logger
+from gateway.metrics import INFERENCE_SECONDS, STUDIES_PROCESSED, STUDY_PROCESSING_SECONDS
 from gateway.region import detect_region
 from gateway.spool import Spool
 
@@ -48,8 +50,24 @@ CLASSIFIED_MODALITIES = {"CR", "DX"}
 CLASSES = ("normal", "osteopenia", "osteoporosis")
 
 
+# A random token per process: a restarted container has the same hostname and often the same PID
+# as the one that died, and its jobs must still be recognised as orphaned.
+_PROCESS_TOKEN = secrets.token_hex(4)
+
+
 def worker_id() -> str:
-    return f"{socket.gethostname()[:40]}:{os.getpid()}"
+    return f"{socket.gethostname()[:40]}:{os.getpid()}:{_PROCESS_TOKEN}"
+
+
+def _orphaned_here(owner: str, host: str) -> bool:
+    """True if ``owner`` (a worker_id) ran on this host in a process that no longer exists."""
+    parts = owner.split(":")
+    if len(parts) != 3 or parts[0] != host or not parts[1].isdigit():
+        return False
+    pid, token = int(parts[1]), parts[2]
+    if pid == os.getpid():
+        return token != _PROCESS_TOKEN
+    return not _pid_alive(pid)
 
 
 def sr_series_uid(study_uid: str) -> str:
@@ -157,8 +175,7 @@ class ClassifierWorker:
         with self.db.session() as session:
             jobs = session.execute(select(Job).where(Job.status == JobStatus.RUNNING)).scalars().all()
             for job in jobs:
-                owner_host, _, pid = (job.worker or "").rpartition(":")
-                if owner_host == host and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+                if _orphaned_here(job.worker or "", host):
                     job.status = JobStatus.PENDING
                     job.lease_until = None
                     recovered += 1
@@ -166,13 +183,17 @@ class ClassifierWorker:
             log.warning("jobs_recovered", count=recovered, reason="previous worker process died")
         return recovered
 
-    def claim(self) -> int | None:
+    def claim(self, only: Collection[int] | None = None) -> int | None:
+        """Take the oldest claimable job; ``only`` limits the choice (``osteogate replay`` takes
+        just its own jobs, so a replay run never classifies live traffic with another model)."""
         now = utcnow()
         lease = now + timedelta(seconds=self.settings.worker.lease_seconds)
         claimable = or_(
             Job.status == JobStatus.PENDING,
             (Job.status == JobStatus.RUNNING) & (Job.lease_until < now),
         )
+        if only is not None:
+            claimable = claimable & Job.id.in_(list(only))
         with self.db.session() as session:
             query = select(Job.id).where(claimable).order_by(Job.id).limit(1)
             if self.db.is_postgres:
@@ -195,14 +216,15 @@ class ClassifierWorker:
             )
         return job_id
 
-    def run_once(self) -> bool:
-        job_id = self.claim()
+    def run_once(self, only: Collection[int] | None = None) -> bool:
+        job_id = self.claim(only)
         if job_id is None:
             return False
         try:
             self.process(job_id)
         except Exception as exc:
             log.exception("job_failed", job=job_id, error=type(exc).__name__)
+            STUDIES_PROCESSED.labels(outcome="failed").inc()
             self._fail(job_id, f"{type(exc).__name__}: {exc}")
         return True
 
@@ -247,6 +269,8 @@ class ClassifierWorker:
             sr_uid = series_uid = sr_relative = None
         self._commit(job_id, outcome, classifier, result_version, sr_uid, series_uid, sr_relative)
         region, label, _ = outcome.summary()
+        STUDY_PROCESSING_SECONDS.observe(time.perf_counter() - started)
+        STUDIES_PROCESSED.labels(outcome="classified" if outcome.classified else "skipped").inc()
         log.info("study_classified", job=job_id, study_key=key, region=region, label=label,
                  images=len(outcome.classified), skipped=len(outcome.images) - len(outcome.classified),
                  sr=sr_uid is not None, ms=round(outcome.timings["total_ms"], 1))
@@ -299,6 +323,7 @@ class ClassifierWorker:
                 batch_size=self.settings.model.batch_size,
             )
             outcome.timings["inference_ms"] = (time.perf_counter() - t0) * 1000
+            INFERENCE_SECONDS.observe(outcome.timings["inference_ms"] / 1000)
             for (item, _), prediction in zip(pending, predictions, strict=True):
                 item.probabilities = {c: float(prediction.probabilities[c]) for c in CLASSES}
                 item.label = prediction.label

@@ -97,3 +97,15 @@ def samples() -> list[Path]:
     if not files:
         pytest.fail("sample_dicom/*.dcm missing: run python sample_dicom/make_samples.py")
     return files
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained small-CNN checkpoint with its ONNX sibling: a real forward pass, made fast."""
+    from model.export import export_onnx
+    from model.network import create_untrained_checkpoint
+
+    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
+    create_untrained_checkpoint(path, architecture="osteogate_smallcnn")
+    export_onnx(path)
+    return path

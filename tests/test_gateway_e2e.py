@@ -48,18 +48,6 @@ def pacs(dcmtk_pacs: StoreSCP) -> StoreSCP:
     return dcmtk_pacs
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An untrained small-CNN checkpoint with its ONNX sibling: a real forward pass, made fast."""
-    from model.export import export_onnx
-    from model.network import create_untrained_checkpoint
-
-    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
-    create_untrained_checkpoint(path, architecture="osteogate_smallcnn")
-    export_onnx(path)
-    return path
-
-
 def _run_full_path(tmp_path: Path, pacs: StoreSCP, model: Path, database_url: str | None = None) -> None:
     files = sample_files()
     chest = [f for f in files if "chest" in f.name]

@@ -1,0 +1,149 @@
+"""Who may talk to the gateway, and over what: AE titles, source hosts, disk headroom, TLS."""
+
+from __future__ import annotations
+
+import shutil
+import ssl
+import subprocess
+import threading
+from pathlib import Path
+
+import pydicom
+import pytest
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import (
+    Comprehensive3DSRStorage,
+    DigitalXRayImageStorageForPresentation,
+    Verification,
+)
+
+from tests.gateway_harness import GatewayProcess
+from tests.helpers import free_port, make_dataset, wait_until, write_dataset
+
+
+def _echo(port: int, calling: str = "MODALITY", called: str = "OSTEOGATE",
+          tls: ssl.SSLContext | None = None) -> tuple[bool, object]:
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", port, ae_title=called, tls_args=(tls, "localhost") if tls else None)
+    if not assoc.is_established:
+        return False, assoc.acceptor.primitive
+    status = assoc.send_c_echo()
+    assoc.release()
+    return int(status.Status) == 0, None
+
+
+def test_calling_ae_allow_list(tmp_path: Path, tiny_model: Path) -> None:
+    with GatewayProcess(tmp_path / "gw", model=tiny_model,
+                        env={"OSTEOGATE_DICOM_ALLOWED_CALLING_AETS": "GOODMOD"}) as gw:
+        assert _echo(gw.port, calling="GOODMOD")[0]
+        ok, rejection = _echo(gw.port, calling="STRANGER")
+        assert not ok and rejection.result == 0x01 and rejection.diagnostic == 0x03  # calling AE not recognised
+
+
+def test_source_host_allow_list(tmp_path: Path, tiny_model: Path) -> None:
+    with GatewayProcess(tmp_path / "gw", model=tiny_model,
+                        env={"OSTEOGATE_DICOM_ALLOWED_HOSTS": "10.99.0.0/16"}) as gw:
+        ok, rejection = _echo(gw.port)
+        assert not ok and rejection.result == 0x01
+        assert any(e.get("event") == "association_refused" for e in gw.events())
+    with GatewayProcess(tmp_path / "gw2", model=tiny_model,
+                        env={"OSTEOGATE_DICOM_ALLOWED_HOSTS": "127.0.0.0/8"}) as gw:
+        assert _echo(gw.port)[0]
+
+
+def test_low_disk_refuses_associations_transiently(tmp_path: Path, tiny_model: Path) -> None:
+    huge = str(shutil.disk_usage(tmp_path).free // 2**20 + 10_000_000)
+    with GatewayProcess(tmp_path / "gw", model=tiny_model, env={"OSTEOGATE_STORAGE_MIN_FREE_MB": huge}) as gw:
+        ok, rejection = _echo(gw.port)
+        assert not ok and rejection.result == 0x02  # transient: the modality keeps the images and retries
+        assert not list((tmp_path / "gw" / "spool").rglob("*.dcm"))
+
+
+# -- TLS ---------------------------------------------------------------------------------------------
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A throwaway CA with a server certificate (localhost / 127.0.0.1) and a client certificate."""
+    if not shutil.which("openssl"):
+        pytest.skip("openssl not installed")
+    d = tmp_path_factory.mktemp("pki")
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+             "-subj", "/CN=OsteoGate Test CA", cwd=d)
+    for name in ("server", "client"):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                 "-subj", f"/CN={'localhost' if name == 'server' else 'modality'}", cwd=d)
+        (d / f"{name}.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                 "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext", cwd=d)
+    return d
+
+
+def _client_context(pki: Path, with_cert: bool = True) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pki / "ca.pem"))
+    if with_cert:
+        context.load_cert_chain(str(pki / "client.pem"), str(pki / "client.key"))
+    return context
+
+
+class TlsPACS:
+    """A pynetdicom PACS that only speaks TLS and requires a client certificate from our CA."""
+
+    def __init__(self, pki: Path) -> None:
+        self.received: list[pydicom.Dataset] = []
+        self.port = free_port()
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(str(pki / "server.pem"), str(pki / "server.key"))
+        context.load_verify_locations(cafile=str(pki / "ca.pem"))
+        context.verify_mode = ssl.CERT_REQUIRED
+        ae = AE(ae_title="TLSPACS")
+        ae.add_supported_context(Comprehensive3DSRStorage)
+        self._lock = threading.Lock()
+        self.server = ae.start_server(("127.0.0.1", self.port), block=False, ssl_context=context,
+                                      evt_handlers=[(evt.EVT_C_STORE, self._store)])
+
+    def _store(self, event: evt.Event) -> int:
+        with self._lock:
+            self.received.append(event.dataset)
+        return 0
+
+
+def test_tls_receive_and_send(tmp_path: Path, tiny_model: Path, pki: Path) -> None:
+    pacs = TlsPACS(pki)
+    config = tmp_path / "gw.toml"
+    config.write_text(
+        "[dicom.tls]\nenabled = true\n"
+        f'cert_file = "{pki / "server.pem"}"\nkey_file = "{pki / "server.key"}"\nca_file = "{pki / "ca.pem"}"\n'
+        "[delivery.tls]\n"
+        f'ca_file = "{pki / "ca.pem"}"\ncert_file = "{pki / "client.pem"}"\nkey_file = "{pki / "client.key"}"\n'
+    )
+    env = {"OSTEOGATE_CONFIG": str(config)}
+    gw = GatewayProcess(tmp_path / "gw", model=tiny_model, destinations=[f"TLSPACS@127.0.0.1:{pacs.port}+tls"],
+                        env=env)
+    try:
+        with gw:
+            # Without TLS, or without a client certificate, nothing gets through.
+            assert not _echo(gw.port)[0]
+            try:
+                ok = _echo(gw.port, tls=_client_context(pki, with_cert=False))[0]
+            except (ssl.SSLError, OSError):
+                ok = False
+            assert not ok
+            assert _echo(gw.port, tls=_client_context(pki))[0]
+
+            path = write_dataset(make_dataset(), tmp_path / "knee.dcm")
+            ae = AE(ae_title="MODALITY")
+            ae.add_requested_context(DigitalXRayImageStorageForPresentation)
+            assoc = ae.associate("127.0.0.1", gw.port, ae_title="OSTEOGATE", tls_args=(_client_context(pki), "localhost"))
+            assert assoc.is_established
+            assert int(assoc.send_c_store(path).Status) == 0
+            assoc.release()
+            wait_until(lambda: pacs.received, 120)
+            assert pacs.received[0].StudyInstanceUID == pydicom.dcmread(path).StudyInstanceUID
+    finally:
+        pacs.server.shutdown()
