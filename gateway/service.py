@@ -68,6 +68,7 @@ class ClassifierCache:
                 self._loaded[target] = Classifier.load(
                     target, backend=cfg.backend, device=cfg.device,
                     cache_dir=self.settings.storage.data_dir / "models" / "onnx",
+                    intra_op_threads=cfg.threads or None,
                 )
                 classifier = self._loaded[target]
                 log.info("model_loaded", model=classifier.card.display_name, backend=classifier.backend_name,

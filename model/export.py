@@ -100,3 +100,22 @@ def check_parity(checkpoint_path: Path | str, onnx_path: Path | str, atol: float
     if difference > atol:
         raise ValueError(f"ONNX/torch probability mismatch {difference:.3g} > atol {atol:g}")
     return difference
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m model.export CHECKPOINT [ONNX]``: used by serving to export in a child process,
+    so the serving process itself never imports torch (hundreds of MB of RSS)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="export an OsteoGate checkpoint to ONNX and check parity")
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("onnx", type=Path, nargs="?")
+    args = parser.parse_args(argv)
+    out = export_onnx(args.checkpoint, args.onnx)
+    diff = check_parity(args.checkpoint, out)
+    print(f"{out} (max probability difference {diff:.2e})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -11,14 +11,14 @@ logits, so one extreme patch cannot dominate); the label is the arg-max class.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 
@@ -39,7 +39,6 @@ class Prediction:
     label: str
     region: str
     n_inputs: int = 1  # network inputs pooled into this prediction (patches_per_image in patches mode)
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Backend(Protocol):
@@ -121,33 +120,43 @@ class TorchBackend:
             return logits.float().cpu().numpy()
 
 
-def _onnx_sha(path: Path) -> str | None:
-    """The checkpoint sha recorded in an ONNX file, read without building a session."""
-    try:
-        import onnx
+def _fresh_session(path: Path, sha256: str, threads: int | None) -> OnnxBackend | None:
+    """An ONNX Runtime backend for ``path`` if it exists and was exported from this exact checkpoint.
 
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception:  # unreadable/corrupt -> treated as stale and re-exported
+    The sha is read from the session's metadata, so serving never needs the ``onnx`` package; the
+    session is kept when it matches (no second parse of the model)."""
+    if not path.is_file():
         return None
-    return next((p.value for p in proto.metadata_props if p.key == SHA_KEY), None)
+    try:
+        backend = OnnxBackend(path, threads)
+    except Exception as exc:  # corrupt/truncated file: treated as stale and re-exported
+        log.warning("ignoring unreadable ONNX file %s: %s", path, exc)
+        return None
+    return backend if backend.metadata.get(SHA_KEY) == sha256 else None
 
 
-def resolve_onnx(checkpoint_path: Path, sha256: str, cache_dir: Path | None) -> Path:
-    """Fresh ONNX file for the checkpoint: the sibling if its sha matches, else a cached/new export."""
+def open_onnx(checkpoint_path: Path, sha256: str, cache_dir: Path | None, threads: int | None = None) -> OnnxBackend:
+    """ONNX backend for the checkpoint: the ``<stem>.onnx`` sibling if its sha matches, else
+    ``<cache_dir>/<stem>-<sha16>.onnx`` (exported now if missing or stale)."""
     sibling = checkpoint_path.with_suffix(".onnx")
-    if sibling.is_file() and _onnx_sha(sibling) == sha256:
-        return sibling
     cache = Path(cache_dir if cache_dir is not None else DEFAULT_CACHE_DIR).expanduser()
     cached = cache / f"{checkpoint_path.stem}-{sha256[:16]}.onnx"
-    if cached.is_file() and _onnx_sha(cached) == sha256:
-        return cached
-    try:
-        from model.export import export_onnx  # imports torch: only paid when an export is needed
-    except ImportError as exc:
-        raise RuntimeError(f"no up-to-date ONNX file for {checkpoint_path.name} and torch is not installed "
-                           f"to export one; run `osteogate export` where torch is available") from exc
+    for candidate in (sibling, cached):
+        backend = _fresh_session(candidate, sha256, threads)
+        if backend is not None:
+            return backend
     log.info("exporting %s to ONNX in %s (sibling missing or stale)", checkpoint_path.name, cache)
-    return export_onnx(checkpoint_path, cached)
+    cache.mkdir(parents=True, exist_ok=True)
+    # A child process does the export: torch would otherwise stay loaded in the serving process.
+    child = subprocess.run([sys.executable, "-m", "model.export", str(checkpoint_path), str(cached)],
+                           capture_output=True, text=True)
+    if child.returncode != 0:
+        raise RuntimeError(f"no up-to-date ONNX file for {checkpoint_path.name} and exporting one failed "
+                           f"(is torch installed?): {child.stderr.strip()[-800:]}")
+    backend = _fresh_session(cached, sha256, threads)
+    if backend is None:
+        raise RuntimeError(f"exported {cached} but it does not carry the checkpoint sha256")
+    return backend
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -201,8 +210,8 @@ class Classifier:
         else:
             if device.startswith("cuda"):
                 raise ValueError("the onnx backend runs on CPU only; use backend='torch' for CUDA")
-            threads = intra_op_threads or int(os.environ.get("OSTEOGATE_ORT_THREADS", "0")) or None
-            engine = OnnxBackend(resolve_onnx(path, sha, Path(cache_dir) if cache_dir else None), threads)
+            # Thread count comes from the caller's configuration (the gateway's model.threads).
+            engine = open_onnx(path, sha, Path(cache_dir) if cache_dir else None, intra_op_threads or None)
         return cls(card, sha, engine, path)
 
     def predict(self, images: Sequence[np.ndarray], regions: Sequence[str], batch_size: int = 8) -> list[Prediction]:

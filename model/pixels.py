@@ -86,6 +86,23 @@ def _colour_to_gray(array: np.ndarray, ds: Dataset) -> np.ndarray:
     return np.clip(gray / max_value, 0.0, 1.0)
 
 
+def _modality(array: np.ndarray, ds: Dataset) -> np.ndarray:
+    """Modality LUT. Linear rescale is done in float32 in place (pydicom would allocate float64:
+    32 MB extra for a 2k x 2k image); a Modality LUT Sequence goes through pydicom."""
+    if "ModalityLUTSequence" in ds:
+        try:
+            return pydicom.pixels.apply_modality_lut(array, ds).astype(np.float32, copy=False)
+        except Exception as exc:
+            raise PixelDecodeError(f"cannot apply Modality LUT: {exc}") from exc
+    values = array.astype(np.float32)
+    slope, intercept = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
+    if slope != 1.0:
+        values *= np.float32(slope)
+    if intercept != 0.0:
+        values += np.float32(intercept)
+    return values
+
+
 def _window(values: np.ndarray, ds: Dataset) -> np.ndarray:
     """DICOM PS3.3 C.11.2.1.2 windowing, written directly to the [0, 1] output range."""
     center = float(np.atleast_1d(ds.WindowCenter)[0])
@@ -95,11 +112,14 @@ def _window(values: np.ndarray, ds: Dataset) -> np.ndarray:
         raise PixelDecodeError(f"invalid WindowWidth {width}")
     if function == "SIGMOID":
         return (1.0 / (1.0 + np.exp(-4.0 * (values - center) / width))).astype(np.float32)
+    # In place on ``values`` (owned by the caller, discarded after): no full-size temporaries.
     if function == "LINEAR_EXACT":
-        out = (values - center) / width + 0.5
+        offset, scale = center - 0.5 * width, width
     else:
-        out = (values - (center - 0.5)) / (width - 1.0) + 0.5
-    return np.clip(out, 0.0, 1.0)
+        offset, scale = center - 0.5 - 0.5 * (width - 1.0), width - 1.0
+    values -= np.float32(offset)
+    values /= np.float32(scale)
+    return np.clip(values, 0.0, 1.0, out=values)
 
 
 def _voi_lut(values: np.ndarray, ds: Dataset) -> np.ndarray:
@@ -123,7 +143,9 @@ def _robust_minmax(values: np.ndarray) -> np.ndarray:
     low, high = np.percentile(sample, [LOW_PERCENTILE, HIGH_PERCENTILE])
     if high <= low:  # flat image: keep it flat (all zeros) rather than divide by zero
         return np.zeros_like(values, dtype=np.float32)
-    return np.clip((values - low) / (high - low), 0.0, 1.0)
+    out = values - np.float32(low)
+    out /= np.float32(high - low)
+    return np.clip(out, 0.0, 1.0, out=out)
 
 
 def _has_window(ds: Dataset) -> bool:
@@ -144,10 +166,8 @@ def dataset_to_image(ds: Dataset) -> np.ndarray:
     else:
         if array.ndim != 2:
             raise PixelDecodeError(f"unexpected decoded shape {array.shape}")
-        try:
-            values = pydicom.pixels.apply_modality_lut(array, ds).astype(np.float32, copy=False)
-        except Exception as exc:
-            raise PixelDecodeError(f"cannot apply Modality LUT: {exc}") from exc
+        values = _modality(array, ds)
+        del array
         if "VOILUTSequence" in ds and len(ds.VOILUTSequence) > 0:
             image = _voi_lut(values, ds)
         elif _has_window(ds):
@@ -155,7 +175,7 @@ def dataset_to_image(ds: Dataset) -> np.ndarray:
         else:
             image = _robust_minmax(values)
         if photometric == "MONOCHROME1":
-            image = 1.0 - image
+            np.subtract(1.0, image, out=image)
     image = np.ascontiguousarray(image, dtype=np.float32)
     if not np.isfinite(image).all():
         raise PixelDecodeError("decoded image contains NaN/inf")

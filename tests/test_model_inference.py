@@ -155,3 +155,22 @@ def test_bad_arguments(small):
         Classifier.load(small, backend="tensorrt")
     with pytest.raises(ValueError, match="device"):
         Classifier.load(small, backend="torch", device="tpu")
+
+
+def test_auto_backend_without_gpu_is_onnx(small):
+    from model.inference import cuda_present
+
+    if cuda_present():
+        pytest.skip("GPU machine: auto picks torch-cuda")
+    assert Classifier.load(small).backend_name == "onnxruntime-cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_torch_cuda_agrees_with_onnx(small):
+    gpu = Classifier.load(small, backend="torch", device="cuda")
+    assert gpu.backend_name == "torch-cuda"
+    cpu = Classifier.load(small, backend="onnx")
+    for a, b in zip(gpu.predict(images(), ["knee", "spine", "knee"]), cpu.predict(images(), ["knee", "spine", "knee"]),
+                    strict=True):
+        # fp16 autocast: agreement to ~1e-2 in probability, not 1e-4.
+        np.testing.assert_allclose(list(a.probabilities.values()), list(b.probabilities.values()), atol=2e-2)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -190,3 +192,22 @@ def test_sample_files_decode():
         image = load_image_file(path)
         assert image.ndim == 2 and image.dtype == np.float32
         assert 0.0 <= image.min() < image.max() <= 1.0, path.name
+
+
+@pytest.mark.skipif(shutil.which("dcmcjpeg") is None, reason="dcmtk not installed")
+@pytest.mark.parametrize(("option", "bits", "atol"), [("+eb", 8, 0.08), ("+el", 12, 1e-6)])
+def test_jpeg_baseline_and_lossless_via_dcmtk(tmp_path, option, bits, atol):
+    pixels = ramp(bits=bits)
+    if bits == 8:
+        pixels = np.clip(pixels, 0, 255)
+    ds = make_ds(pixels, bits_stored=bits)
+    if bits == 8:
+        ds.BitsAllocated = 8
+        ds.PixelData = pixels.astype(np.uint8).tobytes()
+    source, target = tmp_path / "in.dcm", tmp_path / "out.dcm"
+    ds.save_as(source, enforce_file_format=True)
+    subprocess.run(["dcmcjpeg", option, str(source), str(target)], check=True, timeout=30, capture_output=True)
+    compressed = pydicom.dcmread(target)
+    assert compressed.file_meta.TransferSyntaxUID.is_compressed
+    difference = np.abs(dataset_to_image(compressed) - dataset_to_image(ds))
+    assert difference.mean() <= atol / 4 and difference.max() <= max(atol, 1e-6) * (4 if bits == 8 else 1)
