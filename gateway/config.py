@@ -257,6 +257,19 @@ def _coerce_env(raw: str, annotation: Any) -> Any:
     return text
 
 
+def _env_target(model: type[_Section], key: str) -> tuple[list[str], Any] | None:
+    """Map ``key`` (e.g. ``tls_cert_file``) to a field path in ``model`` (one nested level)."""
+    if key in model.model_fields:
+        return [key], model.model_fields[key].annotation
+    for name, field in model.model_fields.items():
+        nested = field.annotation
+        if isinstance(nested, type) and issubclass(nested, _Section) and key.startswith(name + "_"):
+            inner = key[len(name) + 1:]
+            if inner in nested.model_fields:
+                return [name, inner], nested.model_fields[inner].annotation
+    return None
+
+
 def env_overrides(environ: Mapping[str, str]) -> tuple[dict[str, dict[str, Any]], list[str]]:
     """Collect ``OSTEOGATE_<SECTION>_<KEY>`` values; unknown names are problems, not ignored."""
     values: dict[str, dict[str, Any]] = {}
@@ -266,27 +279,35 @@ def env_overrides(environ: Mapping[str, str]) -> tuple[dict[str, dict[str, Any]]
             continue
         rest = name[len(ENV_PREFIX):].lower()
         for section, model in SECTIONS.items():
-            if rest.startswith(section + "_"):
-                key = rest[len(section) + 1:]
-                if key in model.model_fields:
-                    annotation = model.model_fields[key].annotation
-                    try:
-                        values.setdefault(section, {})[key] = _coerce_env(raw, annotation)
-                    except json.JSONDecodeError as exc:
-                        problems.append(f"{section}.{key} (from {name}): not valid JSON: {exc}")
-                    break
+            if not rest.startswith(section + "_"):
+                continue
+            target = _env_target(model, rest[len(section) + 1:])
+            if target is None:
+                continue
+            path, annotation = target
+            try:
+                value = _coerce_env(raw, annotation)
+            except json.JSONDecodeError as exc:
+                problems.append(f"{section}.{'.'.join(path)} (from {name}): not valid JSON: {exc}")
+                break
+            node = values.setdefault(section, {})
+            for part in path[:-1]:
+                node = node.setdefault(part, {})
+            node[path[-1]] = value
+            break
         else:
             problems.append(f"{name}: unknown setting (expected OSTEOGATE_<SECTION>_<KEY>)")
     return values, problems
 
 
-def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
-    merged = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
-    for section, items in extra.items():
-        if isinstance(items, Mapping):
-            merged.setdefault(section, {}).update(items)
+def _merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    """Deep merge: later sources override single keys, not whole sections."""
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _merge(merged[key], value)
         else:
-            merged[section] = items
+            merged[key] = value
     return merged
 
 

@@ -89,16 +89,16 @@ def validate(ds: Dataset, context_sop_class: str | None = None) -> tuple[str, st
         )
     if "PixelData" not in ds:
         raise RejectedInstance(DATASET_DOES_NOT_MATCH_SOP_CLASS, "no Pixel Data")
-    rows, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+    rows, cols = _int(ds, "Rows"), _int(ds, "Columns")
     if rows <= 0 or cols <= 0:
         raise RejectedInstance(DATASET_DOES_NOT_MATCH_SOP_CLASS, "Rows/Columns missing or zero")
-    frames = int(ds.get("NumberOfFrames") or 1)
+    frames = _int(ds, "NumberOfFrames", 1)
     if rows * cols * max(frames, 1) > MAX_PIXELS:
         raise RejectedInstance(DATASET_DOES_NOT_MATCH_SOP_CLASS, f"image too large ({rows}x{cols}x{frames})")
     tsyntax = str(ds.file_meta.get("TransferSyntaxUID", ""))
     if tsyntax in _NATIVE:
-        bits = int(ds.get("BitsAllocated") or 0)
-        samples = int(ds.get("SamplesPerPixel") or 1)
+        bits = _int(ds, "BitsAllocated")
+        samples = _int(ds, "SamplesPerPixel", 1)
         if bits not in (1, 8, 16, 32):
             raise RejectedInstance(DATASET_DOES_NOT_MATCH_SOP_CLASS, "BitsAllocated missing or invalid")
         expected = rows * cols * samples * max(frames, 1) * bits // 8
@@ -111,6 +111,15 @@ def validate(ds: Dataset, context_sop_class: str | None = None) -> tuple[str, st
     elif not ds["PixelData"].value:
         raise RejectedInstance(DATASET_DOES_NOT_MATCH_SOP_CLASS, "Pixel Data is empty")
     return study_uid, series_uid, sop_uid, sop_class
+
+
+def _int(ds: Dataset, keyword: str, default: int = 0) -> int:
+    """An integer attribute, or a refusal: a malformed value is the sender's error, not ours."""
+    try:
+        value = ds.get(keyword)
+        return int(value) if value not in (None, "") else default
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise RejectedInstance(DATASET_DOES_NOT_MATCH_SOP_CLASS, f"{keyword} is not a valid integer") from exc
 
 
 def _text(ds: Dataset, keyword: str, limit: int = 64) -> str | None:
