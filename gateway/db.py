@@ -121,6 +121,8 @@ class Instance(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     calling_ae: Mapped[str | None] = mapped_column(String(16))
     received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Set when retention removed the spooled file; the row stays as the record of what came in.
+    purged_at: Mapped[datetime | None] = mapped_column()
 
     study: Mapped[Study] = relationship(back_populates="instances")
 
@@ -247,7 +249,14 @@ class Database:
         return self.engine.dialect.name == "postgresql"
 
     def create_schema(self) -> None:
+        """Tables straight from the models (unit tests); the gateway itself uses ``migrate``."""
         Base.metadata.create_all(self.engine)
+
+    def migrate(self) -> tuple[str | None, str]:
+        """Alembic ``upgrade head`` (stamping a pre-migration schema first); (before, after)."""
+        from gateway.migrations import upgrade
+
+        return upgrade(self.engine)
 
     @contextmanager
     def session(self) -> Iterator[Session]:

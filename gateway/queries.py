@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+import pydicom
+from sqlalchemy import Select, func, select
 from sqlalchemy.orm import selectinload
 
 from gateway.config import Settings
-from gateway.db import Database, DeliveryStatus, Study, StudyResult, as_utc
+from gateway.db import Database, DeliveryStatus, Study, StudyResult, StudyStatus, as_utc
+from gateway.spool import Spool
 
 
 def _fmt_time(value: Any) -> str:
@@ -21,10 +24,34 @@ def _fmt_probs(obj: Any) -> str:
     return f"normal {obj.p_normal:.3f}  osteopenia {obj.p_osteopenia:.3f}  osteoporosis {obj.p_osteoporosis:.3f}"
 
 
-def list_studies(db: Database, limit: int = 50) -> list[dict[str, Any]]:
+def _filtered(
+    query: Select[Any], status: str | None, since: datetime | None, region: str | None, result: str | None,
+) -> Select[Any]:
+    """Filters of ``osteogate studies``; region and result look at each study's latest result."""
+    if status:
+        query = query.where(Study.status == StudyStatus(status))
+    if since is not None:
+        query = query.where(Study.last_received_at >= since)
+    if region or result:
+        latest = (select(StudyResult.study_id, func.max(StudyResult.version).label("version"))
+                  .group_by(StudyResult.study_id).subquery())
+        query = (query.join(latest, latest.c.study_id == Study.id)
+                 .join(StudyResult, (StudyResult.study_id == Study.id) & (StudyResult.version == latest.c.version)))
+        if region:
+            query = query.where(StudyResult.region == region)
+        if result:
+            query = query.where(StudyResult.label == result)
+    return query
+
+
+def list_studies(
+    db: Database, limit: int = 50, *, status: str | None = None, since: datetime | None = None,
+    region: str | None = None, result: str | None = None,
+) -> list[dict[str, Any]]:
     with db.session() as session:
+        query = _filtered(select(Study), status, since, region, result)
         studies = session.execute(
-            select(Study).options(selectinload(Study.results).selectinload(StudyResult.deliveries))
+            query.options(selectinload(Study.results).selectinload(StudyResult.deliveries))
             .order_by(Study.last_received_at.desc()).limit(limit)
         ).scalars().all()
         rows = []
@@ -42,15 +69,39 @@ def list_studies(db: Database, limit: int = 50) -> list[dict[str, Any]]:
                 "status": study.status.value,
                 "version": study.version,
                 "region": latest.region if latest else None,
+                "label": latest.label if latest else None,
                 "result": (f"{latest.label} ({latest.region})" if latest and latest.label else
                            (latest.status.value if latest else None)),
                 "delivered": delivered,
+                "sr_versions": sum(1 for r in study.results if r.sr_sop_instance_uid),
             })
         return rows
 
 
+def _predecessor_uid(reports: Spool, sr_path: str | None) -> str | None:
+    """The SR this one replaces, as the SR file itself states it (PredecessorDocumentsSequence)."""
+    if not sr_path:
+        return None
+    try:
+        ds = pydicom.dcmread(reports.absolute(sr_path), stop_before_pixels=True)
+        item = ds.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+        return str(item.ReferencedSOPInstanceUID)
+    except (AttributeError, IndexError, OSError, ValueError):
+        return None
+
+
+def _sr_summary(reports: Spool, sr_path: str) -> list[str]:
+    from gateway.sr import sr_summary
+
+    try:
+        return sr_summary(pydicom.dcmread(reports.absolute(sr_path))).splitlines()
+    except (OSError, ValueError) as exc:
+        return [f"(SR file unreadable: {type(exc).__name__})"]
+
+
 def describe_study(db: Database, settings: Settings, study_uid: str) -> str | None:
-    """A readable account of one study: instances, jobs, results (with the SR text), deliveries."""
+    """A readable account of one study: instances, jobs, results (with SR history), deliveries."""
+    reports = Spool(settings.storage.reports_dir)
     with db.session() as session:
         study = session.execute(select(Study).where(Study.study_uid == study_uid)).scalar_one_or_none()
         if study is None:
@@ -64,25 +115,48 @@ def describe_study(db: Database, settings: Settings, study_uid: str) -> str | No
         ]
         for inst in sorted(study.instances, key=lambda i: i.received_at):
             lines.append(f"  {inst.sop_instance_uid}  {inst.transfer_syntax_uid}  {inst.size_bytes} B  "
-                         f"from {inst.calling_ae or '-'} at {_fmt_time(inst.received_at)}")
+                         f"from {inst.calling_ae or '-'} at {_fmt_time(inst.received_at)}"
+                         + (f"  PURGED {_fmt_time(inst.purged_at)}" if inst.purged_at else ""))
         lines.append(f"Jobs ({len(study.jobs)}):")
         for job in study.jobs:
             lines.append(f"  #{job.id} v{job.study_version} {job.status.value} ({job.reason}) attempts {job.attempts} "
-                         f"started {_fmt_time(job.started_at)} finished {_fmt_time(job.finished_at)}"
+                         f"worker {job.worker or '-'} started {_fmt_time(job.started_at)} "
+                         f"finished {_fmt_time(job.finished_at)}"
+                         + (f" model {job.model_path}" if job.model_path else "")
                          + (f" error: {job.error}" if job.error else ""))
         lines.append(f"Results ({len(study.results)}):")
         for result in study.results:
-            lines.append(f"  v{result.version} {result.status.value} region {result.region or '-'} "
-                         f"label {result.label or '-'}  {_fmt_probs(result)}")
-            lines.append(f"     model {result.model_name} {result.model_version} sha256 {result.model_sha256[:12]} "
-                         f"backend {result.backend} timings {result.timings}")
-            lines.append(f"     SR {result.sr_sop_instance_uid} at {_fmt_time(result.created_at)}")
-            for image in result.images:
-                detail = _fmt_probs(image) if image.status == "classified" else image.reason
-                lines.append(f"     image {image.sop_instance_uid}: {image.status} {image.region or ''} "
-                             f"{image.label or ''} {detail}")
-            for delivery in result.deliveries:
-                lines.append(f"     delivery to {delivery.destination}: {delivery.status.value} "
-                             f"attempts {delivery.attempts} sent {_fmt_time(delivery.sent_at)}"
-                             + (f" last error: {delivery.last_error}" if delivery.last_error else ""))
+            _describe_result(lines, result)
+        lines.extend(_sr_history(study, reports))
+        latest_sr = next((r for r in reversed(study.results) if r.sr_path), None)
+        if latest_sr is not None:
+            lines.append(f"Latest SR (version {latest_sr.version}):")
+            lines.extend("  " + line for line in _sr_summary(reports, latest_sr.sr_path))  # type: ignore[arg-type]
         return "\n".join(lines)
+
+
+def _describe_result(lines: list[str], result: StudyResult) -> None:
+    lines.append(f"  v{result.version} {result.status.value} region {result.region or '-'} "
+                 f"label {result.label or '-'}  {_fmt_probs(result)}")
+    lines.append(f"     model {result.model_name} {result.model_version} sha256 {result.model_sha256[:12]} "
+                 f"backend {result.backend} timings {result.timings}")
+    lines.append(f"     SR {result.sr_sop_instance_uid} at {_fmt_time(result.created_at)}")
+    for image in result.images:
+        detail = _fmt_probs(image) if image.status == "classified" else image.reason
+        lines.append(f"     image {image.sop_instance_uid}: {image.status} {image.region or ''} "
+                     f"{image.label or ''} {detail}")
+    for delivery in result.deliveries:
+        lines.append(f"     delivery to {delivery.destination}: {delivery.status.value} "
+                     f"attempts {delivery.attempts} sent {_fmt_time(delivery.sent_at)}"
+                     + (f" last error: {delivery.last_error}" if delivery.last_error else ""))
+
+
+def _sr_history(study: Study, reports: Spool) -> list[str]:
+    srs = [r for r in study.results if r.sr_sop_instance_uid]
+    lines = [f"SR history ({len(srs)}):"]
+    for result in srs:
+        sent = sum(d.status == DeliveryStatus.SENT for d in result.deliveries)
+        lines.append(f"  version {result.version}  SOP {result.sr_sop_instance_uid}  "
+                     f"predecessor {_predecessor_uid(reports, result.sr_path) or '-'}  "
+                     f"made {_fmt_time(result.created_at)}  sent {sent}/{len(result.deliveries)}")
+    return lines

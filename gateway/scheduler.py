@@ -1,4 +1,5 @@
-"""Periodic work of the gateway, run by apscheduler: study completion and delivery retries.
+"""Periodic work of the gateway, run by apscheduler: study completion, delivery retries, and
+maintenance (stale job leases, retention purge, daily self-check).
 
 Each job can also be run "now" (``trigger``) so a result is sent the moment it exists, without
 waiting for the next tick; apscheduler's max_instances=1 keeps a job from overlapping itself.
@@ -12,7 +13,10 @@ from datetime import datetime
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from gateway.config import Settings
+from gateway.db import Database
 from gateway.logs import get_logger
+from gateway.spool import Spool
 
 log = get_logger("gateway.scheduler")
 
@@ -48,3 +52,15 @@ class GatewayScheduler:
     def stop(self) -> None:
         if self._scheduler.running:
             self._scheduler.shutdown(wait=True)
+
+
+def add_maintenance_jobs(scheduler: GatewayScheduler, settings: Settings, db: Database, spool: Spool) -> None:
+    """Stale-lease recovery, retention purge (if enabled) and the daily self-check."""
+    from gateway.admin import purge, recover_stale_jobs
+    from gateway.selfcheck import run_selfcheck
+
+    cfg = settings.scheduler
+    scheduler.add("stale_jobs", lambda: recover_stale_jobs(db, settings.worker.max_attempts), cfg.stale_jobs_seconds)
+    if settings.retention.spool_days > 0:
+        scheduler.add("retention", lambda: purge(db, spool, settings.retention.spool_days), cfg.retention_seconds)
+    scheduler.add("selfcheck", lambda: run_selfcheck(settings, db), cfg.selfcheck_seconds)

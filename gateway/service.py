@@ -224,3 +224,6 @@ class WorkerService:
         self.scheduler.stop()
         self.db.dispose()
         log.info("worker_stopped", worker=self.worker.id)
+
+    def serve_forever(self) -> None:
+        run_until_signal(self.start, self.stop)

@@ -1,0 +1,324 @@
+"""Admin operations behind ``osteogate replay | resend | purge`` and the maintenance jobs.
+
+Everything here works on the shared store (SQL + spool + reports), so it is safe to run while
+``osteogate serve`` runs: jobs and deliveries are claimed exclusively, whichever process takes
+them, and the CLI waits on the rows, not on its own work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import selectinload
+
+from gateway.config import Destination, Settings
+from gateway.db import (
+    Database,
+    Delivery,
+    DeliveryStatus,
+    Job,
+    JobStatus,
+    Study,
+    StudyResult,
+    StudyStatus,
+    as_utc,
+    utcnow,
+)
+from gateway.logs import get_logger
+from gateway.spool import Spool
+
+log = get_logger("gateway.admin")
+
+FINISHED = (StudyStatus.DONE, StudyStatus.SKIPPED, StudyStatus.FAILED)
+Progress = Callable[[int], None]  # called with how many items were completed since the last call
+
+
+class AdminError(RuntimeError):
+    """An admin request that cannot be carried out (unknown study, nothing to send...)."""
+
+
+# -- replay ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReplayCandidate:
+    study_uid: str
+    study_key: str
+    status: str
+    # Why the study is left alone; None when it will be replayed.
+    refusal: str | None = None
+
+
+def plan_replay(
+    db: Database, study_uids: Sequence[str] = (), since: datetime | None = None, status: str | None = None,
+) -> list[ReplayCandidate]:
+    """Which studies a replay would take, and why any named one would be left alone."""
+    with db.session() as session:
+        query = select(Study).options(selectinload(Study.instances)).order_by(Study.last_received_at)
+        if study_uids:
+            query = query.where(Study.study_uid.in_(list(study_uids)))
+        if since is not None:
+            query = query.where(Study.last_received_at >= since)
+        if status:
+            query = query.where(Study.status == StudyStatus(status))
+        studies = session.execute(query).scalars().all()
+        found = {s.study_uid for s in studies}
+        plan = [ReplayCandidate(s.study_uid, s.study_key, s.status.value, _replay_refusal(s)) for s in studies]
+    plan += [ReplayCandidate(uid, "-", "unknown", "no such study") for uid in study_uids if uid not in found]
+    return plan
+
+
+def _replay_refusal(study: Study) -> str | None:
+    if study.status not in FINISHED:
+        # Receiving/queued/processing: a run is coming or under way; replaying now would race it.
+        return f"study is {study.status.value}: wait until it is finished"
+    if any(i.purged_at for i in study.instances):
+        return "spooled images were purged by retention"
+    return None
+
+
+def queue_replay(db: Database, plan: Sequence[ReplayCandidate], model_path: Path | None = None) -> list[int]:
+    """Insert a replay job per eligible study (study -> queued); returns the job ids."""
+    job_ids: list[int] = []
+    uids = [c.study_uid for c in plan if c.refusal is None]
+    with db.session() as session:
+        query = select(Study).where(Study.study_uid.in_(uids), Study.status.in_(FINISHED))
+        if db.is_postgres:
+            query = query.with_for_update(skip_locked=True)
+        for study in session.execute(query).scalars():
+            job = Job(study_id=study.id, study_version=study.version, status=JobStatus.PENDING, reason="replay",
+                      model_path=str(model_path.resolve()) if model_path else None)
+            session.add(job)
+            study.status = StudyStatus.QUEUED
+            session.flush()
+            job_ids.append(job.id)
+            log.info("replay_queued", study_key=study.study_key, job=job.id, model=model_path.name if model_path else None)
+    return job_ids
+
+
+def job_states(db: Database, job_ids: Sequence[int]) -> dict[int, JobStatus]:
+    with db.session() as session:
+        rows = session.execute(select(Job.id, Job.status).where(Job.id.in_(list(job_ids)))).all()
+    return {job_id: status for job_id, status in rows}
+
+
+def wait_for_jobs(
+    db: Database,
+    job_ids: Sequence[int],
+    run_one: Callable[[], bool] | None,
+    timeout: float,
+    progress: Progress | None = None,
+    poll: float = 0.5,
+) -> dict[int, JobStatus]:
+    """Run (``run_one``) and/or wait until every job is done or failed, or the timeout passes.
+
+    Another process (a running ``serve`` or ``worker``) may take some of the jobs: only the rows'
+    states count, whoever did the work.
+    """
+    deadline = time.monotonic() + timeout
+    finished_before = 0
+    while True:
+        states = job_states(db, job_ids)
+        finished = sum(s in (JobStatus.DONE, JobStatus.FAILED) for s in states.values())
+        if progress and finished > finished_before:
+            progress(finished - finished_before)
+        finished_before = finished
+        if finished == len(job_ids) or time.monotonic() > deadline:
+            return states
+        if run_one is None or not run_one():
+            time.sleep(poll)
+
+
+# -- resend ------------------------------------------------------------------------------------
+
+
+def latest_sr_result(db: Database, study_uid: str) -> tuple[int, str]:
+    """(result id, SR SOP Instance UID) of the newest SR made for a study."""
+    with db.session() as session:
+        row = session.execute(
+            select(StudyResult.id, StudyResult.sr_sop_instance_uid).join(Study)
+            .where(Study.study_uid == study_uid, StudyResult.sr_path.is_not(None))
+            .order_by(StudyResult.version.desc()).limit(1)
+        ).first()
+        if row is None:
+            exists = session.execute(select(Study.id).where(Study.study_uid == study_uid)).first()
+            raise AdminError(f"no SR for study {study_uid}" if exists else f"no study {study_uid}")
+        return int(row[0]), str(row[1])
+
+
+def requeue_latest(db: Database, settings: Settings, study_uid: str,
+                   destinations: list[Destination] | None) -> list[int]:
+    """New pending delivery rows for the newest SR; returns their ids."""
+    from gateway.delivery import DeliveryManager
+
+    result_id, _ = latest_sr_result(db, study_uid)
+    targets = destinations or settings.delivery.destinations
+    if not targets:
+        raise AdminError("no destination: give --to AET@HOST:PORT or configure delivery.destinations")
+    with db.session() as session:
+        before = session.execute(select(Delivery.id).where(Delivery.result_id == result_id)
+                                 .order_by(Delivery.id.desc()).limit(1)).scalar_one_or_none() or 0
+    DeliveryManager(settings, db, Spool(settings.storage.reports_dir)).requeue(result_id, targets)
+    with db.session() as session:
+        return list(session.execute(select(Delivery.id).where(Delivery.result_id == result_id, Delivery.id > before)
+                                    .order_by(Delivery.id)).scalars())
+
+
+def delivery_states(db: Database, delivery_ids: Sequence[int]) -> list[tuple[str, str, str | None]]:
+    """(destination, status, last error) per delivery."""
+    with db.session() as session:
+        rows = session.execute(select(Delivery.destination, Delivery.status, Delivery.last_error)
+                               .where(Delivery.id.in_(list(delivery_ids))).order_by(Delivery.id)).all()
+    return [(dest, status.value, error) for dest, status, error in rows]
+
+
+# -- purge -------------------------------------------------------------------------------------
+
+
+@dataclass
+class PurgeReport:
+    studies: list[str] = field(default_factory=list)  # study keys (never UIDs in logs)
+    files: int = 0
+    bytes: int = 0
+
+
+def purgeable_study_ids(db: Database, older_than_days: float, now: datetime | None = None) -> list[int]:
+    """Studies whose spooled images may go: finished, fully delivered, quiet for long enough.
+
+    Kept, whatever their age: anything still receiving/queued/processing, failed studies (they
+    need a replay), and any study with a delivery not SENT (pending or rejected: the images may
+    be needed to make the SR again). A done study must have been delivered at least once.
+    """
+    cutoff = (now or utcnow()) - timedelta(days=older_than_days)
+    with db.session() as session:
+        studies = session.execute(
+            select(Study).where(Study.status.in_([StudyStatus.DONE, StudyStatus.SKIPPED]),
+                                Study.last_received_at < cutoff)
+            .options(selectinload(Study.results).selectinload(StudyResult.deliveries),
+                     selectinload(Study.instances), selectinload(Study.jobs))
+            .order_by(Study.last_received_at)
+        ).scalars().all()
+        return [s.id for s in studies if _purge_safe(s)]
+
+
+def _purge_safe(study: Study) -> bool:
+    if all(i.purged_at for i in study.instances):
+        return False  # nothing left to remove
+    if any(j.status in (JobStatus.PENDING, JobStatus.RUNNING) for j in study.jobs):
+        return False
+    deliveries = [d for r in study.results for d in r.deliveries]
+    if any(d.status != DeliveryStatus.SENT for d in deliveries):
+        return False
+    if study.status == StudyStatus.DONE:
+        latest = study.results[-1] if study.results else None
+        return bool(latest and latest.deliveries)
+    return True
+
+
+def purge(
+    db: Database, spool: Spool, older_than_days: float, dry_run: bool = False, progress: Progress | None = None,
+) -> PurgeReport:
+    """Remove spooled image files of purgeable studies; the SQL rows stay, marked ``purged_at``.
+
+    SRs under reports/ are kept: they are small, and ``resend`` needs them.
+    """
+    report = PurgeReport()
+    now = utcnow()
+    for study_id in purgeable_study_ids(db, older_than_days, now):
+        _purge_study(db, spool, study_id, older_than_days, now, dry_run, report)
+        if progress:
+            progress(1)
+    if report.studies and not dry_run:
+        log.info("spool_purged", studies=len(report.studies), files=report.files, bytes=report.bytes,
+                 older_than_days=older_than_days)
+    return report
+
+
+def _purge_study(db: Database, spool: Spool, study_id: int, days: float, now: datetime, dry_run: bool,
+                 report: PurgeReport) -> None:
+    with db.session() as session:
+        query = select(Study).where(Study.id == study_id)
+        if db.is_postgres:
+            query = query.with_for_update()  # an arriving instance waits until we are done
+        study = session.execute(query).scalar_one()
+        # Checked again under the lock: a new instance or a replay may have come in meanwhile.
+        if study.status not in (StudyStatus.DONE, StudyStatus.SKIPPED) or \
+                as_utc(study.last_received_at) >= now - timedelta(days=days) or not _purge_safe(study):
+            return
+        report.studies.append(study.study_key)
+        for instance in study.instances:
+            if instance.purged_at:
+                continue
+            path = spool.absolute(instance.path)
+            report.files += 1
+            report.bytes += instance.size_bytes
+            if dry_run:
+                continue
+            with contextlib.suppress(FileNotFoundError):  # already gone: still record it as purged
+                path.unlink()
+            instance.purged_at = now
+        if not dry_run:
+            _remove_empty_dirs(spool, study.study_uid)
+
+
+def _remove_empty_dirs(spool: Spool, study_uid: str) -> None:
+    """Series and study directories go when empty; a file that arrived meanwhile keeps them."""
+    study_dir = spool.absolute(study_uid)
+    if not study_dir.is_dir():
+        return
+    for series_dir in study_dir.iterdir():
+        if series_dir.is_dir():
+            with contextlib.suppress(OSError):
+                os.rmdir(series_dir)
+    with contextlib.suppress(OSError):
+        os.rmdir(study_dir)
+
+
+# -- stale jobs ------------------------------------------------------------------------------------
+
+
+def recover_stale_jobs(db: Database, max_attempts: int) -> dict[str, int]:
+    """Running jobs whose lease expired (worker died or hung): back to pending, or failed if spent.
+
+    Workers would take expired jobs anyway; doing it here makes them visible (logged, counted)
+    and stops a job that kills its worker every time (e.g. out of memory) from looping forever.
+    """
+    now = utcnow()
+    counts = {"requeued": 0, "failed": 0}
+    with db.session() as session:
+        query = select(Job).where(Job.status == JobStatus.RUNNING, Job.lease_until < now)
+        if db.is_postgres:
+            query = query.with_for_update(skip_locked=True)
+        for job in session.execute(query).scalars():
+            spent = job.attempts >= max_attempts
+            values = {"lease_until": None, "status": JobStatus.FAILED if spent else JobStatus.PENDING}
+            if spent:
+                values |= {"finished_at": now, "error": f"lease expired {job.attempts} times (worker died or hung)"}
+            # Conditional on the lease still being expired, so a worker renewing it right now wins.
+            changed = session.execute(update(Job).where(Job.id == job.id, Job.status == JobStatus.RUNNING,
+                                                        Job.lease_until < now).values(**values)
+                                      .execution_options(synchronize_session=False)).rowcount
+            if changed and job.study.version == job.study_version:
+                # The study's status follows its job, so `studies` does not show a dead run as live.
+                if spent:
+                    job.study.status = StudyStatus.FAILED
+                elif job.study.status == StudyStatus.PROCESSING:
+                    job.study.status = StudyStatus.QUEUED
+            counts["failed" if spent else "requeued"] += changed
+            if changed:
+                log.warning("stale_job_recovered", job=job.id, study_key=job.study.study_key,
+                            worker=job.worker, attempts=job.attempts, outcome="failed" if spent else "requeued")
+    return counts
+
+
+def instance_count_on_disk(spool: Spool, study_uid: str) -> int:
+    """How many spooled files a study still has (tests and ``show``)."""
+    root = spool.absolute(study_uid)
+    return sum(1 for p in root.rglob("*.dcm")) if root.is_dir() else 0

@@ -1,0 +1,134 @@
+"""Schema migrations (Alembic), run through Alembic's Python API, never a CLI subprocess.
+
+``upgrade(engine)`` is what the gateway runs at start and what ``osteogate db upgrade`` runs:
+
+* fresh database (no tables): ``upgrade head``;
+* database at a known revision: ``upgrade head``;
+* database made by ``create_all`` before migrations existed (tables, no ``alembic_version``):
+  stamped at the revision whose schema it matches, then upgraded; a schema matching no known
+  revision is refused (MigrationError) instead of being altered blindly.
+"""
+
+from __future__ import annotations
+
+import fcntl
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.config import Config
+from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import inspect, text
+from sqlalchemy.engine import Connection, Engine
+
+from gateway.logs import get_logger
+
+log = get_logger("gateway.migrations")
+
+HERE = Path(__file__).resolve().parent
+INITIAL_REVISION = "0001_initial"
+# An arbitrary constant: the PostgreSQL advisory lock that serialises concurrent migrators
+# (several `osteogate worker` processes starting at once against one database).
+_PG_LOCK_KEY = 0x05731E6A
+
+
+class MigrationError(RuntimeError):
+    """The database schema is not one the migrations know how to bring up to date."""
+
+
+def alembic_config(connection: Connection | None = None) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(HERE))
+    if connection is not None:
+        config.attributes["connection"] = connection
+    return config
+
+
+def head_revision() -> str:
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    assert head is not None
+    return head
+
+
+def current_revision(connection: Connection) -> str | None:
+    return MigrationContext.configure(connection).get_current_revision()
+
+
+def schema_diffs(connection: Connection) -> list[Any]:
+    """Differences between the live schema and gateway.db's models (empty: they match)."""
+    from gateway.db import Base
+
+    context = MigrationContext.configure(connection, opts={"compare_type": True})
+    return list(compare_metadata(context, Base.metadata))
+
+
+def _is_pre_purge_schema(diffs: list[Any]) -> bool:
+    """The schema of revision 0001: models minus ``instances.purged_at`` (added by 0002)."""
+    return len(diffs) == 1 and diffs[0][0] == "add_column" and diffs[0][2] == "instances" \
+        and diffs[0][3].name == "purged_at"
+
+
+@contextmanager
+def _file_lock(engine: Engine) -> Iterator[None]:
+    """SQLite has no advisory locks: a lock file next to the database serialises migrators."""
+    database = engine.url.database if engine.dialect.name == "sqlite" else None
+    if not database or database == ":memory:":
+        yield
+        return
+    with open(f"{database}.migrate-lock", "a+b") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextmanager
+def _locked(engine: Engine) -> Iterator[Connection]:
+    with _file_lock(engine), engine.connect() as connection:
+        if engine.dialect.name == "postgresql":
+            connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": _PG_LOCK_KEY})
+            connection.commit()
+        try:
+            yield connection
+        finally:
+            if engine.dialect.name == "postgresql":
+                connection.rollback()
+                connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": _PG_LOCK_KEY})
+                connection.commit()
+
+
+def _stamp_legacy(connection: Connection, config: Config) -> str:
+    diffs = schema_diffs(connection)
+    if not diffs:
+        target = head_revision()
+    elif _is_pre_purge_schema(diffs):
+        target = INITIAL_REVISION
+    else:
+        raise MigrationError(
+            "the database has gateway tables but no alembic_version, and its schema matches no known "
+            f"revision ({len(diffs)} difference(s), first: {diffs[0]!r}); back it up and fix it by hand"
+        )
+    command.stamp(config, target)
+    connection.commit()
+    log.warning("database_stamped", revision=target, reason="schema made before migrations existed")
+    return target
+
+
+def upgrade(engine: Engine) -> tuple[str | None, str]:
+    """Bring the database to the head revision; returns (revision before, revision after)."""
+    with _locked(engine) as connection:
+        config = alembic_config(connection)
+        before = current_revision(connection)
+        if before is None and inspect(connection).has_table("studies"):
+            _stamp_legacy(connection, config)
+        command.upgrade(config, "head")
+        connection.commit()
+        after = current_revision(connection)
+    if before != after:
+        log.info("database_migrated", before=before, after=after)
+    return before, after  # type: ignore[return-value]

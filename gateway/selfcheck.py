@@ -1,0 +1,79 @@
+"""Self-check: disk space, database reachability, C-ECHO of each destination.
+
+Run daily by the scheduler (findings go to the log, where the site's monitoring picks them up)
+and on demand by ``osteogate selfcheck``. A failed check is reported, never raised: the point is
+to say what is wrong while the gateway keeps doing what it still can.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.config import Destination, Settings
+from gateway.db import Database
+from gateway.logs import get_logger
+
+log = get_logger("gateway.selfcheck")
+
+
+@dataclass(frozen=True)
+class Finding:
+    check: str  # "disk", "database", "echo AET@HOST:PORT"
+    ok: bool
+    detail: str
+
+
+def check_disk(settings: Settings) -> Finding:
+    path = settings.storage.data_dir
+    path.mkdir(parents=True, exist_ok=True)
+    free_mb = shutil.disk_usage(path).free / 2**20
+    ok = free_mb >= settings.storage.min_free_mb
+    return Finding("disk", ok, f"{free_mb:.0f} MB free under data_dir (minimum {settings.storage.min_free_mb} MB)")
+
+
+def check_database(db: Database) -> Finding:
+    try:
+        ok = db.ping()
+    except Exception as exc:
+        return Finding("database", False, f"unreachable: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+    return Finding("database", ok, f"{db.engine.dialect.name} reachable")
+
+
+def check_echo(destination: Destination, calling_aet: str, timeout: float, tls: Any = None) -> Finding:
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    ae = AE(ae_title=calling_aet)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
+    ae.add_requested_context(Verification)
+    name = f"echo {destination}"
+    tls_args = None
+    if getattr(destination, "tls", False):  # the same TLS client setup delivery uses
+        from gateway.scp import client_tls_context
+
+        tls_args = (client_tls_context(tls), destination.host)
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args)
+    if not assoc.is_established:
+        return Finding(name, False, "association rejected" if assoc.is_rejected else "peer unreachable")
+    try:
+        status = assoc.send_c_echo()
+    finally:
+        assoc.release()
+    code = int(status.Status) if status and "Status" in status else -1
+    return Finding(name, code == 0, f"status 0x{code:04X}" if code >= 0 else "no response")
+
+
+def run_selfcheck(settings: Settings, db: Database) -> list[Finding]:
+    findings = [check_disk(settings), check_database(db)]
+    for destination in settings.delivery.destinations:
+        try:
+            findings.append(check_echo(destination, settings.delivery_calling_aet,
+                                       min(settings.delivery.timeout_seconds, 10),
+                                       getattr(settings.delivery, "tls", None)))
+        except Exception as exc:  # e.g. TLS misconfiguration: report it, do not stop the others
+            findings.append(Finding(f"echo {destination}", False, f"{type(exc).__name__}: {exc}"))
+    for finding in findings:
+        (log.info if finding.ok else log.error)("selfcheck", check=finding.check, ok=finding.ok, detail=finding.detail)
+    return findings
