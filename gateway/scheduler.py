@@ -40,6 +40,13 @@ class GatewayScheduler:
         self._scheduler.add_job(run, "interval", seconds=seconds, id=name, name=name,
                                 next_run_time=datetime.now().astimezone())
 
+    def run_once_at(self, job_id: str, func: Callable[[], object], when: datetime) -> None:
+        """A one-shot job at ``when``; scheduling the same id again moves it (replace_existing)."""
+        if not self._scheduler.running:
+            return
+        self._scheduler.add_job(func, "date", run_date=when, id=job_id, replace_existing=True,
+                                misfire_grace_time=None)
+
     def trigger(self, name: str) -> None:
         """Run a job as soon as possible (coalesced with a run already pending)."""
         job = self._scheduler.get_job(name)

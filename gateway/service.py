@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import threading
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ from gateway.config import Settings
 from gateway.db import Database
 from gateway.delivery import DeliveryManager
 from gateway.ingest import Ingestor
-from gateway.logs import get_logger, set_hash_salt
+from gateway.logs import get_logger, set_hash_salt, study_key
 from gateway.metrics import REGISTRY, HealthServer, StoreCollector
 from gateway.scheduler import GatewayScheduler, add_maintenance_jobs
 from gateway.scp import StorageSCP
@@ -95,7 +96,8 @@ class Gateway:
                              on_result=lambda: self.scheduler.trigger("delivery"))
             if self.classifiers else None
         )
-        self.scp = StorageSCP(settings.dicom, Ingestor(self.db, self.spool), accepting=self.refusal_reason)
+        self.scp = StorageSCP(settings.dicom, Ingestor(self.db, self.spool), accepting=self.refusal_reason,
+                              on_stored=self._instance_stored)
         self._stopped = threading.Event()
         self.http: HealthServer | None = None
         self._collector = StoreCollector(self.db, self.spool.free_bytes)
@@ -118,6 +120,13 @@ class Gateway:
         checks["healthy"] = bool(checks["database"] and checks["spool_disk"]
                                  and checks["worker_alive"] is not False and checks["model_loaded"] is not False)
         return checks
+
+    def _instance_stored(self, study_uid: str) -> None:
+        # Check for completion right when this study can become stable, not up to one polling
+        # interval later; each new instance moves the check. The interval scan stays as the
+        # safety net (and covers restarts).
+        when = datetime.now(UTC) + timedelta(seconds=self.settings.study.stable_seconds + 0.02)
+        self.scheduler.run_once_at(f"stable:{study_key(study_uid)}", self.tracker.queue_stable_studies, when)
 
     def _wake_worker(self) -> None:
         if self.worker:

@@ -6,10 +6,11 @@ StableAge and mercure's series timeout).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from datetime import timedelta
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from gateway.db import Database, Job, JobStatus, Study, StudyStatus, utcnow
 from gateway.logs import get_logger
@@ -22,23 +23,36 @@ class StudyTracker:
         self.db = db
         self.stable_seconds = stable_seconds
         self.on_queued = on_queued
+        self._lock = threading.Lock()
 
     def queue_stable_studies(self) -> int:
         """Queue every study that has been quiet long enough; returns how many were queued."""
+        with self._lock:  # one scan at a time in this process; other processes: see below
+            queued = self._queue()
+        if queued and self.on_queued:
+            self.on_queued()
+        return queued
+
+    def _queue(self) -> int:
         cutoff = utcnow() - timedelta(seconds=self.stable_seconds)
         queued = 0
         with self.db.session() as session:
-            studies = session.execute(
-                select(Study)
+            candidates = session.execute(
+                select(Study.id, Study.version, Study.study_key, Study.instance_count)
                 .where(Study.status == StudyStatus.RECEIVING, Study.last_received_at <= cutoff)
-                .with_for_update(skip_locked=True)
-            ).scalars().all()
-            for study in studies:
-                session.add(Job(study_id=study.id, study_version=study.version, status=JobStatus.PENDING))
-                study.status = StudyStatus.QUEUED
-                log.info("study_queued", study_key=study.study_key, version=study.version,
-                         instances=study.instance_count)
+            ).all()
+            for study_id, version, key, instances in candidates:
+                # The conditional UPDATE is the claim: another scanner, or an instance arriving
+                # meanwhile (new version, newer last_received_at), makes it match no row.
+                claimed = session.execute(
+                    update(Study)
+                    .where(Study.id == study_id, Study.status == StudyStatus.RECEIVING,
+                           Study.version == version, Study.last_received_at <= cutoff)
+                    .values(status=StudyStatus.QUEUED)
+                ).rowcount
+                if claimed != 1:
+                    continue
+                session.add(Job(study_id=study_id, study_version=version, status=JobStatus.PENDING))
+                log.info("study_queued", study_key=key, version=version, instances=instances)
                 queued += 1
-        if queued and self.on_queued:
-            self.on_queued()
         return queued

@@ -229,3 +229,28 @@ def test_logs_are_json_and_carry_no_identifiers() -> None:
     assert record["event"] == "study_queued" and record["study_key"] == key
     assert "1.2.3.4" not in stream.getvalue()
     assert study_key("1.2.3.4") != study_key("1.2.3.5") and len(key) == 16
+
+
+def test_concurrent_scanners_queue_a_study_once(ingestor: Ingestor) -> None:
+    import threading
+
+    from gateway.db import Job
+
+    for _ in range(5):
+        ingestor.store(encode(make_dataset()))
+    trackers = [StudyTracker(ingestor.db, stable_seconds=0) for _ in range(4)]
+    start = threading.Barrier(len(trackers))
+    counts: list[int] = []
+
+    def scan(tracker: StudyTracker) -> None:
+        start.wait()
+        counts.append(tracker.queue_stable_studies())
+
+    threads = [threading.Thread(target=scan, args=(t,)) for t in trackers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert sum(counts) == 5
+    with ingestor.db.session() as session:
+        assert session.query(Job).count() == 5
