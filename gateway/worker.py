@@ -90,6 +90,7 @@ class ImageOutcome:
 class StudyOutcome:
     images: list[ImageOutcome] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    thresholds: dict[str, float] = field(default_factory=dict)  # the model card's operating points
 
     @property
     def classified(self) -> list[ImageOutcome]:
@@ -106,8 +107,9 @@ class StudyOutcome:
             return None, None, None
         region = Counter(i.region for i in classified).most_common(1)[0][0]
         probs = {c: sum(i.probabilities[c] for i in classified) / len(classified) for c in CLASSES}  # type: ignore[index]
-        label = max(probs, key=probs.__getitem__)
-        return region, label, probs
+        from model.inference import decide_label
+
+        return region, decide_label(probs, self.thresholds), probs
 
 
 class ClassifierWorker:
@@ -280,11 +282,16 @@ class ClassifierWorker:
     def classify(self, instances: Sequence[Instance], classifier: Any) -> StudyOutcome:
         from model.pixels import PixelDecodeError, dataset_to_image
 
-        outcome = StudyOutcome()
+        outcome = StudyOutcome(thresholds=dict(classifier.card.thresholds))
         pending: list[tuple[ImageOutcome, Any]] = []
         decode_total = 0.0
         for instance in sorted(instances, key=lambda i: i.received_at):
             t0 = time.perf_counter()
+            if instance.purged_at is not None:
+                # Retention removed the file after an earlier result was delivered; that result
+                # stands for this image, and the new SR says why the image is not re-read.
+                outcome.images.append(ImageOutcome(instance, Dataset(), skip_reason="image purged by retention"))
+                continue
             try:
                 ds = pydicom.dcmread(self.spool.absolute(instance.path))
             except Exception as exc:

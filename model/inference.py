@@ -159,6 +159,25 @@ def open_onnx(checkpoint_path: Path, sha256: str, cache_dir: Path | None, thread
     return backend
 
 
+def decide_label(probabilities: dict[str, float], thresholds: dict[str, float]) -> str:
+    """The class reported for one image (or a study), from calibrated probabilities.
+
+    With the card's operating thresholds (chosen on validation for a stated sensitivity, see the
+    card's training.thresholds_rule): osteoporosis when P(osteoporosis) >= thresholds.osteoporosis,
+    else osteopenia when P(osteopenia) + P(osteoporosis) >= thresholds.low_bmd, else normal.
+    Without thresholds: the most probable class.
+    """
+    low_bmd = thresholds.get("low_bmd")
+    osteoporosis = thresholds.get("osteoporosis")
+    if low_bmd is None or not {"normal", "osteopenia", "osteoporosis"} <= probabilities.keys():
+        return max(probabilities, key=probabilities.__getitem__)
+    if osteoporosis is not None and probabilities["osteoporosis"] >= osteoporosis:
+        return "osteoporosis"
+    if probabilities["osteopenia"] + probabilities["osteoporosis"] >= low_bmd:
+        return "osteopenia"
+    return "normal"
+
+
 def _softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max(axis=-1, keepdims=True)
     exp = np.exp(shifted)
@@ -244,7 +263,7 @@ class Classifier:
             pooled = probabilities[start:start + count].mean(axis=0)
             start += count
             probs = {name: float(p) for name, p in zip(self.card.classes, pooled, strict=True)}
-            predictions.append(Prediction(probs, self.card.classes[int(np.argmax(pooled))], region, count))
+            predictions.append(Prediction(probs, decide_label(probs, self.card.thresholds), region, count))
         self.last_timings = {"preprocess_ms": (t1 - t0) * 1000, "model_ms": (t2 - t1) * 1000,
                              "n_images": len(images), "n_inputs": len(stacked)}
         return predictions

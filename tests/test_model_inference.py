@@ -174,3 +174,13 @@ def test_torch_cuda_agrees_with_onnx(small):
                     strict=True):
         # fp16 autocast: agreement to ~1e-2 in probability, not 1e-4.
         np.testing.assert_allclose(list(a.probabilities.values()), list(b.probabilities.values()), atol=2e-2)
+
+
+def test_decide_label_uses_operating_thresholds() -> None:
+    from model.inference import decide_label
+
+    probs = {"normal": 0.5, "osteopenia": 0.3, "osteoporosis": 0.2}
+    assert decide_label(probs, {}) == "normal"  # no thresholds: most probable class
+    assert decide_label(probs, {"low_bmd": 0.4}) == "osteopenia"  # 0.5 >= 0.4 flags low BMD
+    assert decide_label(probs, {"low_bmd": 0.4, "osteoporosis": 0.15}) == "osteoporosis"
+    assert decide_label(probs, {"low_bmd": 0.6, "osteoporosis": 0.25}) == "normal"
