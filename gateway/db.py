@@ -25,6 +25,7 @@ from sqlalchemy import (
     create_engine,
     event,
     select,
+    text,
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
@@ -259,10 +260,18 @@ class Database:
         return upgrade(self.engine)
 
     @contextmanager
-    def session(self) -> Iterator[Session]:
-        """A unit of work: committed on success, rolled back on any exception."""
+    def session(self, *, write: bool = False) -> Iterator[Session]:
+        """A unit of work: committed on success, rolled back on any exception.
+
+        ``write=True`` is for read-modify-write work: on SQLite the transaction then starts with
+        BEGIN IMMEDIATE, so its reads are already under the write lock (pysqlite would otherwise
+        begin only at the first UPDATE, after the reads, and concurrent writers lose updates).
+        PostgreSQL callers lock rows with SELECT ... FOR UPDATE instead.
+        """
         with self._sessions() as session:
             try:
+                if write and self.engine.dialect.name == "sqlite":
+                    session.execute(text("BEGIN IMMEDIATE"))
                 yield session
                 session.commit()
             except BaseException:

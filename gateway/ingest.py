@@ -172,7 +172,7 @@ class Ingestor:
         relative: str, size: int, digest: str, calling_ae: str | None,
     ) -> None:
         now = utcnow()
-        with self.db.session() as session:
+        with self.db.session(write=True) as session:
             study = session.execute(
                 select(Study).where(Study.study_uid == study_uid).with_for_update()
             ).scalar_one_or_none()
