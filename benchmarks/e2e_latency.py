@@ -1,6 +1,6 @@
 """Seconds from the last C-STORE of a 2-image study to the SR arriving at the PACS.
 
-    .venv/bin/python benchmarks/e2e_latency.py [--runs 5] [--stable-seconds 1] [--model FILE] [--size 2048]
+    .venv/bin/python benchmarks/e2e_latency.py [--runs 5] [--warmup 1] [--stable-seconds 1] [--model FILE] [--size 2048]
 
 dcmtk storescu plays the modality and dcmtk storescp the PACS; `osteogate serve` runs as a
 subprocess with a real SQLite file and spool. Prints each run and the median, with and without
@@ -16,27 +16,29 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from _common import resolve_model  # puts the repo root on sys.path
+from pydicom.uid import generate_uid
 
-from pydicom.uid import generate_uid  # noqa: E402
-
-from tests.gateway_harness import GatewayProcess  # noqa: E402
-from tests.helpers import StoreSCP, make_dataset, storescu, write_dataset  # noqa: E402
+from tests.gateway_harness import GatewayProcess
+from tests.helpers import StoreSCP, make_dataset, storescu, write_dataset
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1,
+                        help="runs first, not counted (first inference, first association, page cache)")
     parser.add_argument("--stable-seconds", type=float, default=1.0)
     parser.add_argument("--size", type=int, default=2048, help="image rows and columns (16-bit)")
-    parser.add_argument("--model", type=Path, default=ROOT / "model" / "shipped" / "osteogate-knee.safetensors")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="default: the shipped checkpoint, else an untrained efficientnet_b0")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="osteogate-bench-") as tmp:
         work = Path(tmp)
+        model = resolve_model(args.model, work)
         pacs = StoreSCP(work / "pacs").start()
-        gateway = GatewayProcess(work / "gw", model=args.model, destinations=[f"PACS@127.0.0.1:{pacs.port}"],
+        gateway = GatewayProcess(work / "gw", model=model, destinations=[f"PACS@127.0.0.1:{pacs.port}"],
                                  stable_seconds=args.stable_seconds,
                                  env={"OSTEOGATE_STUDY_CHECK_INTERVAL_SECONDS": "0.1",
                                       "OSTEOGATE_WORKER_POLL_INTERVAL_SECONDS": "0.1",
@@ -44,7 +46,7 @@ def main() -> int:
         gateway.start(timeout=300)
         latencies = []
         try:
-            for run in range(args.runs):
+            for run in range(args.warmup + args.runs):
                 study_uid = generate_uid()
                 files = [write_dataset(make_dataset(study_uid=study_uid, size=(args.size, args.size)),
                                        work / f"run{run}_{i}.dcm") for i in range(2)]
@@ -58,14 +60,17 @@ def main() -> int:
                         raise SystemExit("no SR within 120 s:\n" + gateway.log()[-3000:])
                     time.sleep(0.01)
                 latency = time.monotonic() - t_last_store
+                if run < args.warmup:
+                    print(f"warm-up: {latency:.2f} s total (not counted)")
+                    continue
                 latencies.append(latency)
-                print(f"run {run + 1}: {latency:.2f} s total, {latency - args.stable_seconds:.2f} s beyond "
+                print(f"run {run + 1 - args.warmup}: {latency:.2f} s total, {latency - args.stable_seconds:.2f} s beyond "
                       f"stable_seconds={args.stable_seconds:g}")
         finally:
             gateway.stop()
             pacs.stop()
         median = statistics.median(latencies)
-        print(f"\n2-image study of {args.size}x{args.size} 16-bit DX, model {args.model.name}:")
+        print(f"\n2-image study of {args.size}x{args.size} 16-bit DX, model {model.name}:")
         print(f"median last C-STORE -> SR at PACS: {median:.2f} s "
               f"({median - args.stable_seconds:.2f} s excluding stable_seconds={args.stable_seconds:g})")
     return 0

