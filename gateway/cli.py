@@ -450,7 +450,7 @@ def _add_admin_parsers(sub: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="osteogate", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="osteogate", description="OsteoGate: DICOM gateway that screens knee and spine radiographs for low bone density.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = sub.add_parser("serve", help="run the gateway (DICOM listener, worker, delivery)")
