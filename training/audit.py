@@ -22,7 +22,8 @@ def audit_table(data: Path, working_size: int = 1024, phash_distance: int = 4, c
 
     pool = build_pool(Path(data), working_size, cache_dir, phash_distance, "resolve")
     samples, dedup = pool.all_samples, pool.dedup
-    out = [f"dataset {data}: {len(samples)} images, {len(np.unique(dedup.groups))} independent groups"]
+    out = [f"dataset {data}: {len(samples)} images, {len(np.unique(dedup.groups))} independent groups "
+           f"({len(np.unique(pool.groups))} after the conflict rule)"]
     rows = []
     for source in sorted({s.source for s in samples}):
         members = [s for s in samples if s.source == source]
@@ -52,9 +53,10 @@ def audit_table(data: Path, working_size: int = 1024, phash_distance: int = 4, c
     out += ["", _table(["duplicates", "count"], [
         ["groups with >1 image", int((group_sizes > 1).sum())],
         ["images in such groups", int(group_sizes[group_sizes > 1].sum())],
-        ["links: manifest group ids", dedup.manifest_links],
-        ["links: identical bytes/pixels", dedup.exact_pairs],
-        [f"links: perceptual hash <= {phash_distance} bits", dedup.near_pairs],
+        # Each evidence type counts only the merges it added on top of the ones before it.
+        ["merges by manifest group ids", dedup.manifest_links],
+        ["+ merges by identical bytes/pixels", dedup.exact_pairs],
+        [f"+ merges by perceptual hash <= {phash_distance} bits", dedup.near_pairs],
         ["label conflicts (groups)", len(dedup.conflicts)],
         ["  resolved to 3-class label", sum(c.action.startswith("resolved") for c in dedup.conflicts)],
         ["  dropped", sum(c.action == "dropped" for c in dedup.conflicts)],

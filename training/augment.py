@@ -29,10 +29,14 @@ class AugmentConfig:
         return cls(**known)  # type: ignore[arg-type]
 
 
-def build_augment(config: AugmentConfig, out_size: int) -> A.Compose:
-    """uint8 HxW in -> uint8 out_size x out_size out (whole image after letterbox, or one patch)."""
+def build_augment(config: AugmentConfig, out_size: int, seed: int | None = None) -> A.Compose:
+    """uint8 HxW in -> uint8 out_size x out_size out (whole image after letterbox, or one patch).
+
+    `seed`: albumentations 2 draws from its own generator, seeded from OS entropy unless given, so
+    without it two runs of the same command train different models.
+    """
     if not config.enabled:
-        return A.Compose([A.Resize(out_size, out_size, interpolation=cv2.INTER_AREA)])
+        return A.Compose([A.Resize(out_size, out_size, interpolation=cv2.INTER_AREA)], seed=seed)
     steps: list[A.BasicTransform] = [
         A.RandomResizedCrop(size=(out_size, out_size), scale=(config.crop_scale_min, 1.0), ratio=(0.85, 1.18), p=1.0),
         A.Rotate(limit=config.rotate_limit, border_mode=cv2.BORDER_REFLECT_101, p=0.5),
@@ -44,4 +48,4 @@ def build_augment(config: AugmentConfig, out_size: int) -> A.Compose:
         A.CLAHE(clip_limit=2.0, p=config.clahe_p),
         A.GaussNoise(std_range=(0.01, 0.04), p=config.noise_p),
     ]
-    return A.Compose(steps)
+    return A.Compose(steps, seed=seed)

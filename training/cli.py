@@ -41,6 +41,7 @@ def _train_flags(parser: argparse.ArgumentParser) -> None:
     add("--target-sensitivity", type=float, dest="target_sensitivity")
     add("--pretrained", action="store_true", default=None, help="timm hub weights (needs network access)")
     add("--init-from", dest="init_from", help="local backbone weights (.safetensors or .pth state dict)")
+    add("--bootstrap", type=int, help="bootstrap resamples for CIs (default 1000)")
     add("--no-progress", dest="progress", action="store_false", default=None)
 
 
@@ -52,6 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--report-dir", type=Path, help="plots (default: next to --out)")
     train.add_argument("--cache-dir", type=Path, help="decoded-image cache (default /tmp/osteogate-cache)")
     train.add_argument("--save-predictions", type=Path, help="write out-of-fold CV predictions (.npz)")
+    train.add_argument("--cv-only", action="store_true", help="cross-validate only (method comparison): no final model")
     _train_flags(train)
     train.set_defaults(func=train_command)
 
@@ -62,6 +64,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for CIs")
     evaluate.add_argument("--gradcam", type=int, default=8, help="Grad-CAM sample images (0 = none)")
     evaluate.add_argument("--cache-dir", type=Path)
+    evaluate.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     evaluate.set_defaults(func=evaluate_command)
 
     export = subparsers.add_parser("export", help="write the ONNX sibling of a checkpoint and check parity")
@@ -95,7 +98,8 @@ def train_command(args: argparse.Namespace) -> int:
 
     command = "osteogate " + " ".join(shlex.quote(a) for a in getattr(args, "argv", sys.argv[1:]))
     try:
-        run_training(args.data, config, args.out, args.report_dir, command, args.cache_dir, args.save_predictions)
+        run_training(args.data, config, args.out, args.report_dir, command, args.cache_dir, args.save_predictions,
+                     args.cv_only)
     except PretrainedUnavailable as exc:
         _error(f"--pretrained: {exc}")
         return EXIT_USAGE
@@ -109,6 +113,10 @@ def evaluate_command(args: argparse.Namespace) -> int:
     from training.data import DataError
     from training.evaluate import evaluate_checkpoint, format_metrics
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         report = evaluate_checkpoint(args.checkpoint, args.data, args.out, args.bootstrap, args.gradcam, args.cache_dir)
     except (DataError, FileNotFoundError, ValueError) as exc:

@@ -43,6 +43,7 @@ class TrainConfig:
     phash_distance: int = 4
     conflict_policy: str = "resolve"
     progress: bool = True
+    bootstrap: int = 1000  # resamples for the 95 % CIs of the CV metrics
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     @property

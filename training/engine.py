@@ -27,7 +27,7 @@ from training.augment import build_augment
 from training.cache import to_uint8
 from training.config import TrainConfig
 from training.data import CLASSES, REGIONS
-from training.inputs import normalize, prepare, random_patches, whole_view
+from training.inputs import PatchSampler, normalize, prepare, whole_view
 from training.metrics import low_bmd_score, pooled_probs
 from training.networks import create_network, region_rows
 from training.pool import Pool
@@ -82,8 +82,9 @@ class TrainSet(torch.utils.data.Dataset):
         self.spec = spec
         self.masks = pool.masks
         self.weights = balance_weights([pool.strata[i] for i in self.indices]) if config.balance == "loss" else np.ones(len(self.indices))
-        self.augment = build_augment(config.augment, self.spec.model_size)
+        self.augment = build_augment(config.augment, self.spec.model_size, seed)
         self.rng = np.random.default_rng(seed)
+        self.samplers: dict[int, PatchSampler] = {}  # built lazily, reused every epoch
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -91,13 +92,13 @@ class TrainSet(torch.utils.data.Dataset):
     def __getitem__(self, item: int) -> tuple[torch.Tensor, int, torch.Tensor, float]:
         index = int(self.indices[item])
         image = self.pool.images[index]
-        pixels = image.astype(np.float32) / 255.0
         if self.spec.mode == "patches":
-            views = random_patches(pixels, self.spec, self.config.train_patches, self.rng)
+            if index not in self.samplers:
+                self.samplers[index] = PatchSampler(image, self.spec)
+            views = self.samplers[index].sample(self.config.train_patches, self.rng)
         else:
-            views = whole_view(pixels, self.spec)[None]
-        # albumentations' CLAHE needs uint8; the views are exact 8-bit values or interpolations of them.
-        views = to_uint8(views)
+            # albumentations' CLAHE needs uint8; the view interpolates 8-bit values anyway.
+            views = to_uint8(whole_view(image.astype(np.float32) / 255.0, self.spec)[None])
         batch = np.stack([self.augment(image=v)["image"] for v in views]).astype(np.float32) / 255.0
         x = torch.from_numpy(normalize(batch, self.spec))
         region = REGIONS.index(self.pool.samples[index].region)
@@ -165,10 +166,19 @@ def train_network(
     card: ModelCard,
     log: Callable[[str], None] = print,
 ) -> TrainResult:
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(config.threads)  # restored below: the setting is process-wide
+    try:
+        return _train(pool, train, val, config, card, log)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _train(pool: Pool, train: np.ndarray, val: np.ndarray, config: TrainConfig, card: ModelCard,
+           log: Callable[[str], None]) -> TrainResult:
     from tqdm.auto import tqdm
 
     set_seed(config.seed)
-    torch.set_num_threads(config.threads)
     device = device_for(config)
     net, weights_source = create_network(card, config)
     cuda = device.type == "cuda"

@@ -69,11 +69,25 @@ def image_heatmap(net: nn.Module, image: np.ndarray, spec: InputSpec, region: in
     return shown, heat, corners
 
 
+@torch.no_grad()
+def predicted_class(net: nn.Module, image: np.ndarray, spec: InputSpec, region: int) -> int:
+    from model.preprocess import prepare
+
+    device = next(net.parameters()).device
+    x = torch.from_numpy(prepare(image, spec)).to(device)
+    logits = region_rows(net(x), torch.full((x.shape[0],), region, device=device))
+    return int(torch.softmax(logits, dim=-1).mean(dim=0).argmax())
+
+
 def plot_gradcam(
     path: Path, net: nn.Module, images: Sequence[np.ndarray], titles: Sequence[str], spec: InputSpec,
-    regions: Sequence[int], class_index: int = 2,
+    regions: Sequence[int], class_index: int | None = None, classes: Sequence[str] = ("normal", "osteopenia", "osteoporosis"),
 ) -> Path:
-    """Grid of overlays (class_index 2 = osteoporosis evidence by default)."""
+    """Grid of overlays for `class_index`, or (None) for each image's most probable class.
+
+    Grad-CAM keeps only positive evidence (ReLU): a class the network argues against gets an empty
+    map, so the default explains what the model actually predicts.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -87,13 +101,15 @@ def plot_gradcam(
     for ax in axes.ravel():
         ax.axis("off")
     for ax, image, title, region in zip(axes.ravel(), images, titles, regions, strict=False):
-        shown, heat, corners = image_heatmap(net, image, spec, region, class_index)
+        target = class_index if class_index is not None else predicted_class(net, image, spec, region)
+        shown, heat, corners = image_heatmap(net, image, spec, region, target)
+        title = f"{title}\nmap: {classes[target]}" + ("" if heat.max() > 0 else " (no positive evidence)")
         ax.imshow(shown, cmap="gray")
         ax.imshow(heat, cmap="jet", alpha=0.35 * (heat > 0.05))
         for y, x in corners:
             ax.add_patch(Rectangle((x, y), spec.patch_size, spec.patch_size, fill=False, edgecolor="lime", linewidth=0.6))
         ax.set_title(title, fontsize=8)
-    fig.suptitle("Grad-CAM (osteoporosis logit)" if class_index == 2 else f"Grad-CAM class {class_index}", fontsize=9)
+    fig.suptitle("Grad-CAM on each serving patch (green boxes)", fontsize=9)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()

@@ -7,6 +7,7 @@ thresholds), the checkpoint (model/checkpoint.py), a JSON copy of the card and r
 
 from __future__ import annotations
 
+import os
 import platform
 import time
 from collections.abc import Callable
@@ -35,6 +36,22 @@ LIMITATIONS = (
 )
 
 
+def signal_warning(metrics: dict[str, Any]) -> str:
+    """A loud first sentence for the card when cross-validation shows no discrimination.
+
+    Readers of a card (and of the SR that cites it) must not mistake a chance-level model for a
+    screening tool; the rule is mechanical so nobody has to remember to write it.
+    """
+    auc = metrics.get("cross_validation", {}).get("pooled_out_of_fold", {}).get("auc_low_bmd")
+    if not auc or auc["ci_low"] > 0.5:
+        return ""
+    return (
+        f"NO DEMONSTRATED DISCRIMINATION: cross-validated low-BMD ROC-AUC {auc['value']:.2f} "
+        f"(95 % CI {auc['ci_low']:.2f}-{auc['ci_high']:.2f}, includes 0.5 = chance); outputs carry no reliable "
+        "information about bone density. "
+    )
+
+
 def base_card(config: TrainConfig, name: str = "osteogate-knee") -> ModelCard:
     return ModelCard(name=name, version=VERSION, architecture=config.architecture, input=config.input_spec())
 
@@ -47,6 +64,7 @@ def run_training(
     command: str = "",
     cache_dir: Path | None = None,
     save_predictions: Path | None = None,
+    cv_only: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     import torch
@@ -55,12 +73,14 @@ def run_training(
     from training.crossval import cross_validate
     from training.engine import NetworkMethod, device_for, predict_logits, train_network
     from training.metrics import fit_temperature, operating_thresholds, pooled_probs
+    from training.networks import create_network
     from training.pool import build_pool
-    from training.reports import plot_confusion, plot_reliability, plot_roc, plot_training_curves
+    from training.reports import plot_confusion, plot_reliability, plot_roc, plot_training_curves, write_json
     from training.splits import holdout
 
     started = time.perf_counter()
     out = Path(out)
+    create_network(base_card(config), config)  # fail fast (offline --pretrained, bad --init-from) before decoding
     report_dir = Path(report_dir) if report_dir else out.parent
     pool = build_pool(Path(data), config.working_size, cache_dir, config.phash_distance, config.conflict_policy, config.progress)
     log(f"pool: {len(pool)} images kept of {len(pool.all_samples)}, {len(np.unique(pool.groups))} groups, "
@@ -72,7 +92,7 @@ def run_training(
     if config.folds >= 2:
         cv = cross_validate(pool, lambda: NetworkMethod(config, card, log), config.architecture, config.folds,
                             config.seed, config.val_fraction, config.target_sensitivity, log=log)
-        metrics = {"cross_validation": cv.summary(), "evaluated_on": "out-of-fold predictions, 3-class-labelled images"}
+        metrics = {"cross_validation": cv.summary(n_boot=config.bootstrap), "evaluated_on": "out-of-fold predictions, 3-class-labelled images"}
         plots += [
             plot_confusion(report_dir / "cv_confusion.png", cv.y_true, cv.probs, f"{config.folds}-fold CV (calibrated)"),
             plot_roc(report_dir / "cv_roc.png", {config.architecture: (cv.y_true, cv.probs)}, f"{config.folds}-fold CV"),
@@ -82,6 +102,13 @@ def run_training(
         if save_predictions:
             np.savez(save_predictions, indices=cv.indices, y_true=cv.y_true, logits=cv.logits,
                      temperatures=cv.temperatures, folds=cv.folds)
+    if cv_only:
+        # Method comparisons: CV metrics and plots only, no final model (saves one training run).
+        summary = {"config": config.to_dict(), "data": pool.summary(), "metrics": metrics, "command": command,
+                   "plots": [str(p) for p in plots], "seconds": round(time.perf_counter() - started, 1)}
+        write_json(report_dir / "cv_summary.json", summary)
+        log(f"wrote {report_dir / 'cv_summary.json'}")
+        return summary
     train, val = holdout(np.arange(len(pool)), pool.strata, pool.groups, config.val_fraction, config.seed)
     log(f"final model: {len(train)} training images, {len(val)} validation images")
     result = train_network(pool, train, val, config, card, log)
@@ -99,7 +126,7 @@ def run_training(
         "best_epoch": result.best_epoch,
         "final_model_train_seconds": round(result.seconds, 1),
         "total_seconds": round(time.perf_counter() - started, 1),
-        "machine": f"{platform.machine()} {torch.get_num_threads()} threads, "
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {config.threads} torch thread(s) per job, "
                    f"{'CUDA ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'CPU only'}",
         "history": result.history,
         "thresholds_rule": (
@@ -113,7 +140,7 @@ def run_training(
     card = card.with_updates(
         temperature=round(float(temperature), 6), thresholds=thresholds, trained=True,
         weights_source=result.weights_source, training=training_info, metrics=metrics,
-        intended_use=INTENDED_USE, limitations=LIMITATIONS,
+        intended_use=INTENDED_USE, limitations=signal_warning(metrics) + LIMITATIONS,
     )
     sha = save_checkpoint(out, {k: v.cpu() for k, v in result.net.state_dict().items()}, card)
     card_path = out.with_name(out.name.replace(".safetensors", "") + ".card.json")

@@ -44,6 +44,9 @@ def plot_roc(path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray]], title
             ax.set_title(f"ROC: {target}", fontsize=9)
     for ax in axes:
         ax.plot([0, 1], [0, 1], ":", color="grey")
+        ax.set_xlabel("1 - specificity", fontsize=8)
+        ax.set_ylabel("sensitivity", fontsize=8)
+        ax.legend(fontsize=6, loc="lower right")
     fig.suptitle(title)
     return _save(fig, path)
 

@@ -6,10 +6,11 @@ Oversampling and augmentation happen later, inside the training part only.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
-from sklearn.model_selection import StratifiedGroupKFold
+from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
 
 
 class SplitError(ValueError):
@@ -28,7 +29,16 @@ def grouped_folds(
         raise SplitError(f"only {n_groups} independent groups: cannot make {n_splits} folds")
     splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     positions = np.arange(len(groups_array))
-    return [(train, test) for train, test in splitter.split(positions, np.asarray(strata), groups_array)]
+    with warnings.catch_warnings():
+        # "least populated class has only k members": expected with rare classes; folds stay grouped.
+        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+        try:
+            return [(train, test) for train, test in splitter.split(positions, np.asarray(strata), groups_array)]
+        except ValueError:
+            # Every stratum smaller than n_splits (tiny inner splits): grouping matters more than
+            # stratification, so fall back to plain grouped folds.
+            plain = GroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+            return [(train, test) for train, test in plain.split(positions, groups=groups_array)]
 
 
 def holdout(
@@ -36,7 +46,9 @@ def holdout(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Split `indices` (positions into strata/groups) into (train, held-out) with ~fraction held out."""
     indices = np.asarray(indices)
-    n_splits = max(2, round(1.0 / fraction))
+    n_groups = len(np.unique(np.asarray(groups)[indices]))
+    # Small pools: fewer folds (a larger held-out share) rather than failing.
+    n_splits = max(2, min(round(1.0 / fraction), n_groups))
     sub_strata = [strata[i] for i in indices]
     sub_groups = [groups[i] for i in indices]
     train, held = grouped_folds(sub_strata, sub_groups, n_splits, seed)[0]
