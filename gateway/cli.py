@@ -81,32 +81,49 @@ def cmd_echo(args: argparse.Namespace) -> int:
     return 0 if code == 0 else 1
 
 
-def _dicom_files(paths: Sequence[Path]) -> list[Path]:
+def _is_dicom_file(path: Path) -> bool:
+    try:
+        with path.open("rb") as handle:
+            return handle.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
+def _dicom_files(paths: Sequence[Path]) -> tuple[list[Path], list[Path]]:
+    """(DICOM files, named files that are not DICOM). Folders are searched recursively and their
+    non-DICOM files (READMEs, scripts) are passed over quietly; a file named outright must be DICOM."""
     files: list[Path] = []
+    bad: list[Path] = []
     for path in paths:
         if path.is_dir():
-            files.extend(sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")))
-        else:
+            files.extend(p for p in sorted(path.rglob("*")) if p.is_file() and _is_dicom_file(p))
+        elif _is_dicom_file(path):
             files.append(path)
-    return files
+        else:
+            bad.append(path)
+    return files, bad
 
 
 def cmd_send(args: argparse.Namespace) -> int:
     import pydicom
-    from pydicom.errors import InvalidDicomError
     from pynetdicom import AE
 
-    files = _dicom_files(args.paths)
-    datasets = []
-    for path in files:
-        try:
-            datasets.append((path, pydicom.dcmread(path)))
-        except (InvalidDicomError, OSError) as exc:
-            print(f"skip {path}: not a DICOM file ({exc})", file=sys.stderr)
+    files, bad = _dicom_files(args.paths)
+    for path in bad:
+        print(f"skip {path}: not a DICOM file (no DICM preamble) or unreadable", file=sys.stderr)
+    if not files:
+        print("nothing to send", file=sys.stderr)
+        return 1
+    # Headers only: the pixel data is streamed from the file by pynetdicom, never held in memory.
+    headers = {p: pydicom.dcmread(p, stop_before_pixels=True) for p in files}
     ae = AE(ae_title=args.calling_aet)
     # Propose each file's own transfer syntax so compressed images travel untouched.
-    contexts = {(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for _, ds in datasets}
-    for sop_class, syntax in sorted(contexts):
+    contexts = sorted({(str(h.SOPClassUID), str(h.file_meta.TransferSyntaxUID)) for h in headers.values()})
+    if len(contexts) > 128:
+        print(f"{len(contexts)} SOP class/transfer syntax pairs: more than one association allows (128); "
+              "send in smaller groups", file=sys.stderr)
+        return 2
+    for sop_class, syntax in contexts:
         ae.add_requested_context(sop_class, syntax)
     assoc = ae.associate(args.to.host, args.to.port, ae_title=args.to.ae_title)
     if not assoc.is_established:
@@ -114,16 +131,16 @@ def cmd_send(args: argparse.Namespace) -> int:
         return 2
     failures = 0
     try:
-        for path, ds in datasets:
-            status = assoc.send_c_store(ds)
+        for path in files:
+            status = assoc.send_c_store(path)
             code = int(status.Status) if status and "Status" in status else -1
             ok = code == 0 or (code & 0xF000) == 0xB000
             failures += not ok
             print(f"{'ok  ' if ok else 'FAIL'} 0x{code & 0xFFFF:04X} {path}")
     finally:
         assoc.release()
-    print(f"sent {len(datasets) - failures} of {len(files)} file(s) to {args.to}")
-    return 0 if failures == 0 and len(datasets) == len(files) else 1
+    print(f"sent {len(files) - failures} of {len(files)} DICOM file(s) to {args.to}")
+    return 0 if failures == 0 and not bad else 1
 
 
 def _when(text: str) -> datetime:
@@ -240,7 +257,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
     plan = plan_replay(db, args.study_uids, args.since, args.status)
     eligible = [c for c in plan if c.refusal is None]
     model = args.checkpoint or settings.model.path or "the served model"
-    destinations = ", ".join(str(d) for d in settings.delivery.destinations) or "none configured (SR not sent)"
+    destinations = (", ".join(str(d) for d in settings.delivery.destinations)
+                    or "where each study's earlier SRs went")
     _print_plan(plan, f"replay: {len(eligible)} of {len(plan)} studies, model {model}, SR to {destinations}")
     if args.dry_run or not eligible:
         print("dry run: nothing changed" if args.dry_run else "nothing to replay")

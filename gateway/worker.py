@@ -401,13 +401,25 @@ class ClassifierWorker:
                     p_osteopenia=p.get("osteopenia"), p_osteoporosis=p.get("osteoporosis"),
                     decode_ms=item.decode_ms,
                 ))
-            for destination in self.settings.delivery.destinations if sr_uid else ():
-                result.deliveries.append(Delivery(destination=str(destination), status=DeliveryStatus.PENDING))
+            for destination in self._destinations(session, job) if sr_uid else ():
+                result.deliveries.append(Delivery(destination=destination, status=DeliveryStatus.PENDING))
             job.status = JobStatus.DONE
             job.finished_at = utcnow()
             job.lease_until = None
             if job.study.version == job.study_version:
                 job.study.status = status
+
+    def _destinations(self, session: Any, job: Job) -> list[str]:
+        """Where this result's SR goes: the configured destinations; for a replay run without
+        any (an admin's one-off command), wherever the study's earlier SRs went."""
+        configured = [str(d) for d in self.settings.delivery.destinations]
+        if configured or job.reason != "replay":
+            return configured
+        earlier = session.execute(
+            select(Delivery.destination).join(StudyResult).where(StudyResult.study_id == job.study_id)
+            .distinct()
+        ).scalars().all()
+        return sorted(earlier)
 
     def _fail(self, job_id: int, error: str) -> None:
         with self.db.session() as session:

@@ -153,8 +153,8 @@ class ModelCard:
     @property
     def display_name(self) -> str:
         """Name shown in the SR algorithm identification; untrained models must be obvious to a reader."""
-        label = f"{self.name} {self.version}"
-        return label if self.trained else f"UNTRAINED {label}"
+        # The version travels separately (SR algorithm version, results table), so not repeated here.
+        return self.name if self.trained else f"UNTRAINED {self.name}"
 
     def with_updates(self, **changes: Any) -> ModelCard:
         """Copy with fields changed (the dataclass is frozen); validation runs again."""

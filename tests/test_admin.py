@@ -325,3 +325,18 @@ def test_stale_jobs_requeued_or_failed_when_spent(store: Store, tmp_path: Path) 
     assert state[uids[1]] == (JobStatus.FAILED, StudyStatus.FAILED)
     assert state[uids[2]][0] == JobStatus.RUNNING  # lease still valid: its worker may be alive
     assert recover_stale_jobs(store.db, max_attempts=3) == {"requeued": 0, "failed": 0}
+
+
+def test_replay_without_destinations_goes_where_earlier_srs_went(
+    tmp_path: Path, dcmtk_pacs: StoreSCP, tiny_model: Path
+) -> None:
+    image = write_dataset(make_dataset(), tmp_path / "knee.dcm")
+    study_uid = str(pydicom.dcmread(image).StudyInstanceUID)
+    with GatewayProcess(tmp_path / "gw", model=tiny_model, destinations=[f"PACS@127.0.0.1:{dcmtk_pacs.port}"]) as gw:
+        assert storescu([image], "127.0.0.1", gw.port, "OSTEOGATE").returncode == 0
+        dcmtk_pacs.wait_for_files("SR*.dcm", count=1, timeout=120)
+        wait_until(lambda: gw.studies()[0]["delivered"] == "1/1", 30)
+    # No --to and no configured destination: an admin's one-off replay still reaches that PACS.
+    done = osteogate("replay", study_uid, "--model", str(tiny_model), "--data-dir", str(gw.data_dir))
+    assert "replayed 1 of 1" in done.stdout and "earlier SRs went" in done.stdout
+    assert len(dcmtk_pacs.wait_for_files("SR*.dcm", count=2, timeout=60)) == 2

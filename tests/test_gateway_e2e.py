@@ -233,3 +233,24 @@ def test_echo_cli_and_wrong_called_aet(tmp_path: Path, tiny_model: Path) -> None
     down = subprocess.run([sys.executable, "-m", "gateway.cli", "echo", f"OSTEOGATE@127.0.0.1:{free_port()}"],
                           capture_output=True, text=True, timeout=60)
     assert down.returncode == 2
+
+
+def test_send_cli_sends_folder_untranscoded(tmp_path: Path, pacs: StoreSCP) -> None:
+    import sys
+
+    from tests.helpers import SAMPLE_DIR
+
+    result = subprocess.run([sys.executable, "-m", "gateway.cli", "send", str(SAMPLE_DIR), "--to",
+                             f"PACS@127.0.0.1:{pacs.port}"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr  # README/scripts in the folder are passed over
+    sent = sample_files()
+    received = pacs.wait_for_files("*.dcm", count=len(sent), timeout=60)
+    by_uid = {str(pydicom.dcmread(p).SOPInstanceUID): p for p in received}
+    for path in sent:
+        original = pydicom.dcmread(path)
+        copy = pydicom.dcmread(by_uid[str(original.SOPInstanceUID)])
+        assert copy.file_meta.TransferSyntaxUID == original.file_meta.TransferSyntaxUID
+        assert copy.PixelData == original.PixelData
+    bad = subprocess.run([sys.executable, "-m", "gateway.cli", "send", str(SAMPLE_DIR / "README.md"), "--to",
+                          f"PACS@127.0.0.1:{pacs.port}"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and "not a DICOM file" in bad.stderr

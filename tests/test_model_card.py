@@ -33,8 +33,8 @@ def test_json_and_dict_round_trip():
 
 
 def test_display_name_marks_untrained():
-    assert ModelCard(name="osteo", version="1.0").display_name == "UNTRAINED osteo 1.0"
-    assert ModelCard(name="osteo", version="1.0", trained=True).display_name == "osteo 1.0"
+    assert ModelCard(name="osteo", version="1.0").display_name == "UNTRAINED osteo"
+    assert ModelCard(name="osteo", version="1.0", trained=True).display_name == "osteo"
 
 
 @pytest.mark.parametrize(
