@@ -10,6 +10,7 @@ import enum
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import (
     JSON,
@@ -26,6 +27,7 @@ from sqlalchemy import (
     event,
     select,
     text,
+    update,
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
@@ -277,6 +279,25 @@ class Database:
             except BaseException:
                 session.rollback()
                 raise
+
+    def claim_one(self, session: Session, model: type[Base], claimable: Any, order_by: Any,
+                  values: dict[str, Any]) -> int | None:
+        """Claim the first row of ``model`` matching ``claimable``; returns its id or None.
+
+        SKIP LOCKED (PostgreSQL) lets concurrent claimers pass over each other's rows; the
+        conditional UPDATE is what makes the claim exclusive everywhere, SQLite included: a row
+        someone else claimed first no longer matches ``claimable`` and updates nothing.
+        """
+        query = select(model.id).where(claimable).order_by(order_by).limit(1)  # type: ignore[attr-defined]
+        if self.is_postgres:
+            query = query.with_for_update(skip_locked=True)
+        row_id = session.execute(query).scalar_one_or_none()
+        if row_id is None:
+            return None
+        claimed = session.execute(
+            update(model).where(model.id == row_id, claimable).values(**values)  # type: ignore[attr-defined]
+        ).rowcount
+        return row_id if claimed == 1 else None
 
     def ping(self) -> bool:
         with self.session() as session:

@@ -16,7 +16,7 @@ from datetime import timedelta
 import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
-from sqlalchemy import or_, select, update
+from sqlalchemy import or_
 
 from gateway.config import Destination, Settings, TlsConfig
 from gateway.db import Database, Delivery, DeliveryStatus, StudyResult, utcnow
@@ -103,17 +103,11 @@ class DeliveryManager:
             & (Delivery.next_attempt_at <= now)
             & or_(Delivery.claimed_until.is_(None), Delivery.claimed_until < now)
         )
+        claim_until = now + timedelta(seconds=self.settings.delivery.timeout_seconds * 4)
         with self.db.session() as session:
-            query = select(Delivery.id).where(due).order_by(Delivery.next_attempt_at).limit(1)
-            if self.db.is_postgres:
-                query = query.with_for_update(skip_locked=True)
-            delivery_id = session.execute(query).scalar_one_or_none()
+            delivery_id = self.db.claim_one(session, Delivery, due, Delivery.next_attempt_at,
+                                            {"claimed_until": claim_until})
             if delivery_id is None:
-                return None
-            claim_until = now + timedelta(seconds=self.settings.delivery.timeout_seconds * 4)
-            if session.execute(
-                update(Delivery).where(Delivery.id == delivery_id, due).values(claimed_until=claim_until)
-            ).rowcount != 1:
                 return None
             delivery = session.get(Delivery, delivery_id)
             assert delivery is not None

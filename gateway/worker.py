@@ -197,20 +197,11 @@ class ClassifierWorker:
         if only is not None:
             claimable = claimable & Job.id.in_(list(only))
         with self.db.session() as session:
-            query = select(Job.id).where(claimable).order_by(Job.id).limit(1)
-            if self.db.is_postgres:
-                query = query.with_for_update(skip_locked=True)
-            job_id = session.execute(query).scalar_one_or_none()
+            job_id = self.db.claim_one(session, Job, claimable, Job.id, {
+                "status": JobStatus.RUNNING, "worker": self.id, "lease_until": lease, "started_at": now,
+                "attempts": Job.attempts + 1,
+            })
             if job_id is None:
-                return None
-            # The conditional UPDATE is what makes the claim exclusive on SQLite too.
-            claimed = session.execute(
-                update(Job)
-                .where(Job.id == job_id, claimable)
-                .values(status=JobStatus.RUNNING, worker=self.id, lease_until=lease, started_at=now,
-                        attempts=Job.attempts + 1)
-            ).rowcount
-            if claimed != 1:
                 return None
             session.execute(
                 update(Study).where(Study.id == select(Job.study_id).where(Job.id == job_id).scalar_subquery())
