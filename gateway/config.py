@@ -20,6 +20,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 ENV_PREFIX = "OSTEOGATE_"
+# OSTEOGATE_* variables that are not gateway settings: the config file path, and the training
+# pipeline's image cache directory (training/cache.py).
+NOT_SETTINGS = {"OSTEOGATE_CONFIG", "OSTEOGATE_CACHE"}
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE VR: no backslash, no control chars
 _DEST_RE = re.compile(r"^(?P<aet>[^@]{1,16})@(?P<host>[^:@]+):(?P<port>\d{1,5})(?P<tls>\+tls)?$")
 
@@ -275,7 +278,7 @@ def env_overrides(environ: Mapping[str, str]) -> tuple[dict[str, dict[str, Any]]
     values: dict[str, dict[str, Any]] = {}
     problems: list[str] = []
     for name, raw in environ.items():
-        if not name.startswith(ENV_PREFIX) or name in {"OSTEOGATE_CONFIG"}:
+        if not name.startswith(ENV_PREFIX) or name in NOT_SETTINGS:
             continue
         rest = name[len(ENV_PREFIX):].lower()
         for section, model in SECTIONS.items():
