@@ -147,3 +147,27 @@ def test_tls_receive_and_send(tmp_path: Path, tiny_model: Path, pki: Path) -> No
             assert pacs.received[0].StudyInstanceUID == pydicom.dcmread(path).StudyInstanceUID
     finally:
         pacs.server.shutdown()
+
+
+def test_max_instance_size_and_association_limit(tmp_path: Path, tiny_model: Path) -> None:
+    big = write_dataset(make_dataset(size=(1024, 1024)), tmp_path / "big.dcm")  # 2 MB of pixels
+    small = write_dataset(make_dataset(), tmp_path / "small.dcm")
+    # A short network timeout frees the slot that the harness's readiness probe (a bare TCP
+    # connect, which pynetdicom holds until its ARTIM timer expires) occupies.
+    env = {"OSTEOGATE_DICOM_MAX_INSTANCE_MB": "1", "OSTEOGATE_DICOM_MAX_ASSOCIATIONS": "1",
+           "OSTEOGATE_DICOM_NETWORK_TIMEOUT_SECONDS": "2"}
+    with GatewayProcess(tmp_path / "gw", model=tiny_model, env=env) as gw:
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(DigitalXRayImageStorageForPresentation)
+        first = wait_until(lambda: (a := ae.associate("127.0.0.1", gw.port, ae_title="OSTEOGATE")).is_established
+                           and a, 30, interval=0.5)
+        try:
+            # Over the instance size limit: out of resources, nothing stored.
+            assert int(first.send_c_store(big).Status) == 0xA700
+            assert int(first.send_c_store(small).Status) == 0x0000
+            # The one allowed association is busy: a second is rejected, transiently.
+            second = ae.associate("127.0.0.1", gw.port, ae_title="OSTEOGATE")
+            assert second.is_rejected and second.acceptor.primitive.result == 0x02
+        finally:
+            first.release()
+    assert len(list((tmp_path / "gw" / "spool").rglob("*.dcm"))) == 1
