@@ -46,6 +46,10 @@ class DemoPACS:
             self.received.append(ds)
         return 0x0000
 
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
     def stop(self) -> None:
         self._server.shutdown()
 
@@ -60,7 +64,7 @@ def run_demo(model: Path | None = None, timeout: float = 180) -> int:
         return 1
     with tempfile.TemporaryDirectory(prefix="osteogate-demo-") as data_dir:
         pacs = DemoPACS(free_port())
-        pacs_port = pacs._server.server_address[1]
+        pacs_port = pacs.port
         settings = load_settings(environ={}, overrides={
             "storage": {"data_dir": data_dir, "min_free_mb": 0},
             "dicom": {"ae_title": "OSTEOGATE", "port": 0, "bind": "127.0.0.1"},

@@ -254,3 +254,14 @@ def test_send_cli_sends_folder_untranscoded(tmp_path: Path, pacs: StoreSCP) -> N
     bad = subprocess.run([sys.executable, "-m", "gateway.cli", "send", str(SAMPLE_DIR / "README.md"), "--to",
                           f"PACS@127.0.0.1:{pacs.port}"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and "not a DICOM file" in bad.stderr
+
+
+def test_demo_prints_sr_summaries(tiny_model: Path) -> None:
+    import sys
+
+    demo = subprocess.run([sys.executable, "-m", "gateway.cli", "demo", "--model", str(tiny_model), "--timeout", "120"],
+                          capture_output=True, text=True, timeout=240)
+    assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
+    assert "PACS received 4 SR(s) for 4 of 5 studies" in demo.stdout
+    assert demo.stdout.count("Screening aid only") == 4
+    assert "skipped, no SR sent" in demo.stdout and "CHEST" in demo.stdout
