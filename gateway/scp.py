@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ipaddress
 import ssl
-import threading
 from collections.abc import Callable
 
 from pydicom.uid import (
@@ -71,7 +70,6 @@ class StorageSCP:
         # Returns a reason to refuse new associations (e.g. spool disk nearly full) or None.
         self.accepting = accepting or (lambda: None)
         self._server: ThreadedAssociationServer | None = None
-        self._lock = threading.Lock()
         self.ae = self._make_ae()
 
     def _make_ae(self) -> AE:
