@@ -25,13 +25,13 @@ def resolve_model(requested: Path | None, work: Path, architecture: str = "effic
     elif SHIPPED_MODEL.is_file():
         path = SHIPPED_MODEL
     else:
-        from model.network import create_untrained_checkpoint
+        from osteogate.model.network import create_untrained_checkpoint
 
         path = work / f"untrained-{architecture}.safetensors"
         create_untrained_checkpoint(path, architecture=architecture)
         print(f"(no shipped model: using an untrained {architecture} checkpoint; speed is the same)")
     if not path.with_suffix(".onnx").is_file():
-        from model.export import export_onnx
+        from osteogate.model.export import export_onnx
 
         export_onnx(path)
     return path

@@ -54,9 +54,9 @@ def main() -> int:
               "run this script on a GPU machine")
         return 0
 
-    from gateway.config import ModelConfig
-    from model.inference import Classifier
-    from model.preprocess import prepare
+    from osteogate.gateway.config import ModelConfig
+    from osteogate.model.inference import Classifier
+    from osteogate.model.preprocess import prepare
 
     batch_size = args.batch_size or ModelConfig().batch_size
     with tempfile.TemporaryDirectory(prefix="osteogate-bench-gpu-") as tmp:

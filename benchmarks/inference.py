@@ -79,10 +79,10 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=None, help="default: the gateway's model.batch_size")
     args = parser.parse_args()
 
-    from gateway.config import ModelConfig
-    from model.inference import INPUT_NAME, OUTPUT_NAME, Classifier
-    from model.pixels import dataset_to_image
-    from model.preprocess import prepare
+    from osteogate.gateway.config import ModelConfig
+    from osteogate.model.inference import INPUT_NAME, OUTPUT_NAME, Classifier
+    from osteogate.model.pixels import dataset_to_image
+    from osteogate.model.preprocess import prepare
 
     batch_size = args.batch_size or ModelConfig().batch_size
     with tempfile.TemporaryDirectory(prefix="osteogate-bench-inference-") as tmp:

@@ -15,11 +15,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import select, update
-from sqlalchemy.orm import selectinload
-
-from gateway.config import Destination, Settings
-from gateway.db import (
+from osteogate.gateway.config import Destination, Settings
+from osteogate.gateway.db import (
     Database,
     Delivery,
     DeliveryStatus,
@@ -31,10 +28,12 @@ from gateway.db import (
     as_utc,
     utcnow,
 )
-from gateway.logs import get_logger
-from gateway.spool import Spool
+from osteogate.gateway.logs import get_logger
+from osteogate.gateway.spool import Spool
+from sqlalchemy import select, update
+from sqlalchemy.orm import selectinload
 
-log = get_logger("gateway.admin")
+log = get_logger("osteogate.gateway.admin")
 
 FINISHED = (StudyStatus.DONE, StudyStatus.SKIPPED, StudyStatus.FAILED)
 Progress = Callable[[int], None]  # called with how many items were completed since the last call
@@ -156,7 +155,7 @@ def latest_sr_result(db: Database, study_uid: str) -> tuple[int, str]:
 def requeue_latest(db: Database, settings: Settings, study_uid: str,
                    destinations: list[Destination] | None) -> list[int]:
     """New pending delivery rows for the newest SR; returns their ids."""
-    from gateway.delivery import DeliveryManager
+    from osteogate.gateway.delivery import DeliveryManager
 
     result_id, _ = latest_sr_result(db, study_uid)
     targets = destinations or settings.delivery.destinations

@@ -15,8 +15,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from gateway.config import ConfigError, Destination, Settings, load_settings
-from gateway.logs import configure_logging
+from osteogate.gateway.config import ConfigError, Destination, Settings, load_settings
+from osteogate.gateway.logs import configure_logging
 
 
 def _destination(text: str) -> Destination:
@@ -56,7 +56,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from gateway.service import Gateway
+    from osteogate.gateway.service import Gateway
 
     settings = settings_from_args(args)
     configure_logging(settings.logging.format, settings.logging.level)
@@ -171,7 +171,7 @@ def _admin_settings(args: argparse.Namespace) -> Settings:
 
 
 def _open_db(args: argparse.Namespace | Settings) -> Any:
-    from gateway.db import Database
+    from osteogate.gateway.db import Database
 
     settings = args if isinstance(args, Settings) else _admin_settings(args)
     settings.storage.data_dir.mkdir(parents=True, exist_ok=True)  # where the SQLite file goes
@@ -181,9 +181,8 @@ def _open_db(args: argparse.Namespace | Settings) -> Any:
 
 
 def cmd_studies(args: argparse.Namespace) -> int:
+    from osteogate.gateway.queries import list_studies
     from rich.table import Table
-
-    from gateway.queries import list_studies
 
     rows = list_studies(_open_db(args), limit=args.limit, status=args.status, since=args.since,
                         region=args.region, result=args.result)
@@ -202,7 +201,7 @@ def cmd_studies(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from gateway.queries import describe_study
+    from osteogate.gateway.queries import describe_study
 
     settings = settings_from_args(args)
     text = describe_study(_open_db(args), settings, args.study_uid)
@@ -214,7 +213,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from gateway.service import WorkerService
+    from osteogate.gateway.service import WorkerService
 
     settings = settings_from_args(args)
     configure_logging(settings.logging.format, settings.logging.level)
@@ -244,8 +243,8 @@ def _print_plan(plan: Sequence[Any], title: str) -> None:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from gateway.admin import plan_replay, queue_replay, wait_for_jobs
-    from gateway.db import JobStatus
+    from osteogate.gateway.admin import plan_replay, queue_replay, wait_for_jobs
+    from osteogate.gateway.db import JobStatus
 
     if not (args.study_uids or args.since or args.status):
         print("osteogate replay: name studies, or select them with --since / --status", file=sys.stderr)
@@ -278,9 +277,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def _replay_worker(settings: Settings, db: Any, checkpoint: Path | None) -> Any:
-    from gateway.service import ClassifierCache
-    from gateway.spool import Spool
-    from gateway.worker import ClassifierWorker
+    from osteogate.gateway.service import ClassifierCache
+    from osteogate.gateway.spool import Spool
+    from osteogate.gateway.worker import ClassifierWorker
 
     if checkpoint:
         # The replay checkpoint becomes this process's default too, so no other model is resolved
@@ -292,8 +291,8 @@ def _replay_worker(settings: Settings, db: Any, checkpoint: Path | None) -> Any:
 
 
 def _deliver_now(settings: Settings, db: Any) -> int:
-    from gateway.delivery import DeliveryManager
-    from gateway.spool import Spool
+    from osteogate.gateway.delivery import DeliveryManager
+    from osteogate.gateway.spool import Spool
 
     return DeliveryManager(settings, db, Spool(settings.storage.reports_dir)).run_due()
 
@@ -301,7 +300,7 @@ def _deliver_now(settings: Settings, db: Any) -> int:
 def cmd_resend(args: argparse.Namespace) -> int:
     import time
 
-    from gateway.admin import delivery_states, latest_sr_result, requeue_latest
+    from osteogate.gateway.admin import delivery_states, latest_sr_result, requeue_latest
 
     settings = _admin_settings(args)
     db = _open_db(settings)
@@ -321,8 +320,8 @@ def cmd_resend(args: argparse.Namespace) -> int:
 
 
 def cmd_purge(args: argparse.Namespace) -> int:
-    from gateway.admin import purge, purgeable_study_ids
-    from gateway.spool import Spool
+    from osteogate.gateway.admin import purge, purgeable_study_ids
+    from osteogate.gateway.spool import Spool
 
     settings = _admin_settings(args)
     db = _open_db(settings)
@@ -340,8 +339,8 @@ def cmd_purge(args: argparse.Namespace) -> int:
 
 
 def cmd_db(args: argparse.Namespace) -> int:
-    from gateway.db import Database
-    from gateway.migrations import current_revision, head_revision
+    from osteogate.gateway.db import Database
+    from osteogate.gateway.migrations import current_revision, head_revision
 
     settings = _admin_settings(args)
     settings.storage.data_dir.mkdir(parents=True, exist_ok=True)
@@ -394,7 +393,7 @@ def _semantic_problems(settings: Settings) -> list[str]:
 
 
 def cmd_selfcheck(args: argparse.Namespace) -> int:
-    from gateway.selfcheck import run_selfcheck
+    from osteogate.gateway.selfcheck import run_selfcheck
 
     settings = _admin_settings(args)
     findings = run_selfcheck(settings, _open_db(settings))
@@ -404,7 +403,7 @@ def cmd_selfcheck(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from gateway.demo import run_demo
+    from osteogate.gateway.demo import run_demo
 
     return run_demo(model=args.model, timeout=args.timeout)
 
@@ -517,7 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     try:
-        from training.cli import register
+        from osteogate.training.cli import register
     except ImportError:  # a serving-only install without the training package
         pass
     else:

@@ -257,7 +257,7 @@ class Database:
 
     def migrate(self) -> tuple[str | None, str]:
         """Alembic ``upgrade head`` (stamping a pre-migration schema first); (before, after)."""
-        from gateway.migrations import upgrade
+        from osteogate.gateway.migrations import upgrade
 
         return upgrade(self.engine)
 

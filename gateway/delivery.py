@@ -14,18 +14,17 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 import pydicom
+from osteogate.gateway.config import Destination, Settings, TlsConfig
+from osteogate.gateway.db import Database, Delivery, DeliveryStatus, StudyResult, utcnow
+from osteogate.gateway.logs import get_logger
+from osteogate.gateway.metrics import DELIVERIES
+from osteogate.gateway.scp import client_tls_context
+from osteogate.gateway.spool import Spool
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from sqlalchemy import or_
 
-from gateway.config import Destination, Settings, TlsConfig
-from gateway.db import Database, Delivery, DeliveryStatus, StudyResult, utcnow
-from gateway.logs import get_logger
-from gateway.metrics import DELIVERIES
-from gateway.scp import client_tls_context
-from gateway.spool import Spool
-
-log = get_logger("gateway.delivery")
+log = get_logger("osteogate.gateway.delivery")
 
 
 @dataclass(frozen=True)

@@ -6,19 +6,19 @@ import socket
 import tempfile
 import threading
 import time
+from importlib.resources import files
 from pathlib import Path
 
 import pydicom
+from osteogate.gateway.config import Destination, load_settings
+from osteogate.gateway.logs import configure_logging
+from osteogate.gateway.queries import describe_study, list_studies
+from osteogate.gateway.service import Gateway
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Comprehensive3DSRStorage, ComprehensiveSRStorage, Verification
 
-from gateway.config import Destination, load_settings
-from gateway.logs import configure_logging
-from gateway.queries import describe_study, list_studies
-from gateway.service import Gateway
-
-SAMPLES = Path(__file__).resolve().parent.parent / "sample_dicom"
+SAMPLES = Path(str(files("osteogate.sample_dicom")))
 
 
 def free_port() -> int:
@@ -55,7 +55,7 @@ class DemoPACS:
 
 
 def run_demo(model: Path | None = None, timeout: float = 180) -> int:
-    from gateway.sr import sr_summary
+    from osteogate.gateway.sr import sr_summary
 
     configure_logging("console", "warning")
     samples = sorted(SAMPLES.glob("*.dcm"))

@@ -11,18 +11,17 @@ from dataclasses import dataclass
 from io import BytesIO
 
 import pydicom
+from osteogate.gateway.db import Database, Instance, Series, Study, StudyStatus, utcnow
+from osteogate.gateway.logs import get_logger, study_key
+from osteogate.gateway.spool import Spool, SpoolError
+from osteogate.gateway.uids import InvalidUIDError, require_uid
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, OperationalError
 
-from gateway.db import Database, Instance, Series, Study, StudyStatus, utcnow
-from gateway.logs import get_logger, study_key
-from gateway.spool import Spool, SpoolError
-from gateway.uids import InvalidUIDError, require_uid
-
-log = get_logger("gateway.ingest")
+log = get_logger("osteogate.gateway.ingest")
 
 # PS3.4 B.2.3 C-STORE status codes.
 SUCCESS = 0x0000

@@ -14,15 +14,14 @@ from collections.abc import Callable, Iterator
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
+from osteogate.gateway.db import Database, Delivery, DeliveryStatus, Job, JobStatus, Study
+from osteogate.gateway.logs import get_logger
 from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
-from gateway.db import Database, Delivery, DeliveryStatus, Job, JobStatus, Study
-from gateway.logs import get_logger
-
-log = get_logger("gateway.metrics")
+log = get_logger("osteogate.gateway.metrics")
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 

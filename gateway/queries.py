@@ -6,12 +6,11 @@ from datetime import datetime
 from typing import Any
 
 import pydicom
+from osteogate.gateway.config import Settings
+from osteogate.gateway.db import Database, DeliveryStatus, Study, StudyResult, StudyStatus, as_utc
+from osteogate.gateway.spool import Spool
 from sqlalchemy import Select, func, select
 from sqlalchemy.orm import selectinload
-
-from gateway.config import Settings
-from gateway.db import Database, DeliveryStatus, Study, StudyResult, StudyStatus, as_utc
-from gateway.spool import Spool
 
 
 def _fmt_time(value: Any) -> str:
@@ -91,7 +90,7 @@ def _predecessor_uid(reports: Spool, sr_path: str | None) -> str | None:
 
 
 def _sr_summary(reports: Spool, sr_path: str) -> list[str]:
-    from gateway.sr import sr_summary
+    from osteogate.gateway.sr import sr_summary
 
     try:
         return sr_summary(pydicom.dcmread(reports.absolute(sr_path))).splitlines()

@@ -12,13 +12,12 @@ from datetime import datetime
 
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
+from osteogate.gateway.config import Settings
+from osteogate.gateway.db import Database
+from osteogate.gateway.logs import get_logger
+from osteogate.gateway.spool import Spool
 
-from gateway.config import Settings
-from gateway.db import Database
-from gateway.logs import get_logger
-from gateway.spool import Spool
-
-log = get_logger("gateway.scheduler")
+log = get_logger("osteogate.gateway.scheduler")
 
 
 class GatewayScheduler:
@@ -63,8 +62,8 @@ class GatewayScheduler:
 
 def add_maintenance_jobs(scheduler: GatewayScheduler, settings: Settings, db: Database, spool: Spool) -> None:
     """Stale-lease recovery, retention purge (if enabled) and the daily self-check."""
-    from gateway.admin import purge, recover_stale_jobs
-    from gateway.selfcheck import run_selfcheck
+    from osteogate.gateway.admin import purge, recover_stale_jobs
+    from osteogate.gateway.selfcheck import run_selfcheck
 
     cfg = settings.scheduler
     scheduler.add("stale_jobs", lambda: recover_stale_jobs(db, settings.worker.max_attempts), cfg.stale_jobs_seconds)

@@ -10,6 +10,10 @@ import ipaddress
 import ssl
 from collections.abc import Callable
 
+from osteogate.gateway.config import DicomConfig, TlsConfig
+from osteogate.gateway.ingest import ACCEPTED_SOP_CLASSES, OUT_OF_RESOURCES, Ingestor, RejectedInstance
+from osteogate.gateway.logs import get_logger, hashed
+from osteogate.gateway.metrics import INSTANCES_RECEIVED, INSTANCES_REFUSED
 from pydicom.uid import (
     JPEG2000,
     DeflatedExplicitVRLittleEndian,
@@ -29,12 +33,7 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
-from gateway.config import DicomConfig, TlsConfig
-from gateway.ingest import ACCEPTED_SOP_CLASSES, OUT_OF_RESOURCES, Ingestor, RejectedInstance
-from gateway.logs import get_logger, hashed
-from gateway.metrics import INSTANCES_RECEIVED, INSTANCES_REFUSED
-
-log = get_logger("gateway.scp")
+log = get_logger("osteogate.gateway.scp")
 
 TRANSFER_SYNTAXES = [
     ExplicitVRLittleEndian,

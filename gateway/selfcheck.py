@@ -11,11 +11,11 @@ import shutil
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.config import Destination, Settings
-from gateway.db import Database
-from gateway.logs import get_logger
+from osteogate.gateway.config import Destination, Settings
+from osteogate.gateway.db import Database
+from osteogate.gateway.logs import get_logger
 
-log = get_logger("gateway.selfcheck")
+log = get_logger("osteogate.gateway.selfcheck")
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ def check_echo(destination: Destination, calling_aet: str, timeout: float, tls: 
     name = f"echo {destination}"
     tls_args = None
     if getattr(destination, "tls", False):  # the same TLS client setup delivery uses
-        from gateway.scp import client_tls_context
+        from osteogate.gateway.scp import client_tls_context
 
         tls_args = (client_tls_context(tls), destination.host)
     assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args)

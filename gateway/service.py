@@ -6,24 +6,26 @@ import signal
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-from gateway.config import Settings
-from gateway.db import Database
-from gateway.delivery import DeliveryManager
-from gateway.ingest import Ingestor
-from gateway.logs import get_logger, set_hash_salt, study_key
-from gateway.metrics import REGISTRY, HealthServer, StoreCollector
-from gateway.scheduler import GatewayScheduler, add_maintenance_jobs
-from gateway.scp import StorageSCP
-from gateway.spool import Spool
-from gateway.tracker import StudyTracker
-from gateway.worker import ClassifierWorker
+from osteogate.gateway.config import Settings
+from osteogate.gateway.db import Database
+from osteogate.gateway.delivery import DeliveryManager
+from osteogate.gateway.ingest import Ingestor
+from osteogate.gateway.logs import get_logger, set_hash_salt, study_key
+from osteogate.gateway.metrics import REGISTRY, HealthServer, StoreCollector
+from osteogate.gateway.scheduler import GatewayScheduler, add_maintenance_jobs
+from osteogate.gateway.scp import StorageSCP
+from osteogate.gateway.spool import Spool
+from osteogate.gateway.tracker import StudyTracker
+from osteogate.gateway.worker import ClassifierWorker
 
-log = get_logger("gateway.service")
+log = get_logger("osteogate.gateway.service")
 
-SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "model" / "shipped" / "osteogate-knee.safetensors"
+# Package data (importlib.resources), so a wheel or container install finds it as well as a checkout.
+SHIPPED_MODEL = Path(str(files("osteogate.model") / "shipped" / "osteogate-knee.safetensors"))
 
 
 def resolve_model_path(settings: Settings) -> Path:
@@ -37,7 +39,7 @@ def resolve_model_path(settings: Settings) -> Path:
         return SHIPPED_MODEL
     untrained = settings.storage.data_dir / "models" / "untrained-efficientnet_b0.safetensors"
     if not untrained.is_file():
-        from model.network import create_untrained_checkpoint
+        from osteogate.model.network import create_untrained_checkpoint
 
         untrained.parent.mkdir(parents=True, exist_ok=True)
         create_untrained_checkpoint(untrained)
@@ -60,7 +62,7 @@ class ClassifierCache:
         return self._default in self._loaded
 
     def __call__(self, path: str | None = None) -> Any:
-        from model.inference import Classifier
+        from osteogate.model.inference import Classifier
 
         target = Path(path) if path else self._default
         with self._lock:

@@ -14,7 +14,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from gateway.uids import require_uid
+from osteogate.gateway.uids import require_uid
 
 
 class SpoolError(OSError):

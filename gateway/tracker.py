@@ -10,12 +10,11 @@ import threading
 from collections.abc import Callable
 from datetime import timedelta
 
+from osteogate.gateway.db import Database, Job, JobStatus, Study, StudyStatus, utcnow
+from osteogate.gateway.logs import get_logger
 from sqlalchemy import select, update
 
-from gateway.db import Database, Job, JobStatus, Study, StudyStatus, utcnow
-from gateway.logs import get_logger
-
-log = get_logger("gateway.tracker")
+log = get_logger("osteogate.gateway.tracker")
 
 
 class StudyTracker:

@@ -21,12 +21,8 @@ from io import BytesIO
 from typing import Any
 
 import pydicom
-from pydicom.dataset import Dataset
-from pydicom.uid import generate_uid
-from sqlalchemy import or_, select, update
-
-from gateway.config import Settings
-from gateway.db import (
+from osteogate.gateway.config import Settings
+from osteogate.gateway.db import (
     Database,
     Delivery,
     DeliveryStatus,
@@ -39,12 +35,15 @@ from gateway.db import (
     StudyStatus,
     utcnow,
 )
-from gateway.logs import get_logger
-from gateway.metrics import INFERENCE_SECONDS, STUDIES_PROCESSED, STUDY_PROCESSING_SECONDS
-from gateway.region import detect_region
-from gateway.spool import Spool
+from osteogate.gateway.logs import get_logger
+from osteogate.gateway.metrics import INFERENCE_SECONDS, STUDIES_PROCESSED, STUDY_PROCESSING_SECONDS
+from osteogate.gateway.region import detect_region
+from osteogate.gateway.spool import Spool
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+from sqlalchemy import or_, select, update
 
-log = get_logger("gateway.worker")
+log = get_logger("osteogate.gateway.worker")
 
 CLASSIFIED_MODALITIES = {"CR", "DX"}
 CLASSES = ("normal", "osteopenia", "osteoporosis")
@@ -107,7 +106,7 @@ class StudyOutcome:
             return None, None, None
         region = Counter(i.region for i in classified).most_common(1)[0][0]
         probs = {c: sum(i.probabilities[c] for i in classified) / len(classified) for c in CLASSES}  # type: ignore[index]
-        from model.inference import decide_label
+        from osteogate.model.inference import decide_label
 
         return region, decide_label(probs, self.thresholds), probs
 
@@ -271,7 +270,7 @@ class ClassifierWorker:
             self.on_result()
 
     def classify(self, instances: Sequence[Instance], classifier: Any) -> StudyOutcome:
-        from model.pixels import PixelDecodeError, dataset_to_image
+        from osteogate.model.pixels import PixelDecodeError, dataset_to_image
 
         outcome = StudyOutcome(thresholds=dict(classifier.card.thresholds))
         pending: list[tuple[ImageOutcome, Any]] = []
@@ -331,7 +330,7 @@ class ClassifierWorker:
         self, outcome: StudyOutcome, classifier: Any, series_uid: str, sr_uid: str, version: int,
         predecessor: Dataset | None,
     ) -> Dataset:
-        from gateway.sr import AlgorithmInfo, ImageFinding, SkippedImage, build_result_sr
+        from osteogate.gateway.sr import AlgorithmInfo, ImageFinding, SkippedImage, build_result_sr
 
         card = classifier.card
         algorithm = AlgorithmInfo(name=card.display_name, version=card.version, checkpoint_sha256=classifier.sha256)

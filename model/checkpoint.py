@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from model.card import ModelCard
+from osteogate.model.card import ModelCard
 
 if TYPE_CHECKING:
     import torch

@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from model.checkpoint import CARD_KEY, checkpoint_sha256, load_checkpoint
+from osteogate.model.checkpoint import CARD_KEY, checkpoint_sha256, load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +22,7 @@ INPUT_NAME, OUTPUT_NAME = "image", "logits"
 
 
 def _load_network(checkpoint_path: Path):  # noqa: ANN202 - returns (OsteoNet, ModelCard); torch imported lazily
-    from model.network import build_network
+    from osteogate.model.network import build_network
 
     state, card = load_checkpoint(checkpoint_path)
     network = build_network(card)
@@ -103,7 +102,7 @@ def check_parity(checkpoint_path: Path | str, onnx_path: Path | str, atol: float
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m model.export CHECKPOINT [ONNX]``: used by serving to export in a child process,
+    """``python -m osteogate.model.export CHECKPOINT [ONNX]``: used by serving to export in a child process,
     so the serving process itself never imports torch (hundreds of MB of RSS)."""
     import argparse
 

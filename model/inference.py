@@ -21,10 +21,9 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-
-from model.card import ModelCard
-from model.checkpoint import checkpoint_sha256, read_card
-from model.preprocess import prepare
+from osteogate.model.card import ModelCard
+from osteogate.model.checkpoint import checkpoint_sha256, read_card
+from osteogate.model.preprocess import prepare
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +86,8 @@ class TorchBackend:
 
     def __init__(self, checkpoint_path: Path, device: str = "auto") -> None:
         import torch
-
-        from model.checkpoint import load_checkpoint
-        from model.network import build_network
+        from osteogate.model.checkpoint import load_checkpoint
+        from osteogate.model.network import build_network
 
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -148,7 +146,7 @@ def open_onnx(checkpoint_path: Path, sha256: str, cache_dir: Path | None, thread
     log.info("exporting %s to ONNX in %s (sibling missing or stale)", checkpoint_path.name, cache)
     cache.mkdir(parents=True, exist_ok=True)
     # A child process does the export: torch would otherwise stay loaded in the serving process.
-    child = subprocess.run([sys.executable, "-m", "model.export", str(checkpoint_path), str(cached)],
+    child = subprocess.run([sys.executable, "-m", "osteogate.model.export", str(checkpoint_path), str(cached)],
                            capture_output=True, text=True)
     if child.returncode != 0:
         raise RuntimeError(f"no up-to-date ONNX file for {checkpoint_path.name} and exporting one failed "

@@ -13,10 +13,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from osteogate.model.card import InputSpec, ModelCard
+from osteogate.model.checkpoint import save_checkpoint
 from torch import nn
-
-from model.card import InputSpec, ModelCard
-from model.checkpoint import save_checkpoint
 
 log = logging.getLogger(__name__)
 

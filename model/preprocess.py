@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
-
-from model.card import InputSpec
+from osteogate.model.card import InputSpec
 
 # Patch rule (deterministic, serving): candidates on a grid with stride patch_size/2, restricted to the
 # central CENTRAL_FRACTION of each axis (side markers, labels and collimator edges live near the borders);

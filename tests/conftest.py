@@ -102,8 +102,8 @@ def samples() -> list[Path]:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An untrained small-CNN checkpoint with its ONNX sibling: a real forward pass, made fast."""
-    from model.export import export_onnx
-    from model.network import create_untrained_checkpoint
+    from osteogate.model.export import export_onnx
+    from osteogate.model.network import create_untrained_checkpoint
 
     path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
     create_untrained_checkpoint(path, architecture="osteogate_smallcnn")

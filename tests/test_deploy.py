@@ -15,15 +15,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from gateway.config import ENV_PREFIX, Settings, load_settings
-from gateway.ingest import (
+from osteogate.gateway.config import ENV_PREFIX, Settings, load_settings
+from osteogate.gateway.ingest import (
     ACCEPTED_SOP_CLASSES,
     CANNOT_UNDERSTAND,
     DATASET_DOES_NOT_MATCH_SOP_CLASS,
     OUT_OF_RESOURCES,
 )
-from gateway.scp import TRANSFER_SYNTAXES
+from osteogate.gateway.scp import TRANSFER_SYNTAXES
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 EXAMPLE = DEPLOY / "osteogate.example.toml"

@@ -87,7 +87,7 @@ def test_two_image_knee_study_and_distinct_studies() -> None:
 
 
 def test_generator_is_deterministic(tmp_path: Path) -> None:
-    from sample_dicom.make_samples import DEFAULT_SOURCE, generate
+    from osteogate.sample_dicom.make_samples import DEFAULT_SOURCE, generate
 
     if not DEFAULT_SOURCE.is_dir():
         pytest.skip(f"knee source images not available at {DEFAULT_SOURCE}")

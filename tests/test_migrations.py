@@ -10,10 +10,8 @@ from pathlib import Path
 
 import pytest
 from alembic import command
-from sqlalchemy import inspect, text
-
-from gateway.db import Database
-from gateway.migrations import (
+from osteogate.gateway.db import Database
+from osteogate.gateway.migrations import (
     INITIAL_REVISION,
     MigrationError,
     alembic_config,
@@ -21,6 +19,7 @@ from gateway.migrations import (
     head_revision,
     schema_diffs,
 )
+from sqlalchemy import inspect, text
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -78,7 +77,7 @@ def test_db_cli_upgrade_and_current(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("OSTEOGATE_")}
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "gateway.cli", "db", *args, "--data-dir", str(tmp_path)],
+        return subprocess.run([sys.executable, "-m", "osteogate.gateway.cli", "db", *args, "--data-dir", str(tmp_path)],
                               cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
 
     up = run("upgrade")

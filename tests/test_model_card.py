@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from model.card import IMAGENET_MEAN, InputSpec, ModelCard
+from osteogate.model.card import IMAGENET_MEAN, InputSpec, ModelCard
 
 
 def test_defaults_follow_contract():

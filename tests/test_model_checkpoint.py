@@ -10,9 +10,14 @@ import sys
 
 import pytest
 import torch
-
-from model.card import ModelCard
-from model.checkpoint import CheckpointError, checkpoint_sha256, load_checkpoint, read_card, save_checkpoint
+from osteogate.model.card import ModelCard
+from osteogate.model.checkpoint import (
+    CheckpointError,
+    checkpoint_sha256,
+    load_checkpoint,
+    read_card,
+    save_checkpoint,
+)
 
 
 def _state() -> dict[str, torch.Tensor]:
@@ -37,7 +42,7 @@ def test_read_card_does_not_import_torch(tmp_path):
     path = tmp_path / "m.safetensors"
     save_checkpoint(path, _state(), ModelCard(name="no-torch"))
     code = (
-        "import sys; from model.checkpoint import read_card, checkpoint_sha256; "
+        "import sys; from osteogate.model.checkpoint import read_card, checkpoint_sha256; "
         f"card = read_card({str(path)!r}); checkpoint_sha256({str(path)!r}); "
         "assert card.name == 'no-torch'; assert 'torch' not in sys.modules, 'torch imported'"
     )

@@ -9,12 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from model.card import InputSpec, ModelCard
-from model.checkpoint import save_checkpoint
-from model.export import check_parity, export_onnx
-from model.inference import Classifier, Prediction
-from model.network import build_network
+from osteogate.model.card import InputSpec, ModelCard
+from osteogate.model.checkpoint import save_checkpoint
+from osteogate.model.export import check_parity, export_onnx
+from osteogate.model.inference import Classifier, Prediction
+from osteogate.model.network import build_network
 
 SMALL = "osteogate_smallcnn"
 
@@ -55,7 +54,7 @@ def test_export_metadata_and_parity(small):
     onnx_path = small.with_suffix(".onnx")
     proto = onnx.load(str(onnx_path))
     meta = {p.key: p.value for p in proto.metadata_props}
-    from model.checkpoint import checkpoint_sha256, read_card
+    from osteogate.model.checkpoint import checkpoint_sha256, read_card
 
     assert meta["osteogate.checkpoint_sha256"] == checkpoint_sha256(small)
     assert ModelCard.from_json(meta["osteogate.card"]) == read_card(small)
@@ -138,7 +137,7 @@ def test_stale_sibling_is_reexported_into_cache(tmp_path):
 
 def test_onnx_backend_does_not_import_torch(small):
     code = (
-        "import sys; import numpy as np; from model.inference import Classifier\n"
+        "import sys; import numpy as np; from osteogate.model.inference import Classifier\n"
         f"clf = Classifier.load({str(small)!r}, backend='auto', device='cpu')\n"
         "p = clf.predict([np.random.default_rng(0).random((120, 90), dtype=np.float32)], ['spine'])\n"
         "assert clf.backend_name == 'onnxruntime-cpu', clf.backend_name\n"
@@ -158,7 +157,7 @@ def test_bad_arguments(small):
 
 
 def test_auto_backend_without_gpu_is_onnx(small):
-    from model.inference import cuda_present
+    from osteogate.model.inference import cuda_present
 
     if cuda_present():
         pytest.skip("GPU machine: auto picks torch-cuda")
@@ -177,7 +176,7 @@ def test_torch_cuda_agrees_with_onnx(small):
 
 
 def test_decide_label_uses_operating_thresholds() -> None:
-    from model.inference import decide_label
+    from osteogate.model.inference import decide_label
 
     probs = {"normal": 0.5, "osteopenia": 0.3, "osteoporosis": 0.2}
     assert decide_label(probs, {}) == "normal"  # no thresholds: most probable class

@@ -8,11 +8,10 @@ import sys
 
 import pytest
 import torch
+from osteogate.model.card import InputSpec, ModelCard
+from osteogate.model.checkpoint import load_checkpoint, read_card
+from osteogate.model.network import build_network, create_untrained_checkpoint
 from safetensors.torch import save_file
-
-from model.card import InputSpec, ModelCard
-from model.checkpoint import load_checkpoint, read_card
-from model.network import build_network, create_untrained_checkpoint
 
 
 @pytest.mark.parametrize("architecture", ["efficientnet_b0", "osteogate_smallcnn"])
@@ -76,7 +75,7 @@ def test_pretrained_offline_gives_clear_error(tmp_path):
     # Simulate "no network" for the hub path in a subprocess (HF_HUB_OFFLINE is read at import time).
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "TORCH_HOME": str(tmp_path)}
     code = (
-        "from model.card import ModelCard; from model.network import build_network\n"
+        "from osteogate.model.card import ModelCard; from osteogate.model.network import build_network\n"
         "try:\n    build_network(ModelCard(), pretrained=True)\nexcept RuntimeError as e:\n"
         "    assert 'could not download pretrained weights' in str(e) and '--init-from' in str(e), e\n"
         "else:\n    raise SystemExit('no error')\n"

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from osteogate.model.pixels import PixelDecodeError, dataset_to_image, load_image_file
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
@@ -20,8 +21,6 @@ from pydicom.uid import (
     SecondaryCaptureImageStorage,
     generate_uid,
 )
-
-from model.pixels import PixelDecodeError, dataset_to_image, load_image_file
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_dicom"
 

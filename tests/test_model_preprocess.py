@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from model.card import InputSpec
-from model.preprocess import extract_patches, letterbox, normalize, patch_positions, prepare, resize_long_side
+from osteogate.model.card import InputSpec
+from osteogate.model.preprocess import (
+    extract_patches,
+    letterbox,
+    normalize,
+    patch_positions,
+    prepare,
+    resize_long_side,
+)
 
 
 def test_resize_long_side_keeps_aspect():

@@ -13,10 +13,7 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import UID, ExplicitVRLittleEndian
-
-from gateway.sr import (
+from osteogate.gateway.sr import (
     DISCLAIMER,
     SERIES_DESCRIPTION,
     AlgorithmInfo,
@@ -25,6 +22,8 @@ from gateway.sr import (
     build_result_sr,
     sr_summary,
 )
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import UID, ExplicitVRLittleEndian
 
 DX = UID("1.2.840.10008.5.1.4.1.1.1.1")  # Digital X-Ray Image Storage - For Presentation
 CR = UID("1.2.840.10008.5.1.4.1.1.1")  # Computed Radiography Image Storage

@@ -8,12 +8,11 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from training.data import DataError, Sample, binary_sources, load_samples, target_mask
-from training.dedup import near_duplicate_pairs, resolve_conflicts
-from training.pool import build_pool
-from training.splits import grouped_folds, holdout
-from training.synthetic import make_synthetic_dataset, synthetic_image
+from osteogate.training.data import DataError, Sample, binary_sources, load_samples, target_mask
+from osteogate.training.dedup import near_duplicate_pairs, resolve_conflicts
+from osteogate.training.pool import build_pool
+from osteogate.training.splits import grouped_folds, holdout
+from osteogate.training.synthetic import make_synthetic_dataset, synthetic_image
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +65,7 @@ def test_pool_groups_exact_copies_and_decodes_dicom(dataset: Path, tmp_path: Pat
 
 
 def test_near_duplicates_by_perceptual_hash() -> None:
-    from training.dedup import perceptual_hash
+    from osteogate.training.dedup import perceptual_hash
 
     rng = np.random.default_rng(1)
     image = synthetic_image("normal", 128, rng)
@@ -118,7 +117,7 @@ def test_audit_table_lists_duplicates_and_balance(dataset: Path, tmp_path: Path)
     import contextlib
     import io
 
-    from training.cli import main
+    from osteogate.training.cli import main
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out):

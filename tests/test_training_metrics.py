@@ -5,11 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from scipy.special import softmax
-from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score, roc_auc_score
-
-from training.engine import balance_weights, set_loss, warmup_cosine
-from training.metrics import (
+from osteogate.training.engine import balance_weights, set_loss, warmup_cosine
+from osteogate.training.metrics import (
     bootstrap,
     expected_calibration_error,
     fit_temperature,
@@ -20,6 +17,8 @@ from training.metrics import (
     sensitivity_at_specificity,
     threshold_for_sensitivity,
 )
+from scipy.special import softmax
+from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score, roc_auc_score
 
 
 @pytest.fixture

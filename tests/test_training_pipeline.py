@@ -8,14 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from model.card import ModelCard
-from model.checkpoint import load_checkpoint, read_card
-from training.cli import main
-from training.config import TrainConfig
-from training.engine import train_network
-from training.pool import build_pool
-from training.synthetic import make_synthetic_dataset
+from osteogate.model.card import ModelCard
+from osteogate.model.checkpoint import load_checkpoint, read_card
+from osteogate.training.cli import main
+from osteogate.training.config import TrainConfig
+from osteogate.training.engine import train_network
+from osteogate.training.pool import build_pool
+from osteogate.training.synthetic import make_synthetic_dataset
 
 FAST = ["--arch", "osteogate_smallcnn", "--patch-size", "32", "--patches", "4", "--train-patches", "2",
         "--working-size", "64", "--batch-size", "8", "--lr", "0.01", "--no-progress", "--threads", "1",
@@ -67,7 +66,7 @@ def test_checkpoint_and_card_round_trip(trained: Path) -> None:
     for name in ("cv_confusion.png", "cv_roc.png", "cv_reliability.png", "training_curves.png"):
         assert (trained.parent / name).stat().st_size > 1000
     # The gateway's classifier serves it: knee and spine rows, probabilities sum to one.
-    from model.inference import Classifier
+    from osteogate.model.inference import Classifier
 
     classifier = Classifier.load(trained, backend="torch")
     image = np.random.default_rng(0).random((80, 70)).astype(np.float32)
@@ -106,7 +105,7 @@ def test_pretrained_offline_is_a_clear_error(dataset: Path, tmp_path: Path, monk
 def test_init_from_loads_a_local_file(trained: Path, dataset: Path, tmp_path: Path) -> None:
     state, _ = load_checkpoint(trained)
     config = TrainConfig(architecture="osteogate_smallcnn", patch_size=32, working_size=64, init_from=str(trained))
-    from training.networks import create_network
+    from osteogate.training.networks import create_network
 
     card = ModelCard(architecture=config.architecture, input=config.input_spec())
     net, source = create_network(card, config)
@@ -119,7 +118,7 @@ def test_init_from_loads_a_local_file(trained: Path, dataset: Path, tmp_path: Pa
 
 
 def test_compare_runs_texture_baseline_on_the_same_folds(trained: Path, dataset: Path, tmp_path: Path) -> None:
-    from training.compare import main as compare
+    from osteogate.training.compare import main as compare
 
     assert compare([str(dataset), "--out", str(tmp_path), "--folds", "2", "--working-size", "64", "--bootstrap", "20",
                     "--cache-dir", str(tmp_path / "cache"), "--predictions", f"net={trained.parent / 'cv.npz'}"]) == 0

@@ -6,9 +6,8 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-
-from training.data import CLASSES
-from training.pool import build_pool
+from osteogate.training.data import CLASSES
+from osteogate.training.pool import build_pool
 
 
 def _table(headers: list[str], rows: list[list[object]]) -> str:

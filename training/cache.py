@@ -12,9 +12,8 @@ import os
 from pathlib import Path
 
 import numpy as np
-
-from model.pixels import load_image_file
-from model.preprocess import resize_long_side
+from osteogate.model.pixels import load_image_file
+from osteogate.model.preprocess import resize_long_side
 
 DEFAULT_CACHE = Path(os.environ.get("OSTEOGATE_CACHE", "/tmp/osteogate-cache"))
 

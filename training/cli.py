@@ -84,7 +84,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def train_command(args: argparse.Namespace) -> int:
-    from training.config import TrainConfig, load_config
+    from osteogate.training.config import TrainConfig, load_config
 
     flags = {name: getattr(args, name, None) for name in TrainConfig.__dataclass_fields__ if name != "augment"}
     try:
@@ -92,9 +92,9 @@ def train_command(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         _error(f"configuration: {exc}")
         return EXIT_USAGE
-    from training.data import DataError
-    from training.networks import PretrainedUnavailable
-    from training.pipeline import run_training
+    from osteogate.training.data import DataError
+    from osteogate.training.networks import PretrainedUnavailable
+    from osteogate.training.pipeline import run_training
 
     command = "osteogate " + " ".join(shlex.quote(a) for a in getattr(args, "argv", sys.argv[1:]))
     try:
@@ -110,8 +110,8 @@ def train_command(args: argparse.Namespace) -> int:
 
 
 def evaluate_command(args: argparse.Namespace) -> int:
-    from training.data import DataError
-    from training.evaluate import evaluate_checkpoint, format_metrics
+    from osteogate.training.data import DataError
+    from osteogate.training.evaluate import evaluate_checkpoint, format_metrics
 
     if args.threads:
         import torch
@@ -129,7 +129,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
 
 
 def export_command(args: argparse.Namespace) -> int:
-    from model.export import check_parity, export_onnx
+    from osteogate.model.export import check_parity, export_onnx
 
     try:
         onnx_path = export_onnx(args.checkpoint, args.onnx)
@@ -142,8 +142,8 @@ def export_command(args: argparse.Namespace) -> int:
 
 
 def audit_command(args: argparse.Namespace) -> int:
-    from training.audit import audit_table
-    from training.data import DataError
+    from osteogate.training.audit import audit_table
+    from osteogate.training.data import DataError
 
     try:
         print(audit_table(args.data, args.working_size, args.phash_distance, args.cache_dir))
@@ -154,7 +154,7 @@ def audit_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.cli", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m osteogate.training.cli", description=__doc__.splitlines()[0])
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)

@@ -1,6 +1,6 @@
 """Method comparison on the SAME grouped folds: texture baseline (c) + saved network CV predictions.
 
-    python -m training.compare DATA --out DIR [--predictions NAME=FILE.npz ...]
+    python -m osteogate.training.compare DATA --out DIR [--predictions NAME=FILE.npz ...]
 
 Runs the LBP/GLCM + logistic-regression baseline through training/crossval.py (same pool, seed and
 folds as `osteogate train --folds 5`), loads network out-of-fold predictions written by
@@ -15,18 +15,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from osteogate.training.metrics import bootstrap, pooled_probs
 from scipy.special import softmax
-
-from training.metrics import bootstrap, pooled_probs
 
 HEADLINE = ("accuracy", "precision_macro", "recall_macro", "f1_macro", "auc_low_bmd", "auc_osteoporosis",
             "sens_low_bmd_at_spec_0.80", "sens_low_bmd_at_spec_0.90", "ece")
 
 
 def texture_cv(data: Path, working_size: int, folds: int, seed: int, cache_dir: Path | None) -> dict[str, np.ndarray]:
-    from training.crossval import TextureMethod, cross_validate
-    from training.pool import build_pool
-    from training.texture import feature_matrix
+    from osteogate.training.crossval import TextureMethod, cross_validate
+    from osteogate.training.pool import build_pool
+    from osteogate.training.texture import feature_matrix
 
     pool = build_pool(data, working_size, cache_dir)
     features = feature_matrix(pool.images)
@@ -48,7 +47,7 @@ def summarise(name: str, arrays: Any, n_boot: int) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.compare", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m osteogate.training.compare", description=__doc__.splitlines()[0])
     parser.add_argument("data", type=Path)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--predictions", nargs="*", default=[], help="NAME=FILE.npz from --save-predictions")
@@ -59,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", type=Path)
     args = parser.parse_args(argv)
 
-    from training.reports import plot_roc, write_json
+    from osteogate.training.reports import plot_roc, write_json
 
     rows = [summarise("(c) texture LBP+GLCM + logistic regression",
                       texture_cv(args.data, args.working_size, args.folds, args.seed, args.cache_dir), args.bootstrap)]

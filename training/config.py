@@ -7,8 +7,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from model.card import InputSpec
-from training.augment import AugmentConfig
+from osteogate.model.card import InputSpec
+from osteogate.training.augment import AugmentConfig
 
 # From-scratch single-channel models: grey radiographs need no RGB replication, and ImageNet
 # statistics mean nothing without ImageNet weights. --pretrained switches to 3 channels + ImageNet.

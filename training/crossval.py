@@ -13,9 +13,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
-from scipy.special import softmax
-
-from training.metrics import (
+from osteogate.training.metrics import (
     bootstrap,
     fit_temperature,
     fold_spread,
@@ -23,8 +21,9 @@ from training.metrics import (
     point_metrics,
     pooled_probs,
 )
-from training.pool import Pool
-from training.splits import grouped_folds, holdout
+from osteogate.training.pool import Pool
+from osteogate.training.splits import grouped_folds, holdout
+from scipy.special import softmax
 
 
 class Method(Protocol):
@@ -131,14 +130,14 @@ class TextureMethod:
         self.history: dict[str, list[float]] = {}
 
     def fit(self, pool: Pool, train: np.ndarray, val: np.ndarray) -> None:
-        from training.texture import fit_texture_model
+        from osteogate.training.texture import fit_texture_model
 
         # Binary-source "osteoporosis" is ambiguous for a softmax model: keep their normals only.
         keep = np.array([i for i in train if pool.samples[i].source not in pool.binary or pool.samples[i].label == "normal"])
         self.model = fit_texture_model(self.features[keep], pool.labels[keep], self.c, self.seed)
 
     def predict_logits(self, pool: Pool, indices: np.ndarray) -> np.ndarray:
-        from training.texture import predict_proba_3
+        from osteogate.training.texture import predict_proba_3
 
         # [N, 1, C]: one "patch" per image, like a whole-image network.
         return np.log(np.clip(predict_proba_3(self.model, self.features[indices]), 1e-7, 1.0))[:, None, :]

@@ -20,8 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
-from training.data import Sample
+from osteogate.training.data import Sample
 
 
 class UnionFind:

@@ -20,17 +20,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from osteogate.model.card import InputSpec, ModelCard
+from osteogate.training.augment import build_augment
+from osteogate.training.cache import to_uint8
+from osteogate.training.config import TrainConfig
+from osteogate.training.data import CLASSES, REGIONS
+from osteogate.training.inputs import PatchSampler, normalize, prepare, whole_view
+from osteogate.training.metrics import low_bmd_score, pooled_probs
+from osteogate.training.networks import create_network, region_rows
+from osteogate.training.pool import Pool
 from torch import nn
-
-from model.card import InputSpec, ModelCard
-from training.augment import build_augment
-from training.cache import to_uint8
-from training.config import TrainConfig
-from training.data import CLASSES, REGIONS
-from training.inputs import PatchSampler, normalize, prepare, whole_view
-from training.metrics import low_bmd_score, pooled_probs
-from training.networks import create_network, region_rows
-from training.pool import Pool
 
 
 def set_seed(seed: int) -> None:
@@ -226,7 +225,7 @@ def _train(pool: Pool, train: np.ndarray, val: np.ndarray, config: TrainConfig, 
         if len(val_eval):
             logits_val = predict_logits(net, [pool.images[i] for i in val_eval], [pool.samples[i].region for i in val_eval], card.input, device)
             score = validation_score(y_val, logits_val)
-            from training.metrics import nll
+            from osteogate.training.metrics import nll
 
             history["val_nll"].append(nll(logits_val, y_val))
         else:

@@ -11,15 +11,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from training.metrics import bootstrap, pooled_probs
-from training.reports import plot_confusion, plot_reliability, plot_roc, plot_training_curves, write_json
+from osteogate.training.metrics import bootstrap, pooled_probs
+from osteogate.training.reports import (
+    plot_confusion,
+    plot_reliability,
+    plot_roc,
+    plot_training_curves,
+    write_json,
+)
 
 
 def load_network(checkpoint: Path) -> tuple[Any, Any]:
     """(torch network in eval mode, ModelCard)."""
-    from model.checkpoint import load_checkpoint
-    from model.network import build_network
+    from osteogate.model.checkpoint import load_checkpoint
+    from osteogate.model.network import build_network
 
     state, card = load_checkpoint(checkpoint)
     net = build_network(card)
@@ -30,10 +35,9 @@ def load_network(checkpoint: Path) -> tuple[Any, Any]:
 def evaluate_checkpoint(checkpoint: Path, data: Path, out_dir: Path, n_boot: int = 1000, gradcam_samples: int = 8,
                         cache_dir: Path | None = None) -> dict[str, Any]:
     import torch
-
-    from training.cache import ImageCache
-    from training.data import CLASSES, binary_sources, load_samples
-    from training.engine import predict_logits
+    from osteogate.training.cache import ImageCache
+    from osteogate.training.data import CLASSES, binary_sources, load_samples
+    from osteogate.training.engine import predict_logits
 
     net, card = load_network(Path(checkpoint))
     samples = load_samples(Path(data))
@@ -59,7 +63,7 @@ def evaluate_checkpoint(checkpoint: Path, data: Path, out_dir: Path, n_boot: int
     if histories:
         plots.append(plot_training_curves(out_dir / "training_curves.png", [histories], "final model"))
     if gradcam_samples:
-        from training.gradcam import plot_gradcam
+        from osteogate.training.gradcam import plot_gradcam
 
         pick = np.random.default_rng(0).choice(len(samples), min(gradcam_samples, len(samples)), replace=False)
         with torch.enable_grad():

@@ -12,11 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from osteogate.model.card import InputSpec
+from osteogate.model.preprocess import letterbox, normalize, patch_positions, resize_long_side
+from osteogate.training.networks import region_rows
 from torch import nn
-
-from model.card import InputSpec
-from model.preprocess import letterbox, normalize, patch_positions, resize_long_side
-from training.networks import region_rows
 
 
 def last_conv(net: nn.Module) -> nn.Conv2d:
@@ -71,7 +70,7 @@ def image_heatmap(net: nn.Module, image: np.ndarray, spec: InputSpec, region: in
 
 @torch.no_grad()
 def predicted_class(net: nn.Module, image: np.ndarray, spec: InputSpec, region: int) -> int:
-    from model.preprocess import prepare
+    from osteogate.model.preprocess import prepare
 
     device = next(net.parameters()).device
     x = torch.from_numpy(prepare(image, spec)).to(device)

@@ -11,9 +11,8 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
-
-from model.card import InputSpec
-from model.preprocess import (
+from osteogate.model.card import InputSpec
+from osteogate.model.preprocess import (
     CENTRAL_FRACTION,
     MAX_OVERLAP,
     RANDOM_CANDIDATE_FACTOR,

@@ -8,11 +8,10 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
+from osteogate.model.card import ModelCard
+from osteogate.model.network import build_network
+from osteogate.training.config import TrainConfig
 from torch import nn
-
-from model.card import ModelCard
-from model.network import build_network
-from training.config import TrainConfig
 
 
 class PretrainedUnavailable(RuntimeError):

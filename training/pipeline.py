@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from model.card import ModelCard
-from training.config import TrainConfig
+from osteogate.model.card import ModelCard
+from osteogate.training.config import TrainConfig
 
 VERSION = "1.0.0"
 
@@ -68,15 +67,20 @@ def run_training(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     import torch
-
-    from model.checkpoint import save_checkpoint
-    from training.crossval import cross_validate
-    from training.engine import NetworkMethod, device_for, predict_logits, train_network
-    from training.metrics import fit_temperature, operating_thresholds, pooled_probs
-    from training.networks import create_network
-    from training.pool import build_pool
-    from training.reports import plot_confusion, plot_reliability, plot_roc, plot_training_curves, write_json
-    from training.splits import holdout
+    from osteogate.model.checkpoint import save_checkpoint
+    from osteogate.training.crossval import cross_validate
+    from osteogate.training.engine import NetworkMethod, device_for, predict_logits, train_network
+    from osteogate.training.metrics import fit_temperature, operating_thresholds, pooled_probs
+    from osteogate.training.networks import create_network
+    from osteogate.training.pool import build_pool
+    from osteogate.training.reports import (
+        plot_confusion,
+        plot_reliability,
+        plot_roc,
+        plot_training_curves,
+        write_json,
+    )
+    from osteogate.training.splits import holdout
 
     started = time.perf_counter()
     out = Path(out)

@@ -9,10 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-from training.cache import ImageCache
-from training.data import CLASSES, Sample, binary_sources, class_counts, load_samples, target_masks
-from training.dedup import (
+from osteogate.training.cache import ImageCache
+from osteogate.training.data import CLASSES, Sample, binary_sources, class_counts, load_samples, target_masks
+from osteogate.training.dedup import (
     DedupResult,
     file_sha256,
     group_duplicates,
@@ -20,7 +19,7 @@ from training.dedup import (
     pixel_sha256,
     resolve_conflicts,
 )
-from training.splits import stratum
+from osteogate.training.splits import stratum
 
 
 @dataclass

@@ -11,9 +11,8 @@ import matplotlib
 matplotlib.use("Agg")  # headless: no display on servers or CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from osteogate.training.metrics import CLASSES, low_bmd_score  # noqa: E402
 from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay, confusion_matrix  # noqa: E402
-
-from training.metrics import CLASSES, low_bmd_score  # noqa: E402
 
 
 def write_json(path: Path, data: object) -> Path:

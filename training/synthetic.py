@@ -11,8 +11,7 @@ import csv
 from pathlib import Path
 
 import numpy as np
-
-from training.data import CLASSES
+from osteogate.training.data import CLASSES
 
 _DENSITY = {"normal": 0.85, "osteopenia": 0.6, "osteoporosis": 0.35}
 

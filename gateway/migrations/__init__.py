@@ -22,12 +22,11 @@ from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from osteogate.gateway.logs import get_logger
 from sqlalchemy import inspect, text
 from sqlalchemy.engine import Connection, Engine
 
-from gateway.logs import get_logger
-
-log = get_logger("gateway.migrations")
+log = get_logger("osteogate.gateway.migrations")
 
 HERE = Path(__file__).resolve().parent
 INITIAL_REVISION = "0001_initial"
@@ -60,7 +59,7 @@ def current_revision(connection: Connection) -> str | None:
 
 def schema_diffs(connection: Connection) -> list[Any]:
     """Differences between the live schema and gateway.db's models (empty: they match)."""
-    from gateway.db import Base
+    from osteogate.gateway.db import Base
 
     context = MigrationContext.configure(connection, opts={"compare_type": True})
     return list(compare_metadata(context, Base.metadata))

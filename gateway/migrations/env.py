@@ -7,8 +7,7 @@ on the same engine (and, on PostgreSQL, under the same advisory lock) as the gat
 from __future__ import annotations
 
 from alembic import context
-
-from gateway.db import Base
+from osteogate.gateway.db import Base
 
 connection = context.config.attributes.get("connection")
 if connection is None:  # pragma: no cover - offline SQL generation is not offered

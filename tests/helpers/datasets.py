@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from osteogate.sample_dicom.make_samples import Sample, build_dataset
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
-
-from sample_dicom.make_samples import Sample, build_dataset
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SAMPLE_DIR = REPO_ROOT / "sample_dicom"
