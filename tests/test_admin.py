@@ -194,7 +194,7 @@ def test_replay_refuses_unfinished_and_unknown_studies(store: Store, tmp_path: P
     result = osteogate("replay", receiving, "1.2.3.999", "--dry-run", *store.cli_args())
     assert "wait until it is finished" in result.stdout and "no such study" in result.stdout
     assert osteogate("replay", receiving, *store.cli_args(), check=False).returncode == 1
-    assert osteogate("replay", *store.cli_args(), check=False).returncode == 2
+    assert osteogate("replay", *store.cli_args(), check=False).returncode == 64  # usage
 
 
 @needs_dcmtk
@@ -276,7 +276,7 @@ def test_studies_filters(store: Store, tmp_path: Path) -> None:
     assert _listing(store, "--region", "knee", "--status", "failed") == set()
     table = osteogate("studies", "--status", "done", *store.cli_args()).stdout
     assert "1 studies" in table
-    assert osteogate("studies", "--since", "yesterday-ish", *store.cli_args(), check=False).returncode == 2
+    assert osteogate("studies", "--since", "yesterday-ish", *store.cli_args(), check=False).returncode == 64
 
 
 # -- config check --------------------------------------------------------------------------------
@@ -293,15 +293,15 @@ def test_config_check_good_and_bad(tmp_path: Path, tiny_model: Path) -> None:
     bad.write_text('[dicom]\nae_title = "A\\\\B"\nport = 70000\nbogus = 1\n[delivery]\ndestinations = ["nope"]\n'
                    '[retention]\nspool_days = -1\n')
     result = osteogate("config", "check", str(bad), check=False)
-    assert result.returncode == 2
+    assert result.returncode == 78
     for key in ("dicom.ae_title", "dicom.port", "dicom.bogus", "delivery.destinations", "retention.spool_days"):
         assert key in result.stdout, (key, result.stdout)
 
     missing_model = tmp_path / "model.toml"
     missing_model.write_text('[model]\npath = "/nonexistent/x.safetensors"\n')
     result = osteogate("config", "check", str(missing_model), check=False)
-    assert result.returncode == 2 and "model.path" in result.stdout
-    assert osteogate("config", "check", str(tmp_path / "absent.toml"), check=False).returncode == 2
+    assert result.returncode == 78 and "model.path" in result.stdout
+    assert osteogate("config", "check", str(tmp_path / "absent.toml"), check=False).returncode == 78
 
 
 # -- stale jobs ----------------------------------------------------------------------------------
