@@ -34,10 +34,12 @@ $(SERVE_STAMP): $(SOURCES) | $(VENV)/bin/python
 	touch $@
 
 # Development install: editable, so tests run the working tree. torch/torchvision are pinned to
-# the releases on this platform's disk (see README).
+# the releases on this platform's disk (see README). setuptools announces every editable install
+# with an information-only "Editable installation" warning (the package-dir mapping needs its
+# import finder); we asked for exactly that, so that one message is filtered, nothing else.
 $(TEST_STAMP): pyproject.toml | $(VENV)/bin/python
 	$(PY) -m pip install --quiet 'torch==2.14.1' 'torchvision==0.29.1'
-	$(PY) -m pip install --quiet -e '.[train,dev]'
+	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install --quiet -e '.[train,dev]'
 	touch $@
 
 install-serve: $(SERVE_STAMP)

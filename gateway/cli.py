@@ -21,7 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from osteogate.gateway.config import ConfigError, Destination, Settings, load_settings
-from osteogate.gateway.errors import EXIT_CODE_MEANINGS, ExitCode, NotFoundError, UsageError, translate
+from osteogate.gateway.errors import (
+    EXIT_CODE_MEANINGS,
+    ExitCode,
+    NotFoundError,
+    PeerUnavailable,
+    UsageError,
+    translate,
+)
 from osteogate.gateway.logs import configure_logging
 
 # The three groups of `osteogate --help`; a command registered elsewhere lands in the group named
@@ -143,8 +150,7 @@ def cmd_echo(args: argparse.Namespace) -> int:
     ae.add_requested_context(Verification)
     assoc = ae.associate(args.peer.host, args.peer.port, ae_title=args.peer.ae_title)
     if not assoc.is_established:
-        print(f"echo to {args.peer}: association {'rejected' if assoc.is_rejected else 'failed'}", file=sys.stderr)
-        return ExitCode.UNAVAILABLE
+        raise PeerUnavailable(f"echo to {args.peer}: association {'rejected' if assoc.is_rejected else 'failed'}")
     status = assoc.send_c_echo()
     assoc.release()
     code = int(status.Status) if status and "Status" in status else -1
@@ -186,7 +192,9 @@ def cmd_send(args: argparse.Namespace) -> int:
     headers = {}
     for path in files:
         try:
-            headers[path] = pydicom.dcmread(path, stop_before_pixels=True)
+            header = pydicom.dcmread(path, stop_before_pixels=True)
+            header.SOPClassUID, header.file_meta.TransferSyntaxUID  # noqa: B018 - what the association needs
+            headers[path] = header
         except Exception as exc:  # one unreadable file must not stop the others
             print(f"skip {path}: unreadable DICOM ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})",
                   file=sys.stderr)
@@ -206,8 +214,7 @@ def cmd_send(args: argparse.Namespace) -> int:
         ae.add_requested_context(sop_class, syntax)
     assoc = ae.associate(args.to.host, args.to.port, ae_title=args.to.ae_title)
     if not assoc.is_established:
-        print(f"send to {args.to}: association {'rejected' if assoc.is_rejected else 'failed'}", file=sys.stderr)
-        return ExitCode.UNAVAILABLE
+        raise PeerUnavailable(f"send to {args.to}: association {'rejected' if assoc.is_rejected else 'failed'}")
     failures = 0
     try:
         for path in files:

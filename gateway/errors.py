@@ -51,6 +51,11 @@ EXIT_CODE_MEANINGS: dict[ExitCode, str] = {
 NO_RESTART: tuple[ExitCode, ...] = (ExitCode.USAGE, ExitCode.DATAERR, ExitCode.NOINPUT, ExitCode.CONFIG)
 
 
+# Modules of the `train` and `gpu` extras: a serving-only install does not have them.
+EXTRA_MODULES = frozenset({"torch", "torchvision", "timm", "onnx", "onnxscript", "albumentations", "sklearn",
+                           "skimage", "scipy", "imagehash", "matplotlib", "tqdm"})
+
+
 class OsteoGateError(Exception):
     """A failure an operator can act on. ``str()`` is the one line printed."""
 
@@ -107,6 +112,11 @@ def translate(exc: BaseException) -> OsteoGateError | None:
     known = _translate_model(exc) or _translate_database(exc)
     if known is not None:
         return known
+    if isinstance(exc, ModuleNotFoundError) and (exc.name or "").split(".")[0] in EXTRA_MODULES:
+        return OsteoGateError(f"{exc.name} is not installed", "this command needs the training extra "
+                              "(a serving install has no torch)",
+                              "Install it: pip install 'osteogate[train]' (or use the environment of make test)",
+                              exit_code=ExitCode.UNAVAILABLE)
     if isinstance(exc, socket.gaierror):
         return PeerUnavailable("cannot resolve a host name", _first_line(exc),
                                "Check the host names in delivery.destinations, --to and storage.database_url")

@@ -92,7 +92,11 @@ def _route_stdlib_logging(stream: object, level: str, renderer: structlog.typing
     for old in [h for h in root.handlers if h.get_name() == _HANDLER_NAME]:
         root.removeHandler(old)
     root.addHandler(handler)
-    root.setLevel(getattr(logging, level.upper()))
+    # Our own stdlib loggers (osteogate.model.*) at the configured level; libraries only from
+    # WARNING: their INFO lines are chatter and some name identifiers (highdicom logs the SOP
+    # Instance UID it copies from), which must not reach the log.
+    root.setLevel(max(logging.WARNING, getattr(logging, level.upper())))
+    logging.getLogger("osteogate").setLevel(getattr(logging, level.upper()))
 
 
 def get_logger(name: str) -> structlog.typing.FilteringBoundLogger:
