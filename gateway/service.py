@@ -80,12 +80,10 @@ def check_model_card(path: Path) -> Any:
     return card
 
 
-def check_ports(settings: Settings, *, dicom: bool = True) -> None:
-    """Bind (and release) each port the process will listen on, before the model loads: a taken
-    port must stop the start in a second, not after the model has loaded."""
-    listeners = []
-    if dicom:
-        listeners.append((settings.dicom.bind, settings.dicom.port, "dicom.port", "--port"))
+def check_ports(settings: Settings) -> None:
+    """Bind (and release) each port ``serve`` will listen on (DICOM, and HTTP when enabled) before
+    the model loads: a taken port must stop the start in a second, not after the model loaded."""
+    listeners = [(settings.dicom.bind, settings.dicom.port, "dicom.port", "--port")]
     if settings.http.enabled:
         listeners.append((settings.http.bind, settings.http.port, "http.port", "OSTEOGATE_HTTP_PORT"))
     for host, port, key, flag in listeners:
@@ -181,9 +179,11 @@ def _tls_problems(settings: Settings) -> list[str]:
     return problems
 
 
-def preflight(settings: Settings, *, dicom: bool = True) -> None:
-    """Everything checked before a long-running process loads its model (serve, worker)."""
-    check_ports(settings, dicom=dicom)
+def preflight(settings: Settings, *, listeners: bool = True) -> None:
+    """Everything checked before a long-running process loads its model: serve (``listeners``:
+    its ports too) and worker (no listener)."""
+    if listeners:
+        check_ports(settings)
     problems = preflight_problems(settings, thorough=False)
     if problems:
         raise ConfigurationError("cannot start", "; ".join(problems),
@@ -374,7 +374,7 @@ class WorkerService:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        preflight(settings, dicom=False)
+        preflight(settings, listeners=False)
         self.store = open_store(settings, create=True)
         self.db, self.spool, self.reports = self.store.db, self.store.spool, self.store.reports
         self.scheduler = GatewayScheduler()
