@@ -265,3 +265,22 @@ def test_serve_classifies_with_the_shipped_model_without_torch(tmp_path: Path, d
     assert pydicom.dcmread(reports[0]).Modality == "SR"
     warnings = {e.get("event") for e in events if e.get("level") == "warning"}
     assert "any_caller_accepted" in warnings  # loud: no allow-list
+
+
+def test_database_schema_this_release_does_not_know(tmp_path: Path) -> None:
+    """A schema made by a newer release, or one altered by hand: refused with 65, never 'fixed'."""
+    import sqlite3
+
+    newer = tmp_path / "newer"
+    assert osteogate("db", "upgrade", "--data-dir", str(newer)).returncode == 0
+    with sqlite3.connect(newer / "osteogate.db") as connection:
+        connection.execute("UPDATE alembic_version SET version_num = '0099_from_the_future'")
+    one_line_error(osteogate("db", "upgrade", "--data-dir", str(newer)), ExitCode.DATAERR,
+                   "0099_from_the_future", "newer release")
+
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    with sqlite3.connect(odd / "osteogate.db") as connection:
+        connection.execute("CREATE TABLE studies (id INTEGER PRIMARY KEY, something TEXT)")
+    one_line_error(osteogate("db", "upgrade", "--data-dir", str(odd)), ExitCode.DATAERR,
+                   "matches no known revision", "by hand")

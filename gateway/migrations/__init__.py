@@ -76,6 +76,16 @@ def _is_pre_purge_schema(diffs: list[Any]) -> bool:
         and diffs[0][3].name == "purged_at"
 
 
+def _describe_diff(diff: Any) -> str:
+    """``('add_table', Table('jobs', ...))`` -> "add_table jobs": a schema difference in a few words."""
+    if isinstance(diff, list):  # modify_* differences come as a list of tuples
+        diff = diff[0] if diff else ()
+    if not isinstance(diff, tuple) or not diff:
+        return str(diff)[:120]
+    names = [str(part if isinstance(part, str) else getattr(part, "name", "")) for part in diff[1:]]
+    return " ".join([str(diff[0]), ".".join(n for n in names if n)])[:120]
+
+
 @contextmanager
 def _file_lock(engine: Engine) -> Iterator[None]:
     """SQLite has no advisory locks: a lock file next to the database serialises migrators."""
@@ -116,7 +126,7 @@ def _stamp_legacy(connection: Connection, config: Config, metadata: MetaData) ->
         raise MigrationError(
             "the database schema matches no known revision",
             f"it has gateway tables but no alembic_version, and {len(diffs)} difference(s) from any "
-            f"revision (first: {diffs[0]!r})",
+            f"revision (first: {_describe_diff(diffs[0])})",
             "Back it up and fix it by hand (or point storage.database_url at the right database)",
         )
     command.stamp(config, target)
