@@ -162,6 +162,7 @@ def test_wrong_ae_and_unreadable_files_in_a_sent_folder(tmp_path: Path, tiny_mod
 
         sent = osteogate("send", str(folder), "--to", gw.address)
         output = sent.stdout + sent.stderr
+        print(output)  # the exact lines, visible with pytest -s
         assert sent.returncode == ExitCode.PARTIAL, output
         assert "Traceback" not in output
         assert "skip" in sent.stderr and "garbage.dcm" in sent.stderr
