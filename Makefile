@@ -1,38 +1,76 @@
-# OsteoGate: `make run` installs and serves on embedded defaults; `make test` runs the test suite.
+# OsteoGate: `make run` installs the serving environment and serves on embedded defaults;
+# `make test` adds the training/test extras and runs the test suite.
+#
+# One virtual environment (.venv), two levels:
+#   make run  -> `pip install .`                  serving only: ONNX Runtime, no torch (~0.5 GB)
+#   make test -> `pip install -e '.[train,dev]'`  + torch, training, test tools (editable)
+# Run any command with ARGS, e.g. `make run ARGS="--to PACS@pacs:104"` or
+# `make osteogate ARGS="studies"`, or call .venv/bin/osteogate directly.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed
+SERVE_STAMP := $(VENV)/.installed-serve
+TEST_STAMP  := $(VENV)/.installed-test
+# What the serving install is built from: a change in any of these reinstalls it.
+SOURCES := pyproject.toml $(shell find gateway model training sample_dicom -type f \
+             -not -path '*/__pycache__/*' -not -name '*.pyc' 2>/dev/null)
+# `make run` listens on loopback only: a first try accepts any caller and has no destination, so
+# it must not be reachable from the network. BIND=0.0.0.0 (or a --config whose dicom.bind
+# says otherwise) opens it up.
+BIND ?= 127.0.0.1
+RUN_BIND := $(if $(findstring --config,$(ARGS))$(findstring --bind,$(ARGS))$(OSTEOGATE_CONFIG),,--bind $(BIND))
 
-.PHONY: run test test-long lint install clean demo samples
+.PHONY: run test test-long lint lint-imports install install-serve clean demo samples osteogate
 
-$(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	# torch/torchvision are pinned to the releases on this platform's disk (see README).
+
+# Serving install: not editable (no build warnings, nothing read from the checkout at run time).
+# A development environment (make test: editable, with torch) already serves the working tree.
+$(SERVE_STAMP): $(SOURCES) | $(VENV)/bin/python
+	if [ -f $(TEST_STAMP) ] && [ $(TEST_STAMP) -nt pyproject.toml ]; then :; else \
+	  rm -rf build && $(PY) -m pip install --quiet . && rm -rf build; fi
+	touch $@
+
+# Development install: editable, so tests run the working tree. torch/torchvision are pinned to
+# the releases on this platform's disk (see README). setuptools announces every editable install
+# with an information-only "Editable installation" warning (the package-dir mapping needs its
+# import finder); we asked for exactly that, so that one message is filtered, nothing else.
+$(TEST_STAMP): pyproject.toml | $(VENV)/bin/python
 	$(PY) -m pip install --quiet 'torch==2.14.1' 'torchvision==0.29.1'
-	$(PY) -m pip install --quiet -e '.[dev]'
-	touch $(STAMP)
+	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install --quiet -e '.[train,dev]'
+	touch $@
 
-install: $(STAMP)
+install-serve: $(SERVE_STAMP)
 
-run: $(STAMP)
-	$(VENV)/bin/osteogate serve $(ARGS)
+install: $(TEST_STAMP)
 
-demo: $(STAMP)
-	$(VENV)/bin/osteogate demo
+run: $(SERVE_STAMP)
+	$(VENV)/bin/osteogate serve $(RUN_BIND) $(ARGS)
 
-test: $(STAMP)
+osteogate: $(SERVE_STAMP)
+	$(VENV)/bin/osteogate $(ARGS)
+
+demo: $(SERVE_STAMP)
+	$(VENV)/bin/osteogate demo $(ARGS)
+
+test: $(TEST_STAMP)
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-test-long: $(STAMP)
+test-long: $(TEST_STAMP)
 	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
 
-lint: $(STAMP)
+lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff check gateway model training tests benchmarks sample_dicom
+	$(VENV)/bin/lint-imports
 
-samples: $(STAMP)
+lint-imports: $(TEST_STAMP)
+	$(VENV)/bin/lint-imports
+
+samples: $(TEST_STAMP)
 	$(PY) sample_dicom/make_samples.py
 
 clean:
-	rm -rf var .pytest_cache
+	rm -rf var .pytest_cache build

@@ -28,7 +28,9 @@ from osteogate.gateway.db import (
     as_utc,
     utcnow,
 )
+from osteogate.gateway.errors import ExitCode, OsteoGateError
 from osteogate.gateway.logs import get_logger
+from osteogate.gateway.queries import find_study
 from osteogate.gateway.spool import Spool
 from sqlalchemy import select, update
 from sqlalchemy.orm import selectinload
@@ -39,8 +41,10 @@ FINISHED = (StudyStatus.DONE, StudyStatus.SKIPPED, StudyStatus.FAILED)
 Progress = Callable[[int], None]  # called with how many items were completed since the last call
 
 
-class AdminError(RuntimeError):
+class AdminError(OsteoGateError, RuntimeError):
     """An admin request that cannot be carried out (unknown study, nothing to send...)."""
+
+    exit_code = ExitCode.NOINPUT
 
 
 # -- replay ------------------------------------------------------------------------------------
@@ -138,36 +142,93 @@ def wait_for_jobs(
 # -- resend ------------------------------------------------------------------------------------
 
 
-def latest_sr_result(db: Database, study_uid: str) -> tuple[int, str]:
-    """(result id, SR SOP Instance UID) of the newest SR made for a study."""
+def latest_sr_result(db: Database, study: str) -> tuple[int, str]:
+    """(result id, SR SOP Instance UID) of the newest SR made for a study (by UID or study key)."""
     with db.session() as session:
+        found = find_study(session, study)
+        if found is None:
+            raise AdminError(f"no study {study}", None, "Name it by Study Instance UID or study key "
+                             "(osteogate studies lists both)")
         row = session.execute(
-            select(StudyResult.id, StudyResult.sr_sop_instance_uid).join(Study)
-            .where(Study.study_uid == study_uid, StudyResult.sr_path.is_not(None))
+            select(StudyResult.id, StudyResult.sr_sop_instance_uid)
+            .where(StudyResult.study_id == found.id, StudyResult.sr_path.is_not(None))
             .order_by(StudyResult.version.desc()).limit(1)
         ).first()
         if row is None:
-            exists = session.execute(select(Study.id).where(Study.study_uid == study_uid)).first()
-            raise AdminError(f"no SR for study {study_uid}" if exists else f"no study {study_uid}")
+            raise AdminError(f"no SR for study {study}", f"it is {found.status.value} and no SR was made",
+                             "`osteogate show` says why")
         return int(row[0]), str(row[1])
 
 
-def requeue_latest(db: Database, settings: Settings, study_uid: str,
-                   destinations: list[Destination] | None) -> list[int]:
-    """New pending delivery rows for the newest SR; returns their ids."""
-    from osteogate.gateway.delivery import DeliveryManager
+@dataclass(frozen=True)
+class ResendTarget:
+    destination: str
+    # "queue": a new delivery; "retry-now": the pending delivery ``delivery_id`` is made due now
+    # (never a second retry loop for the same SR and destination); "skip": already delivered.
+    action: str
+    delivery_id: int | None = None
 
-    result_id, _ = latest_sr_result(db, study_uid)
-    targets = destinations or settings.delivery.destinations
-    if not targets:
-        raise AdminError("no destination: give --to AET@HOST:PORT or configure delivery.destinations")
-    with db.session() as session:
-        before = session.execute(select(Delivery.id).where(Delivery.result_id == result_id)
-                                 .order_by(Delivery.id.desc()).limit(1)).scalar_one_or_none() or 0
-    DeliveryManager(settings, db, Spool(settings.storage.reports_dir)).requeue(result_id, targets)
-    with db.session() as session:
-        return list(session.execute(select(Delivery.id).where(Delivery.result_id == result_id, Delivery.id > before)
-                                    .order_by(Delivery.id)).scalars())
+
+def plan_resend(existing: Sequence[tuple[int, str, DeliveryStatus]], asked: Sequence[str],
+                configured: Sequence[str]) -> list[ResendTarget]:
+    """Where ``resend`` sends an SR, from the SR's earlier deliveries ``(id, destination, status)``.
+
+    Asked (``--to``): exactly there, even where it was sent before (that is what was asked).
+    Not asked: the configured destinations (or, with none, those the SR was queued for before),
+    except where the SR is already delivered. Either way, a destination with a delivery of this
+    SR still pending gets that delivery retried now rather than a second one.
+    """
+    pending = {dest: row_id for row_id, dest, status in sorted(existing) if status == DeliveryStatus.PENDING}
+    sent = {dest for _, dest, status in existing if status == DeliveryStatus.SENT}
+    earlier = list(dict.fromkeys(dest for _, dest, _ in sorted(existing)))
+    targets = list(dict.fromkeys(asked or configured or earlier))
+    plan = []
+    for destination in targets:
+        if destination in pending:
+            plan.append(ResendTarget(destination, "retry-now", pending[destination]))
+        elif destination in sent and not asked:
+            plan.append(ResendTarget(destination, "skip"))
+        else:
+            plan.append(ResendTarget(destination, "queue"))
+    return plan
+
+
+def resend_latest(db: Database, settings: Settings, study: str,
+                  destinations: Sequence[Destination] | None) -> tuple[str, list[ResendTarget]]:
+    """Queue the newest SR of a study again per :func:`plan_resend`; returns (SR UID, plan) with
+    each planned delivery's id filled in (skipped ones have none)."""
+    result_id, sr_uid = latest_sr_result(db, study)
+    asked = [str(d) for d in destinations or []]
+    configured = [str(d) for d in settings.delivery.destinations]
+    with db.session(write=True) as session:
+        query = select(StudyResult).where(StudyResult.id == result_id)
+        if db.is_postgres:
+            query = query.with_for_update()  # two resends at once must not both queue a delivery
+        result = session.execute(query).scalar_one()
+        existing = [(d.id, d.destination, d.status) for d in result.deliveries]
+        plan = plan_resend(existing, asked, configured)
+        if not plan:
+            raise AdminError("nowhere to send the SR", "no --to given, no delivery.destinations configured, and "
+                             "the SR was never queued anywhere", "Give --to AET@HOST:PORT",
+                             exit_code=ExitCode.USAGE)
+        done: list[ResendTarget] = []
+        for target in plan:
+            if target.action == "retry-now":
+                session.execute(update(Delivery).where(Delivery.id == target.delivery_id,
+                                                       Delivery.status == DeliveryStatus.PENDING)
+                                .values(next_attempt_at=utcnow()))
+                done.append(target)
+            elif target.action == "queue":
+                delivery = Delivery(result_id=result_id, destination=target.destination,
+                                    status=DeliveryStatus.PENDING)
+                session.add(delivery)
+                session.flush()
+                done.append(ResendTarget(target.destination, "queue", delivery.id))
+            else:
+                done.append(target)
+        log.info("sr_requeued", study_key=result.study.study_key,
+                 plan=[f"{t.destination}: {t.action}" for t in done])
+    return sr_uid, done
 
 
 def delivery_states(db: Database, delivery_ids: Sequence[int]) -> list[tuple[str, str, str | None]]:
@@ -315,9 +376,3 @@ def recover_stale_jobs(db: Database, max_attempts: int) -> dict[str, int]:
                 log.warning("stale_job_recovered", job=job.id, study_key=job.study.study_key,
                             worker=job.worker, attempts=job.attempts, outcome="failed" if spent else "requeued")
     return counts
-
-
-def instance_count_on_disk(spool: Spool, study_uid: str) -> int:
-    """How many spooled files a study still has (tests and ``show``)."""
-    root = spool.absolute(study_uid)
-    return sum(1 for p in root.rglob("*.dcm")) if root.is_dir() else 0

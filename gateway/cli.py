@@ -1,13 +1,18 @@
 """``osteogate``: the one command admins use.
 
-Gateway commands live here; training commands (train, evaluate, export, dataset) are registered
-by training.cli, imported only to build the parser (it imports torch lazily in its handlers).
+Commands come in three groups (``osteogate --help``): serving (serve, worker, echo, send, demo),
+operations (studies, show, replay, resend, purge, db, config, selfcheck) and model (train,
+evaluate, export, dataset; registered by training.cli, which imports torch only in its handlers).
+
+Every failure ends here as one line on stderr and a sysexits-style exit code (gateway/errors.py;
+the table is in ``osteogate --help`` and README). ``OSTEOGATE_DEBUG=1`` shows the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -16,7 +21,35 @@ from pathlib import Path
 from typing import Any
 
 from osteogate.gateway.config import ConfigError, Destination, Settings, load_settings
+from osteogate.gateway.errors import (
+    EXIT_CODE_MEANINGS,
+    ExitCode,
+    NotFoundError,
+    PeerUnavailable,
+    UsageError,
+    translate,
+)
 from osteogate.gateway.logs import configure_logging
+
+# The three groups of `osteogate --help`; a command registered elsewhere lands in the group named
+# for its registrar.
+COMMAND_GROUPS: dict[str, tuple[str, ...]] = {
+    "serving": ("serve", "worker", "echo", "send", "demo"),
+    "operations": ("studies", "show", "replay", "resend", "purge", "db", "config", "selfcheck"),
+    "model": ("train", "evaluate", "export", "dataset"),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the sysexits usage code (64) instead of 2, which also meant config errors."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        self.exit(ExitCode.USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _destination(text: str) -> Destination:
@@ -27,32 +60,68 @@ def _destination(text: str) -> Destination:
 
 
 def _add_config(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", "-c", type=Path, help="TOML configuration file (env: OSTEOGATE_CONFIG)")
-    parser.add_argument("--data-dir", type=Path, help="spool, reports and SQLite file live here")
-    parser.add_argument("--database-url", help="SQLAlchemy URL, e.g. postgresql+psycopg://user@host/db")
+    parser.add_argument("--config", "-c", type=Path, metavar="FILE",
+                        help="TOML configuration file (env: OSTEOGATE_CONFIG)")
+    parser.add_argument("--data-dir", type=Path, metavar="DIR",
+                        help="storage.data_dir: spool, reports and the SQLite file live here (default ./var)")
+    parser.add_argument("--database-url", metavar="URL",
+                        help="storage.database_url, e.g. postgresql+psycopg://user@host/db (default: SQLite in DIR)")
+
+
+def _add_to(parser: argparse.ArgumentParser, text: str, *, required: bool = False) -> None:
+    """``--to AET@HOST:PORT`` (repeatable); ``--destination`` is its old name, hidden, kept for one release."""
+    parser.add_argument("--to", type=_destination, action="append", metavar="AET@HOST:PORT", required=required,
+                        help=text)
+    parser.add_argument("--destination", dest="to", type=_destination, action="append", help=argparse.SUPPRESS)
+
+
+def _add_timeout(parser: argparse.ArgumentParser, default: float, text: str) -> None:
+    """``--timeout SECONDS``; ``--wait`` is its old name (resend), hidden, kept for one release."""
+    parser.add_argument("--timeout", type=float, default=default, metavar="SECONDS", help=f"{text} (default {default:g})")
+    parser.add_argument("--wait", dest="timeout", type=float, help=argparse.SUPPRESS)
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
     overrides: dict[str, dict[str, Any]] = {}
+    flags: dict[str, str] = {}
 
-    def put(section: str, key: str, value: Any) -> None:
+    def put(section: str, key: str, value: Any, flag: str) -> None:
         if value is not None and value != []:
             overrides.setdefault(section, {})[key] = value
+            flags[f"{section}.{key}"] = flag
 
-    put("storage", "data_dir", getattr(args, "data_dir", None))
-    put("storage", "database_url", getattr(args, "database_url", None))
-    put("dicom", "ae_title", getattr(args, "aet", None))
-    put("dicom", "port", getattr(args, "port", None))
-    put("dicom", "bind", getattr(args, "bind", None))
-    put("study", "stable_seconds", getattr(args, "stable_seconds", None))
-    put("model", "path", str(args.model) if getattr(args, "model", None) else None)
-    put("model", "backend", getattr(args, "backend", None))
-    if getattr(args, "destination", None):
-        put("delivery", "destinations", [d.model_dump() for d in args.destination])
-    return load_settings(getattr(args, "config", None), overrides=overrides)
+    put("storage", "data_dir", getattr(args, "data_dir", None), "--data-dir")
+    put("storage", "database_url", getattr(args, "database_url", None), "--database-url")
+    put("dicom", "ae_title", getattr(args, "aet", None), "--aet")
+    put("dicom", "port", getattr(args, "port", None), "--port")
+    put("dicom", "bind", getattr(args, "bind", None), "--bind")
+    put("study", "stable_seconds", getattr(args, "stable_seconds", None), "--stable-seconds")
+    put("model", "path", str(args.model) if getattr(args, "model", None) else None, "--model")
+    put("model", "backend", getattr(args, "backend", None), "--backend")
+    if getattr(args, "to", None) and getattr(args, "to_is_destinations", False):
+        put("delivery", "destinations", [d.model_dump() for d in args.to], "--to")
+    settings = load_settings(getattr(args, "config", None), overrides=overrides)
+    for key, flag in flags.items():  # messages say "--data-dir", not just "the command line"
+        settings._sources[key] = f"the command line ({flag})"
+    return settings
 
 
-# -- commands ----------------------------------------------------------------------------------
+def _admin_settings(args: argparse.Namespace) -> Settings:
+    """Settings for a one-shot admin command; its logs go to stderr so stdout stays parseable."""
+    settings = settings_from_args(args)
+    configure_logging(settings.logging.format, "warning" if settings.logging.level == "info" else settings.logging.level)
+    return settings
+
+
+def _store(args: argparse.Namespace | Settings, *, migrate: bool) -> Any:
+    """The existing store (never created here: only serve, worker and `db upgrade` create one)."""
+    from osteogate.gateway.store import open_store
+
+    settings = args if isinstance(args, Settings) else _admin_settings(args)
+    return open_store(settings, create=False, migrate=migrate)
+
+
+# -- serving -----------------------------------------------------------------------------------
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -64,6 +133,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    from osteogate.gateway.service import WorkerService
+
+    settings = settings_from_args(args)
+    configure_logging(settings.logging.format, settings.logging.level)
+    WorkerService(settings).serve_forever()
+    return 0
+
+
 def cmd_echo(args: argparse.Namespace) -> int:
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification
@@ -72,8 +150,7 @@ def cmd_echo(args: argparse.Namespace) -> int:
     ae.add_requested_context(Verification)
     assoc = ae.associate(args.peer.host, args.peer.port, ae_title=args.peer.ae_title)
     if not assoc.is_established:
-        print(f"echo to {args.peer}: association failed", file=sys.stderr)
-        return 2
+        raise PeerUnavailable(f"echo to {args.peer}: association {'rejected' if assoc.is_rejected else 'failed'}")
     status = assoc.send_c_echo()
     assoc.release()
     code = int(status.Status) if status and "Status" in status else -1
@@ -111,28 +188,42 @@ def cmd_send(args: argparse.Namespace) -> int:
     files, bad = _dicom_files(args.paths)
     for path in bad:
         print(f"skip {path}: not a DICOM file (no DICM preamble) or unreadable", file=sys.stderr)
+    # Headers only: the pixel data is streamed from the file by pynetdicom, never held in memory.
+    headers = {}
+    for path in files:
+        try:
+            header = pydicom.dcmread(path, stop_before_pixels=True)
+            header.SOPClassUID, header.file_meta.TransferSyntaxUID  # noqa: B018 - what the association needs
+            headers[path] = header
+        except Exception as exc:  # one unreadable file must not stop the others
+            print(f"skip {path}: unreadable DICOM ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})",
+                  file=sys.stderr)
+            bad.append(path)
+    files = list(headers)
     if not files:
         print("nothing to send", file=sys.stderr)
-        return 1
-    # Headers only: the pixel data is streamed from the file by pynetdicom, never held in memory.
-    headers = {p: pydicom.dcmread(p, stop_before_pixels=True) for p in files}
+        return ExitCode.NOINPUT
     ae = AE(ae_title=args.calling_aet)
     # Propose each file's own transfer syntax so compressed images travel untouched.
     contexts = sorted({(str(h.SOPClassUID), str(h.file_meta.TransferSyntaxUID)) for h in headers.values()})
     if len(contexts) > 128:
         print(f"{len(contexts)} SOP class/transfer syntax pairs: more than one association allows (128); "
               "send in smaller groups", file=sys.stderr)
-        return 2
+        return ExitCode.USAGE
     for sop_class, syntax in contexts:
         ae.add_requested_context(sop_class, syntax)
     assoc = ae.associate(args.to.host, args.to.port, ae_title=args.to.ae_title)
     if not assoc.is_established:
-        print(f"send to {args.to}: association failed", file=sys.stderr)
-        return 2
+        raise PeerUnavailable(f"send to {args.to}: association {'rejected' if assoc.is_rejected else 'failed'}")
     failures = 0
     try:
         for path in files:
-            status = assoc.send_c_store(path)
+            try:
+                status = assoc.send_c_store(path)
+            except (ValueError, OSError) as exc:  # e.g. no accepted context for this file's SOP class
+                failures += 1
+                print(f"FAIL ------ {path}: {str(exc).splitlines()[0][:160]}")
+                continue
             code = int(status.Status) if status and "Status" in status else -1
             ok = code == 0 or (code & 0xF000) == 0xB000
             failures += not ok
@@ -140,7 +231,17 @@ def cmd_send(args: argparse.Namespace) -> int:
     finally:
         assoc.release()
     print(f"sent {len(files) - failures} of {len(files)} DICOM file(s) to {args.to}")
-    return 0 if failures == 0 and not bad else 1
+    return ExitCode.OK if failures == 0 and not bad else ExitCode.PARTIAL
+
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from osteogate.gateway.demo import run_demo
+
+    return run_demo(model=args.model, timeout=args.timeout)
+
+
+# -- operations --------------------------------------------------------------------------------
 
 
 def _when(text: str) -> datetime:
@@ -163,29 +264,16 @@ def _console() -> Any:
     return Console() if sys.stdout.isatty() else Console(width=250)
 
 
-def _admin_settings(args: argparse.Namespace) -> Settings:
-    """Settings for a one-shot admin command; its logs go to stderr so stdout stays parseable."""
-    settings = settings_from_args(args)
-    configure_logging(settings.logging.format, "warning" if settings.logging.level == "info" else settings.logging.level)
-    return settings
-
-
-def _open_db(args: argparse.Namespace | Settings) -> Any:
-    from osteogate.gateway.db import Database
-
-    settings = args if isinstance(args, Settings) else _admin_settings(args)
-    settings.storage.data_dir.mkdir(parents=True, exist_ok=True)  # where the SQLite file goes
-    db = Database(settings.storage.resolved_database_url())
-    db.migrate()
-    return db
-
-
 def cmd_studies(args: argparse.Namespace) -> int:
     from osteogate.gateway.queries import list_studies
     from rich.table import Table
 
-    rows = list_studies(_open_db(args), limit=args.limit, status=args.status, since=args.since,
-                        region=args.region, result=args.result)
+    store = _store(args, migrate=False)
+    try:
+        rows = list_studies(store.db, limit=args.limit, status=args.status, since=args.since,
+                            region=args.region, result=args.result)
+    finally:
+        store.dispose()
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
         return 0
@@ -201,23 +289,22 @@ def cmd_studies(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from osteogate.gateway.queries import describe_study
+    from osteogate.gateway.queries import describe_study, study_record
 
-    settings = settings_from_args(args)
-    text = describe_study(_open_db(args), settings, args.study_uid)
+    settings = _admin_settings(args)
+    store = _store(settings, migrate=False)
+    try:
+        if args.json:
+            record = study_record(store.db, settings, args.study)
+            text = None if record is None else json.dumps(record, indent=2, default=str)
+        else:
+            text = describe_study(store.db, settings, args.study)
+    finally:
+        store.dispose()
     if text is None:
-        print(f"no study {args.study_uid}", file=sys.stderr)
-        return 1
+        raise NotFoundError(f"no study {args.study}", "neither a Study Instance UID nor a study key in this store",
+                            "`osteogate studies` lists keys and UIDs")
     print(text)
-    return 0
-
-
-def cmd_worker(args: argparse.Namespace) -> int:
-    from osteogate.gateway.service import WorkerService
-
-    settings = settings_from_args(args)
-    configure_logging(settings.logging.format, settings.logging.level)
-    WorkerService(settings).serve_forever()
     return 0
 
 
@@ -247,12 +334,12 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from osteogate.gateway.db import JobStatus
 
     if not (args.study_uids or args.since or args.status):
-        print("osteogate replay: name studies, or select them with --since / --status", file=sys.stderr)
-        return 2
+        raise UsageError("osteogate replay: name studies, or select them with --since / --status")
     if args.checkpoint and not args.checkpoint.is_file():
-        raise FileNotFoundError(f"--model: checkpoint {args.checkpoint} does not exist")
+        raise NotFoundError(f"--model: checkpoint {args.checkpoint} does not exist")
     settings = _admin_settings(args)
-    db = _open_db(settings)
+    store = _store(settings, migrate=True)
+    db = store.db
     plan = plan_replay(db, args.study_uids, args.since, args.status)
     eligible = [c for c in plan if c.refusal is None]
     model = args.checkpoint or settings.model.path or "the served model"
@@ -261,24 +348,23 @@ def cmd_replay(args: argparse.Namespace) -> int:
     _print_plan(plan, f"replay: {len(eligible)} of {len(plan)} studies, model {model}, SR to {destinations}")
     if args.dry_run or not eligible:
         print("dry run: nothing changed" if args.dry_run else "nothing to replay")
-        return 0 if args.dry_run else 1
+        return ExitCode.OK if args.dry_run else ExitCode.PARTIAL
     job_ids = queue_replay(db, plan, args.checkpoint)
-    worker = _replay_worker(settings, db, args.checkpoint)
+    worker = _replay_worker(settings, store, args.checkpoint)
     with _progress() as progress:
         task = progress.add_task("classifying", total=len(job_ids))
         states = wait_for_jobs(db, job_ids, lambda: worker.run_once(job_ids), args.timeout,
                                progress=lambda n: progress.advance(task, n))
     done = sum(s == JobStatus.DONE for s in states.values())
     failed = sum(s == JobStatus.FAILED for s in states.values())
-    sent = _deliver_now(settings, db)
+    sent = _deliver_now(settings, store)
     print(f"replayed {done} of {len(job_ids)} studies ({failed} failed, "
           f"{len(job_ids) - done - failed} unfinished); {sent} SR delivery(ies) sent now")
-    return 0 if done == len(job_ids) else 1
+    return ExitCode.OK if done == len(job_ids) else ExitCode.PARTIAL
 
 
-def _replay_worker(settings: Settings, db: Any, checkpoint: Path | None) -> Any:
+def _replay_worker(settings: Settings, store: Any, checkpoint: Path | None) -> Any:
     from osteogate.gateway.service import ClassifierCache
-    from osteogate.gateway.spool import Spool
     from osteogate.gateway.worker import ClassifierWorker
 
     if checkpoint:
@@ -286,50 +372,53 @@ def _replay_worker(settings: Settings, db: Any, checkpoint: Path | None) -> Any:
         # (or, with none configured, created) just to sit unused.
         settings = settings.model_copy(deep=True)
         settings.model.path = str(checkpoint.resolve())
-    return ClassifierWorker(settings, db, Spool(settings.storage.spool_dir), Spool(settings.storage.reports_dir),
-                            ClassifierCache(settings))
+    return ClassifierWorker(settings, store.db, store.spool, store.reports, ClassifierCache(settings))
 
 
-def _deliver_now(settings: Settings, db: Any) -> int:
+def _deliver_now(settings: Settings, store: Any) -> int:
     from osteogate.gateway.delivery import DeliveryManager
-    from osteogate.gateway.spool import Spool
 
-    return DeliveryManager(settings, db, Spool(settings.storage.reports_dir)).run_due()
+    return DeliveryManager(settings, store.db, store.reports).run_due()
 
 
 def cmd_resend(args: argparse.Namespace) -> int:
     import time
 
-    from osteogate.gateway.admin import delivery_states, latest_sr_result, requeue_latest
+    from osteogate.gateway.admin import delivery_states, resend_latest
 
     settings = _admin_settings(args)
-    db = _open_db(settings)
-    _, sr_uid = latest_sr_result(db, args.study_uid)
-    ids = requeue_latest(db, settings, args.study_uid, args.to or None)
-    deadline = time.monotonic() + args.wait
-    while True:
-        _deliver_now(settings, db)
-        states = delivery_states(db, ids)
+    store = _store(settings, migrate=True)
+    sr_uid, plan = resend_latest(store.db, settings, args.study, args.to or None)
+    for target in plan:
+        if target.action == "skip":
+            print(f"SR {sr_uid} -> {target.destination}: already delivered, not sent again "
+                  f"(--to {target.destination} sends it anyway)")
+    ids = [t.delivery_id for t in plan if t.delivery_id is not None]
+    states: list[tuple[str, str, str | None]] = []
+    deadline = time.monotonic() + args.timeout
+    while ids:
+        _deliver_now(settings, store)
+        states = delivery_states(store.db, ids)
         # A running gateway may be the one sending it: wait on the rows, not on our own attempt.
         if all(status != "pending" for _, status, _ in states) or time.monotonic() > deadline:
             break
         time.sleep(0.5)
+    store.dispose()
     for destination, status, error in states:
         print(f"SR {sr_uid} -> {destination}: {status}" + (f" ({error})" if error else ""))
-    return 0 if all(status == "sent" for _, status, _ in states) else 1
+    return ExitCode.OK if all(status == "sent" for _, status, _ in states) else ExitCode.PARTIAL
 
 
 def cmd_purge(args: argparse.Namespace) -> int:
     from osteogate.gateway.admin import purge, purgeable_study_ids
-    from osteogate.gateway.spool import Spool
 
-    settings = _admin_settings(args)
-    db = _open_db(settings)
-    total = len(purgeable_study_ids(db, args.older_than))
+    store = _store(args, migrate=True)
+    total = len(purgeable_study_ids(store.db, args.older_than))
     with _progress() as progress:
         task = progress.add_task("checking" if args.dry_run else "purging", total=total)
-        report = purge(db, Spool(settings.storage.spool_dir), args.older_than, dry_run=args.dry_run,
+        report = purge(store.db, store.spool, args.older_than, dry_run=args.dry_run,
                        progress=lambda n: progress.advance(task, n))
+    store.dispose()
     verb = "would remove" if args.dry_run else "removed"
     print(f"{verb} {report.files} spooled file(s), {report.bytes / 2**20:.1f} MB, of {len(report.studies)} "
           f"study(ies) finished, delivered and older than {args.older_than:g} days (SRs and SQL rows kept)")
@@ -339,73 +428,73 @@ def cmd_purge(args: argparse.Namespace) -> int:
 
 
 def cmd_db(args: argparse.Namespace) -> int:
-    from osteogate.gateway.db import Database
     from osteogate.gateway.migrations import current_revision, head_revision
+    from osteogate.gateway.store import open_store
 
     settings = _admin_settings(args)
-    settings.storage.data_dir.mkdir(parents=True, exist_ok=True)
-    db = Database(settings.storage.resolved_database_url())
+    if args.db_command == "upgrade":
+        store = open_store(settings, create=True, migrate=False)
+        try:
+            before, after = store.db.migrate()
+        finally:
+            store.dispose()
+        print(f"database at {after} (was {before or 'empty or unversioned'})")
+        return 0
+    store = open_store(settings, create=False, migrate=False)
     try:
-        if args.db_command == "upgrade":
-            before, after = db.migrate()
-            print(f"database at {after} (was {before or 'empty or unversioned'})")
-            return 0
-        with db.engine.connect() as connection:
+        with store.db.engine.connect() as connection:
             current = current_revision(connection)
-        head = head_revision()
-        print(f"database at {current or 'no revision'}; head is {head}")
-        return 0 if current == head else 1
     finally:
-        db.dispose()
+        store.dispose()
+    head = head_revision()
+    print(f"database at {current or 'no revision'}; head is {head}"
+          + ("" if current == head else " (`osteogate db upgrade` brings it there)"))
+    return ExitCode.OK if current == head else ExitCode.PARTIAL
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
+    from osteogate.gateway.service import preflight_problems
+
     try:
         settings = load_settings(args.file)
     except ConfigError as exc:
-        print(f"{args.file}: {len(exc.problems)} problem(s):")
-        for problem in exc.problems:
-            print(f"  - {problem}")
-        return 2
-    problems = _semantic_problems(settings)
+        problems = exc.problems
+    else:
+        problems = preflight_problems(settings, thorough=True)
     if problems:
         print(f"{args.file}: {len(problems)} problem(s):")
         for problem in problems:
             print(f"  - {problem}")
-        return 2
+        return ExitCode.CONFIG
     url = settings.storage.resolved_database_url()
     destinations = ", ".join(str(d) for d in settings.delivery.destinations) or "none"
+    dicom = settings.dicom
     print(f"{args.file}: OK (environment overrides included)\n"
-          f"  listener {settings.dicom.ae_title} on {settings.dicom.bind}:{settings.dicom.port}\n"
+          f"  listener {dicom.ae_title} on {dicom.bind}:{dicom.port}"
+          f"{' with TLS' if dicom.tls.enabled else ''}\n"
           f"  destinations {destinations}\n"
           f"  database {url.split(':', 1)[0]}, data_dir {settings.storage.data_dir}\n"
           f"  model {settings.model.path or 'shipped default'} ({settings.model.backend})\n"
           f"  retention {settings.retention.spool_days:g} days (0 = keep forever)")
+    if not settings.delivery.destinations:
+        print("  warning: no delivery.destinations: SRs are made but sent nowhere")
+    if not dicom.allowed_calling_aets and not dicom.allowed_hosts:
+        print("  warning: dicom.allowed_calling_aets and dicom.allowed_hosts are empty: any caller is accepted")
     return 0
-
-
-def _semantic_problems(settings: Settings) -> list[str]:
-    """What the schema cannot see: files that must exist."""
-    problems = []
-    if settings.model.path and not Path(settings.model.path).is_file():
-        problems.append(f"model.path: checkpoint {settings.model.path} does not exist")
-    return problems
 
 
 def cmd_selfcheck(args: argparse.Namespace) -> int:
     from osteogate.gateway.selfcheck import run_selfcheck
 
     settings = _admin_settings(args)
-    findings = run_selfcheck(settings, _open_db(settings))
+    store = _store(settings, migrate=False)
+    try:
+        findings = run_selfcheck(settings, store.db)
+    finally:
+        store.dispose()
     for finding in findings:
         print(f"{'ok  ' if finding.ok else 'FAIL'} {finding.check}: {finding.detail}")
-    return 0 if all(f.ok for f in findings) else 1
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from osteogate.gateway.demo import run_demo
-
-    return run_demo(model=args.model, timeout=args.timeout)
+    return ExitCode.OK if all(f.ok for f in findings) else ExitCode.PARTIAL
 
 
 # -- parser ------------------------------------------------------------------------------------
@@ -414,113 +503,194 @@ def cmd_demo(args: argparse.Namespace) -> int:
 _STUDY_STATUSES = ["receiving", "queued", "processing", "done", "skipped", "failed"]
 
 
-def _add_admin_parsers(sub: Any) -> None:
-    worker = sub.add_parser("worker", help="classifier + delivery only, no DICOM listener (scale-out)")
-    _add_config(worker)
-    worker.add_argument("--model", type=Path, help="checkpoint (.safetensors) to serve")
-    worker.add_argument("--backend", choices=["auto", "onnx", "torch"], help="inference backend")
-    worker.add_argument("--destination", "--to", type=_destination, action="append", metavar="AET@HOST:PORT")
-    worker.set_defaults(func=cmd_worker)
-
-    replay = sub.add_parser("replay", help="classify studies again from the spool and send a new SR version")
-    _add_config(replay)
-    replay.add_argument("study_uids", nargs="*", metavar="STUDY_UID")
-    replay.add_argument("--since", type=_when, help="studies last received at or after this time")
-    replay.add_argument("--status", choices=["done", "skipped", "failed"], help="studies with this status")
-    replay.add_argument("--model", dest="checkpoint", type=Path, help="another checkpoint for these runs")
-    replay.add_argument("--destination", "--to", type=_destination, action="append", metavar="AET@HOST:PORT",
-                        help="PACS for the new SRs (default: delivery.destinations)")
-    replay.add_argument("--dry-run", action="store_true", help="show what would be replayed, change nothing")
-    replay.add_argument("--timeout", type=float, default=3600, help="seconds to wait for the runs")
-    replay.set_defaults(func=cmd_replay)
-
-    resend = sub.add_parser("resend", help="send the latest SR of a study again")
-    _add_config(resend)
-    resend.add_argument("study_uid")
-    resend.add_argument("--to", type=_destination, action="append", metavar="AET@HOST:PORT",
-                        help="send here instead of delivery.destinations (repeatable)")
-    resend.add_argument("--wait", type=float, default=30, help="seconds to wait for the send")
-    resend.set_defaults(func=cmd_resend)
-
-    purge = sub.add_parser("purge", help="remove spooled images of finished, delivered, old studies")
-    _add_config(purge)
-    purge.add_argument("--older-than", type=float, required=True, metavar="DAYS")
-    purge.add_argument("--dry-run", action="store_true")
-    purge.set_defaults(func=cmd_purge)
-
-    db = sub.add_parser("db", help="database schema (Alembic migrations)")
-    db_sub = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
-    for name, text in (("upgrade", "apply migrations up to head"), ("current", "show the schema revision")):
-        action = db_sub.add_parser(name, help=text)
-        _add_config(action)
-        action.set_defaults(func=cmd_db)
-
-    config = sub.add_parser("config", help="configuration tools")
-    config_sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
-    check = config_sub.add_parser("check", help="validate a configuration file; list every problem")
-    check.add_argument("file", type=Path)
-    check.set_defaults(func=cmd_config_check)
-
-    selfcheck = sub.add_parser("selfcheck", help="disk space, database, C-ECHO of each destination")
-    _add_config(selfcheck)
-    selfcheck.set_defaults(func=cmd_selfcheck)
+def _examples(*lines: str) -> str:
+    return "examples:\n" + "\n".join(f"  {line}" for line in lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="osteogate", description="OsteoGate: DICOM gateway that screens knee and spine radiographs for low bone density.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+class _Commands:
+    """Adds subcommands and remembers each one's group and one-line help for `osteogate --help`.
 
-    serve = sub.add_parser("serve", help="run the gateway (DICOM listener, worker, delivery)")
+    training.cli.register receives it in place of argparse's subparsers object.
+    """
+
+    def __init__(self, sub: Any, group: str = "operations") -> None:
+        self._sub = sub
+        self.group = group
+        self.listing: list[tuple[str, str, str]] = []  # (group, name, help)
+
+    def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        text = kwargs.get("help", "").replace("%%", "%")  # help strings are %-formatted, these are not
+        kwargs.setdefault("description", text[:1].upper() + text[1:] if text else None)
+        group = next((g for g, names in COMMAND_GROUPS.items() if name in names), self.group)
+        self.listing.append((group, name, text))
+        return self._sub.add_parser(name, **kwargs)
+
+
+def _serving_parsers(cmds: _Commands) -> None:
+    serve = cmds.add_parser("serve", help="run the gateway (DICOM listener, worker, delivery)", epilog=_examples(
+        "osteogate serve                                   # embedded defaults: port 11112, ./var, shipped model",
+        "osteogate serve --config /etc/osteogate/osteogate.toml",
+        "osteogate serve --bind 127.0.0.1 --to PACS@pacs.example.org:104"))
     _add_config(serve)
-    serve.add_argument("--aet", help="the gateway's AE title")
-    serve.add_argument("--port", type=int, help="DICOM port to listen on")
-    serve.add_argument("--bind", help="address to listen on (default 0.0.0.0)")
-    serve.add_argument("--destination", "--to", type=_destination, action="append", metavar="AET@HOST:PORT",
-                       help="PACS that receives the SRs (repeatable)")
-    serve.add_argument("--stable-seconds", type=float, help="quiet time after which a study is complete")
-    serve.add_argument("--model", type=Path, help="checkpoint (.safetensors) to serve")
-    serve.add_argument("--backend", choices=["auto", "onnx", "torch"], help="inference backend")
-    serve.set_defaults(func=cmd_serve)
+    serve.add_argument("--aet", metavar="AET", help="dicom.ae_title: the gateway's AE title (default OSTEOGATE)")
+    serve.add_argument("--port", type=int, help="dicom.port: DICOM port to listen on (default 11112)")
+    serve.add_argument("--bind", metavar="ADDRESS", help="dicom.bind: address to listen on (default 0.0.0.0)")
+    _add_to(serve, "delivery.destinations: PACS that receives the SRs (repeatable)")
+    serve.add_argument("--stable-seconds", type=float, metavar="SECONDS",
+                       help="study.stable_seconds: quiet time after which a study is complete (default 10)")
+    serve.add_argument("--model", type=Path, metavar="FILE", help="model.path: checkpoint (.safetensors) to serve")
+    serve.add_argument("--backend", choices=["auto", "onnx", "torch"], help="model.backend: inference backend")
+    serve.set_defaults(func=cmd_serve, to_is_destinations=True)
 
-    echo = sub.add_parser("echo", help="C-ECHO a DICOM peer")
-    echo.add_argument("peer", type=_destination, metavar="AET@HOST:PORT")
-    echo.add_argument("--calling-aet", default="OSTEOGATE")
+    worker = cmds.add_parser("worker", help="classifier + delivery only, no DICOM listener (scale-out)",
+                             epilog=_examples("osteogate worker --config /etc/osteogate/osteogate.toml"))
+    _add_config(worker)
+    worker.add_argument("--model", type=Path, metavar="FILE", help="model.path: checkpoint (.safetensors) to serve")
+    worker.add_argument("--backend", choices=["auto", "onnx", "torch"], help="model.backend: inference backend")
+    _add_to(worker, "delivery.destinations: PACS that receives the SRs (repeatable)")
+    worker.set_defaults(func=cmd_worker, to_is_destinations=True)
+
+    echo = cmds.add_parser("echo", help="C-ECHO a DICOM peer", epilog=_examples("osteogate echo PACS@pacs.example.org:104"))
+    echo.add_argument("peer", type=_destination, metavar="AET@HOST:PORT", help="the peer to echo")
+    echo.add_argument("--calling-aet", default="OSTEOGATE", metavar="AET", help="our AE title (default OSTEOGATE)")
     echo.set_defaults(func=cmd_echo)
 
-    send = sub.add_parser("send", help="C-STORE files or folders to a DICOM peer")
-    send.add_argument("paths", type=Path, nargs="+")
-    send.add_argument("--to", type=_destination, required=True, metavar="AET@HOST:PORT")
-    send.add_argument("--calling-aet", default="OSTEOGATE")
+    send = cmds.add_parser("send", help="C-STORE files or folders to a DICOM peer", epilog=_examples(
+        "osteogate send sample_dicom/ --to OSTEOGATE@127.0.0.1:11112"))
+    send.add_argument("paths", type=Path, nargs="+", metavar="PATH", help="DICOM files, or folders searched for them")
+    send.add_argument("--to", type=_destination, required=True, metavar="AET@HOST:PORT", help="the receiving peer")
+    send.add_argument("--calling-aet", default="OSTEOGATE", metavar="AET", help="our AE title (default OSTEOGATE)")
     send.set_defaults(func=cmd_send)
 
-    studies = sub.add_parser("studies", help="list studies")
+    demo = cmds.add_parser("demo", help="gateway + local PACS on free ports; send the samples; print the SRs",
+                           epilog=_examples("osteogate demo"))
+    demo.add_argument("--model", type=Path, metavar="FILE", help="checkpoint to serve (default: the shipped one)")
+    _add_timeout(demo, 180, "seconds to wait for the SRs")
+    demo.set_defaults(func=cmd_demo)
+
+
+def _operations_parsers(cmds: _Commands) -> None:
+    studies = cmds.add_parser("studies", help="list studies", epilog=_examples(
+        "osteogate studies --data-dir /var/lib/osteogate", "osteogate studies --status failed --since 7d --json"))
     _add_config(studies)
-    studies.add_argument("--limit", type=int, default=50)
+    studies.add_argument("--limit", type=int, default=50, help="at most this many, newest first (default 50)")
     studies.add_argument("--json", action="store_true", help="machine-readable output")
-    studies.add_argument("--status", choices=_STUDY_STATUSES)
+    studies.add_argument("--status", choices=_STUDY_STATUSES, help="studies with this status")
     studies.add_argument("--since", type=_when, help="last received at or after: 2026-01-31, ISO time, 7d, 12h")
     studies.add_argument("--region", help="region of the latest result (knee, spine)")
     studies.add_argument("--result", help="label of the latest result (normal, osteopenia, osteoporosis)")
     studies.set_defaults(func=cmd_studies)
 
-    show = sub.add_parser("show", help="everything about one study")
+    show = cmds.add_parser("show", help="everything about one study", epilog=_examples(
+        "osteogate show 1.2.826.0.1.3680043.8.498.1234", "osteogate show 3f2a9c0d11e4b7a6 --json   # study_key from the logs"))
     _add_config(show)
-    show.add_argument("study_uid")
+    show.add_argument("study", metavar="STUDY", help="Study Instance UID, or the study_key the logs print")
+    show.add_argument("--json", action="store_true", help="machine-readable output (every stored field)")
     show.set_defaults(func=cmd_show)
 
-    _add_admin_parsers(sub)
+    replay = cmds.add_parser("replay", help="classify studies again from the spool and send a new SR version",
+                             epilog=_examples("osteogate replay --status failed --dry-run",
+                                              "osteogate replay 1.2.3.4 --model new.safetensors --to PACS@pacs:104"))
+    _add_config(replay)
+    replay.add_argument("study_uids", nargs="*", metavar="STUDY_UID", help="studies to replay")
+    replay.add_argument("--since", type=_when, help="studies last received at or after this time (2026-01-31, 7d)")
+    replay.add_argument("--status", choices=["done", "skipped", "failed"], help="studies with this status")
+    replay.add_argument("--model", dest="checkpoint", type=Path, metavar="FILE", help="another checkpoint for these runs")
+    _add_to(replay, "PACS for the new SRs (default: delivery.destinations, else where earlier SRs went)")
+    replay.add_argument("--dry-run", action="store_true", help="show what would be replayed, change nothing")
+    _add_timeout(replay, 3600, "seconds to wait for the runs")
+    replay.set_defaults(func=cmd_replay, to_is_destinations=True)
 
-    demo = sub.add_parser("demo", help="gateway + local PACS on free ports; send sample_dicom/; print the SR")
-    demo.add_argument("--model", type=Path)
-    demo.add_argument("--timeout", type=float, default=180)
-    demo.set_defaults(func=cmd_demo)
+    resend = cmds.add_parser("resend", help="send the latest SR of a study again, where it is not yet delivered",
+                             epilog=_examples("osteogate resend 1.2.3.4            # configured PACS without the SR",
+                                              "osteogate resend 1.2.3.4 --to PACS2@pacs2:104   # there, even if sent"))
+    _add_config(resend)
+    resend.add_argument("study", metavar="STUDY", help="Study Instance UID or study key")
+    _add_to(resend, "send here (repeatable), even where already delivered; default: the configured "
+                    "destinations that do not have it yet")
+    _add_timeout(resend, 30, "seconds to wait for the send")
+    resend.set_defaults(func=cmd_resend)
+
+    purge = cmds.add_parser("purge", help="remove spooled images of finished, delivered, old studies",
+                            epilog=_examples("osteogate purge --older-than 30 --dry-run"))
+    _add_config(purge)
+    purge.add_argument("--older-than", type=float, required=True, metavar="DAYS",
+                       help="only studies last received more than DAYS ago")
+    purge.add_argument("--dry-run", action="store_true", help="say what would be removed, remove nothing")
+    purge.set_defaults(func=cmd_purge)
+
+    db = cmds.add_parser("db", help="database schema (Alembic migrations)",
+                         epilog=_examples("osteogate db current --config /etc/osteogate/osteogate.toml",
+                                          "osteogate db upgrade --config /etc/osteogate/osteogate.toml"))
+    db_sub = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    for name, text in (("upgrade", "apply migrations up to head (creates the database if needed)"),
+                       ("current", "show the schema revision (never creates anything)")):
+        action = db_sub.add_parser(name, help=text, description=text)
+        _add_config(action)
+        action.set_defaults(func=cmd_db)
+
+    config = cmds.add_parser("config", help="configuration tools",
+                             epilog=_examples("osteogate config check /etc/osteogate/osteogate.toml"))
+    config_sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    text = "validate a configuration file (and what serve needs: model, certificates); list every problem"
+    check = config_sub.add_parser("check", help=text, description=text)
+    check.add_argument("file", type=Path, metavar="FILE", help="the TOML file (environment overrides apply)")
+    check.set_defaults(func=cmd_config_check)
+
+    selfcheck = cmds.add_parser("selfcheck", help="disk space, database, C-ECHO of each destination",
+                                epilog=_examples("osteogate selfcheck --config /etc/osteogate/osteogate.toml"))
+    _add_config(selfcheck)
+    selfcheck.set_defaults(func=cmd_selfcheck)
+
+
+def _overview(listing: list[tuple[str, str, str]]) -> str:
+    lines = []
+    for group in (*COMMAND_GROUPS, *sorted({g for g, _, _ in listing} - set(COMMAND_GROUPS))):
+        entries = [(name, text) for g, name, text in listing if g == group]
+        if entries:
+            lines.append(f"{group} commands:")
+            lines.extend(f"  {name:<11} {text}" for name, text in entries)
+            lines.append("")
+    lines.append(_examples("osteogate serve --config /etc/osteogate/osteogate.toml",
+                           "osteogate studies --data-dir ./var",
+                           "osteogate show STUDY_UID_OR_KEY --json",
+                           "osteogate COMMAND --help"))
+    lines.append("")
+    lines.append("exit codes:")
+    lines.extend(f"  {int(code):<3} {meaning}" for code, meaning in EXIT_CODE_MEANINGS.items())
+    lines.append("")
+    lines.append("Set OSTEOGATE_DEBUG=1 to see the traceback behind an error.")
+    return "\n".join(lines)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
 
     try:
+        return version("osteogate")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="osteogate", usage="%(prog)s [-h] [--version] COMMAND ...", description="OsteoGate: DICOM gateway that screens knee and spine "
+                     "radiographs for low bone density.")
+    parser.add_argument("--version", action="version", version=f"osteogate {_version()}")
+    # The subcommand list is printed grouped in the epilog (below), not as argparse's flat list.
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help=argparse.SUPPRESS,
+                                prog="osteogate")
+    cmds = _Commands(sub)
+    _serving_parsers(cmds)
+    _operations_parsers(cmds)
+    try:
         from osteogate.training.cli import register
-    except ImportError:  # a serving-only install without the training package
+    except ImportError:  # an install without the training package
         pass
     else:
-        register(sub)
+        model_cmds = _Commands(sub, group="model")
+        register(model_cmds)  # type: ignore[arg-type]
+        cmds.listing.extend(model_cmds.listing)
+    parser.epilog = _overview(cmds.listing)
     return parser
 
 
@@ -529,14 +699,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except ConfigError as exc:
-        print(f"osteogate: {exc}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as exc:
-        print(f"osteogate: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        if os.environ.get("OSTEOGATE_DEBUG") == "1":
+            raise
+        known = translate(exc)
+        if known is None:
+            detail = (str(exc).strip().splitlines() or [""])[0][:300]
+            print(f"osteogate: internal error: {type(exc).__name__}: {detail}. This is a bug: run again with "
+                  "OSTEOGATE_DEBUG=1 for the traceback and report it", file=sys.stderr)
+            return ExitCode.SOFTWARE
+        print(f"osteogate: {known.line()}", file=sys.stderr)
+        return int(known.exit_code)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from osteogate.gateway.errors import ConfigurationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 ENV_PREFIX = "OSTEOGATE_"
 # OSTEOGATE_* variables that are not gateway settings: the config file path, and the training
@@ -27,12 +36,18 @@ _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE VR: no backslas
 _DEST_RE = re.compile(r"^(?P<aet>[^@]{1,16})@(?P<host>[^:@]+):(?P<port>\d{1,5})(?P<tls>\+tls)?$")
 
 
-class ConfigError(ValueError):
-    """Raised with every problem found, each naming its key (``section.key``)."""
+class ConfigError(ConfigurationError, ValueError):
+    """Raised with every problem found, each naming its key (``section.key``).
 
-    def __init__(self, problems: list[str]) -> None:
+    ``str()`` is one line (all problems, separated by ";"); ``problems`` has them one by one.
+    """
+
+    def __init__(self, problems: list[str], source: str | None = None) -> None:
         self.problems = problems
-        super().__init__("invalid configuration:\n  " + "\n  ".join(problems))
+        count = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"
+        super().__init__(f"invalid configuration{f' ({source})' if source else ''}",
+                         f"{count}: " + "; ".join(problems),
+                         "Fix the named keys; `osteogate config check FILE` lists every problem")
 
 
 def _check_ae_title(value: str) -> str:
@@ -109,6 +124,14 @@ class DicomConfig(_Section):
     max_instance_mb: int = Field(512, ge=1)
     network_timeout_seconds: float = Field(60, gt=0)
     tls: TlsConfig = Field(default_factory=lambda: TlsConfig())
+
+    @model_validator(mode="after")
+    def _tls_needs_certificate(self) -> DicomConfig:
+        # Checked here, not when the listener starts: `config check` must catch what `serve` dies on.
+        if self.tls.enabled and not (self.tls.cert_file and self.tls.key_file):
+            raise ValueError("tls.enabled = true needs tls.cert_file and tls.key_file (the server certificate "
+                             "and its key); without them the listener cannot start")
+        return self
 
     @field_validator("allowed_hosts")
     @classmethod
@@ -221,6 +244,9 @@ class LoggingConfig(_Section):
 
 
 class Settings(_Section):
+    # "section.key" -> where its value came from (filled by load_settings; see source_of).
+    _sources: dict[str, str] = PrivateAttr(default_factory=dict)
+
     dicom: DicomConfig = Field(default_factory=DicomConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     study: StudyConfig = Field(default_factory=StudyConfig)
@@ -241,6 +267,11 @@ class Settings(_Section):
     @property
     def delivery_calling_aet(self) -> str:
         return self.delivery.calling_ae_title or self.dicom.ae_title
+
+    def source_of(self, key: str) -> str:
+        """Where a setting (``section.key``) came from, for messages: "the command line",
+        "OSTEOGATE_STORAGE_DATA_DIR in the environment", "the configuration file X" or "the default"."""
+        return self._sources.get(key, "the default")
 
 
 SECTIONS: dict[str, type[_Section]] = {
@@ -318,7 +349,11 @@ def _format_errors(exc: ValidationError) -> list[str]:
     problems = []
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"])
-        problems.append(f"{key}: {err['msg']} (got {err.get('input')!r})")
+        value = err.get("input")
+        # A whole section (a model-level check) is not worth echoing back.
+        got = "" if isinstance(value, dict) else f" (got {value!r})"
+        message = err["msg"].removeprefix("Value error, ")
+        problems.append(f"{key}: {message}{got}")
     return problems
 
 
@@ -343,6 +378,9 @@ def load_settings(
             raise ConfigError([f"config file {path} does not exist"]) from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
+        except OSError as exc:
+            raise ConfigError([f"config file {path} cannot be read: {exc.strerror or exc}"]) from None
+    data_file = data
     env_values, env_problems = env_overrides(environ)
     problems.extend(env_problems)
     data = _merge(data, env_values)
@@ -350,7 +388,14 @@ def load_settings(
     try:
         settings = Settings.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(problems + _format_errors(exc)) from None
+        raise ConfigError(problems + _format_errors(exc), source=str(path) if path else None) from None
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError(problems, source=str(path) if path else None)
+    sources = settings._sources
+    for origin, values in ((f"the configuration file {path}", data_file),
+                           ("the environment", env_values), ("the command line", overrides or {})):
+        for section, items in values.items():
+            for key in items if isinstance(items, Mapping) else ():
+                name = f"{ENV_PREFIX}{section.upper()}_{key.upper()}" if origin == "the environment" else None
+                sources[f"{section}.{key}"] = f"{name} in {origin}" if name else origin
     return settings

@@ -259,7 +259,7 @@ class Database:
         """Alembic ``upgrade head`` (stamping a pre-migration schema first); (before, after)."""
         from osteogate.gateway.migrations import upgrade
 
-        return upgrade(self.engine)
+        return upgrade(self.engine, Base.metadata)
 
     @contextmanager
     def session(self, *, write: bool = False) -> Iterator[Session]:

@@ -1,16 +1,35 @@
-"""Read-only views of the store for the CLI (studies, show)."""
+"""Read-only views of the store for the CLI (studies, show) and /healthz (failing destinations)."""
 
 from __future__ import annotations
 
-from datetime import datetime
+import enum
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
 import pydicom
 from osteogate.gateway.config import Settings
-from osteogate.gateway.db import Database, DeliveryStatus, Study, StudyResult, StudyStatus, as_utc
+from osteogate.gateway.db import (
+    Database,
+    Delivery,
+    DeliveryStatus,
+    Study,
+    StudyResult,
+    StudyStatus,
+    as_utc,
+    utcnow,
+)
+from osteogate.gateway.errors import UsageError
 from osteogate.gateway.spool import Spool
-from sqlalchemy import Select, func, select
-from sqlalchemy.orm import selectinload
+from sqlalchemy import Select, func, inspect, or_, select
+from sqlalchemy.orm import Session, selectinload
+
+# study_key: the first 16 hex characters of a salted sha256 (gateway.logs.study_key).
+_STUDY_KEY_RE = re.compile(r"^[0-9a-fA-F]{16}$")
+# A destination whose SR was rejected this recently (and that took nothing since) counts as failing.
+REJECTED_WINDOW = timedelta(hours=24)
 
 
 def _fmt_time(value: Any) -> str:
@@ -77,9 +96,9 @@ def list_studies(
         return rows
 
 
-def _predecessor_uid(reports: Spool, sr_path: str | None) -> str | None:
+def _predecessor_uid(reports: Spool | None, sr_path: str | None) -> str | None:
     """The SR this one replaces, as the SR file itself states it (PredecessorDocumentsSequence)."""
-    if not sr_path:
+    if not sr_path or reports is None:
         return None
     try:
         ds = pydicom.dcmread(reports.absolute(sr_path), stop_before_pixels=True)
@@ -89,20 +108,41 @@ def _predecessor_uid(reports: Spool, sr_path: str | None) -> str | None:
         return None
 
 
-def _sr_summary(reports: Spool, sr_path: str) -> list[str]:
+def _sr_summary(reports: Spool | None, sr_path: str) -> list[str]:
     from osteogate.gateway.sr import sr_summary
 
+    if reports is None:
+        return ["(no reports directory here: SR file not available)"]
     try:
         return sr_summary(pydicom.dcmread(reports.absolute(sr_path))).splitlines()
     except (OSError, ValueError) as exc:
         return [f"(SR file unreadable: {type(exc).__name__})"]
 
 
-def describe_study(db: Database, settings: Settings, study_uid: str) -> str | None:
-    """A readable account of one study: instances, jobs, results (with SR history), deliveries."""
-    reports = Spool(settings.storage.reports_dir)
+def find_study(session: Session, ident: str) -> Study | None:
+    """A study by Study Instance UID, or by the study key that logs print."""
+    ident = ident.strip()
+    study = session.execute(select(Study).where(Study.study_uid == ident)).scalar_one_or_none()
+    if study is None and _STUDY_KEY_RE.match(ident):
+        matches = session.execute(select(Study).where(Study.study_key == ident.lower())).scalars().all()
+        if len(matches) > 1:  # keys are 64-bit hash prefixes: only a changed salt makes this likely
+            raise UsageError(f"study key {ident} matches {len(matches)} studies", None,
+                             "Name the study by its Study Instance UID (osteogate studies lists both)")
+        study = matches[0] if matches else None
+    return study
+
+
+def _reports(settings: Settings) -> Spool | None:
+    # Read-only: no reports directory is created just to look for SRs in it.
+    return Spool(settings.storage.reports_dir) if settings.storage.reports_dir.is_dir() else None
+
+
+def describe_study(db: Database, settings: Settings, ident: str) -> str | None:
+    """A readable account of one study (by UID or study key): instances, jobs, results (with SR
+    history), deliveries."""
+    reports = _reports(settings)
     with db.session() as session:
-        study = session.execute(select(Study).where(Study.study_uid == study_uid)).scalar_one_or_none()
+        study = find_study(session, ident)
         if study is None:
             return None
         lines = [
@@ -150,7 +190,7 @@ def _describe_result(lines: list[str], result: StudyResult) -> None:
                      + (f" last error: {delivery.last_error}" if delivery.last_error else ""))
 
 
-def _sr_history(study: Study, reports: Spool) -> list[str]:
+def _sr_history(study: Study, reports: Spool | None) -> list[str]:
     srs = [r for r in study.results if r.sr_sop_instance_uid]
     lines = [f"SR history ({len(srs)}):"]
     for result in srs:
@@ -159,3 +199,89 @@ def _sr_history(study: Study, reports: Spool) -> list[str]:
                      f"predecessor {_predecessor_uid(reports, result.sr_path) or '-'}  "
                      f"made {_fmt_time(result.created_at)}  sent {sent}/{len(result.deliveries)}")
     return lines
+
+
+# -- show --json -----------------------------------------------------------------------------------
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return as_utc(value).isoformat()
+    if isinstance(value, enum.Enum):
+        return value.value
+    return value
+
+
+def _columns(row: Any) -> dict[str, Any]:
+    """Every column of an ORM row (so a column added to gateway/db.py shows up here by itself)."""
+    return {attr.key: _json_value(getattr(row, attr.key)) for attr in inspect(row).mapper.column_attrs}
+
+
+def study_record(db: Database, settings: Settings, ident: str) -> dict[str, Any] | None:
+    """``osteogate show --json``: the study with its instances, jobs and results (each with its
+    images and deliveries), as stored; None when no study has that UID or key."""
+    reports = _reports(settings)
+    with db.session() as session:
+        study = find_study(session, ident)
+        if study is None:
+            return None
+        record = _columns(study)
+        record["instances"] = [_columns(i) for i in sorted(study.instances, key=lambda i: i.received_at)]
+        record["jobs"] = [_columns(j) for j in study.jobs]
+        record["results"] = [
+            _columns(r) | {"predecessor_sr_uid": _predecessor_uid(reports, r.sr_path),
+                           "images": [_columns(i) for i in r.images],
+                           "deliveries": [_columns(d) for d in r.deliveries]}
+            for r in study.results
+        ]
+        return record
+
+
+# -- failing destinations (/healthz) -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeliveryRow:
+    id: int
+    destination: str
+    status: DeliveryStatus
+    attempts: int
+    last_error: str | None
+    created_at: datetime
+
+
+def destination_problems(rows: Iterable[DeliveryRow], now: datetime,
+                         window: timedelta = REJECTED_WINDOW) -> list[dict[str, Any]]:
+    """Which destinations are failing, from their delivery rows.
+
+    Failing: a pending delivery that has already failed at least once (being retried), or a
+    rejection within ``window`` with nothing sent to that destination since.
+    """
+    by_destination: dict[str, list[DeliveryRow]] = {}
+    for row in rows:
+        by_destination.setdefault(row.destination, []).append(row)
+    cutoff = now - window
+    problems = []
+    for destination, items in sorted(by_destination.items()):
+        items.sort(key=lambda r: r.id)
+        last_sent = max((r.id for r in items if r.status == DeliveryStatus.SENT), default=0)
+        retrying = [r for r in items if r.status == DeliveryStatus.PENDING and r.attempts > 0]
+        rejected = [r for r in items if r.status == DeliveryStatus.REJECTED and r.id > last_sent
+                    and as_utc(r.created_at) >= cutoff]
+        if retrying or rejected:
+            latest = max(retrying + rejected, key=lambda r: r.id)
+            problems.append({"destination": destination, "retrying": len(retrying), "rejected": len(rejected),
+                             "last_error": latest.last_error})
+    return problems
+
+
+def failing_destinations(db: Database, now: datetime | None = None,
+                         window: timedelta = REJECTED_WINDOW) -> list[dict[str, Any]]:
+    now = now or utcnow()
+    with db.session() as session:
+        rows = session.execute(
+            select(Delivery.id, Delivery.destination, Delivery.status, Delivery.attempts, Delivery.last_error,
+                   Delivery.created_at)
+            .where(or_(Delivery.status == DeliveryStatus.PENDING, Delivery.created_at >= now - window))
+        ).all()
+    return destination_problems((DeliveryRow(*row) for row in rows), now, window)

@@ -66,14 +66,8 @@ class Spool:
                     os.unlink(tmp_name)
         return hashlib.sha256(data).hexdigest()
 
-    def read(self, relative: Path | str) -> bytes:
-        return self.absolute(relative).read_bytes()
-
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free
-
-    def remove_tree(self, relative: Path | str) -> None:
-        shutil.rmtree(self.absolute(relative), ignore_errors=True)
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -10,6 +10,7 @@ logits, so one extreme patch cannot dominate); the label is the arg-max class.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import shutil
 import subprocess
@@ -137,9 +138,14 @@ def _fresh_session(path: Path, sha256: str, threads: int | None) -> OnnxBackend 
     return backend if backend.metadata.get(SHA_KEY) == sha256 else None
 
 
+class ModelUnavailable(RuntimeError):
+    """No ONNX file for this checkpoint, and no torch to export one (a serving-only install)."""
+
+
 def open_onnx(checkpoint_path: Path, sha256: str, cache_dir: Path | None, threads: int | None = None) -> OnnxBackend:
     """ONNX backend for the checkpoint: the ``<stem>.onnx`` sibling if its sha matches, else
-    ``<cache_dir>/<stem>-<sha16>.onnx`` (exported now if missing or stale)."""
+    ``<cache_dir>/<stem>-<sha16>.onnx`` (exported now if missing or stale; without torch that
+    is refused with ModelUnavailable instead of attempted)."""
     sibling = checkpoint_path.with_suffix(".onnx")
     cache = Path(cache_dir if cache_dir is not None else DEFAULT_CACHE_DIR).expanduser()
     cached = cache / f"{checkpoint_path.stem}-{sha256[:16]}.onnx"
@@ -147,6 +153,11 @@ def open_onnx(checkpoint_path: Path, sha256: str, cache_dir: Path | None, thread
         backend = _fresh_session(candidate, sha256, threads)
         if backend is not None:
             return backend
+    if importlib.util.find_spec("torch") is None:
+        raise ModelUnavailable(
+            f"no ONNX file made from {checkpoint_path} (looked for {sibling} and {cached}, with its sha256) and "
+            "torch, needed to export one, is not installed: export it where torch is "
+            f"(osteogate export {checkpoint_path}) or install osteogate[train]")
     log.info("exporting %s to ONNX in %s (sibling missing or stale)", checkpoint_path.name, cache)
     cache.mkdir(parents=True, exist_ok=True)
     # A child process does the export: torch would otherwise stay loaded in the serving process.

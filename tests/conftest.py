@@ -6,6 +6,8 @@ failed test never leaves a listener behind.
 
 from __future__ import annotations
 
+import os
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +19,28 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
+
+# A skip whose reason says a system tool is missing. Outside CI it stays a skip (a developer may
+# lack Orthanc); in CI (CI=true, as .ci/run runs) it is a failure: the suite must not go green on
+# a machine without the tools it exists to exercise.
+MISSING_TOOL = re.compile(r"not installed|dcmtk missing|missing: |initdb|no '\w+' OS user", re.IGNORECASE)
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    if not (report.skipped and in_ci()) or hasattr(report, "wasxfail"):
+        return
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    if MISSING_TOOL.search(reason):
+        report.outcome = "failed"
+        report.longrepr = f"CI=true and a system tool this test needs is missing ({reason}): install it (.ci/run)"
+
 
 from tests.helpers import (  # noqa: E402
     OrthancServer,

@@ -194,7 +194,7 @@ def test_replay_refuses_unfinished_and_unknown_studies(store: Store, tmp_path: P
     result = osteogate("replay", receiving, "1.2.3.999", "--dry-run", *store.cli_args())
     assert "wait until it is finished" in result.stdout and "no such study" in result.stdout
     assert osteogate("replay", receiving, *store.cli_args(), check=False).returncode == 1
-    assert osteogate("replay", *store.cli_args(), check=False).returncode == 2
+    assert osteogate("replay", *store.cli_args(), check=False).returncode == 64  # usage
 
 
 @needs_dcmtk
@@ -276,7 +276,7 @@ def test_studies_filters(store: Store, tmp_path: Path) -> None:
     assert _listing(store, "--region", "knee", "--status", "failed") == set()
     table = osteogate("studies", "--status", "done", *store.cli_args()).stdout
     assert "1 studies" in table
-    assert osteogate("studies", "--since", "yesterday-ish", *store.cli_args(), check=False).returncode == 2
+    assert osteogate("studies", "--since", "yesterday-ish", *store.cli_args(), check=False).returncode == 64
 
 
 # -- config check --------------------------------------------------------------------------------
@@ -293,15 +293,15 @@ def test_config_check_good_and_bad(tmp_path: Path, tiny_model: Path) -> None:
     bad.write_text('[dicom]\nae_title = "A\\\\B"\nport = 70000\nbogus = 1\n[delivery]\ndestinations = ["nope"]\n'
                    '[retention]\nspool_days = -1\n')
     result = osteogate("config", "check", str(bad), check=False)
-    assert result.returncode == 2
+    assert result.returncode == 78
     for key in ("dicom.ae_title", "dicom.port", "dicom.bogus", "delivery.destinations", "retention.spool_days"):
         assert key in result.stdout, (key, result.stdout)
 
     missing_model = tmp_path / "model.toml"
     missing_model.write_text('[model]\npath = "/nonexistent/x.safetensors"\n')
     result = osteogate("config", "check", str(missing_model), check=False)
-    assert result.returncode == 2 and "model.path" in result.stdout
-    assert osteogate("config", "check", str(tmp_path / "absent.toml"), check=False).returncode == 2
+    assert result.returncode == 78 and "model.path" in result.stdout
+    assert osteogate("config", "check", str(tmp_path / "absent.toml"), check=False).returncode == 78
 
 
 # -- stale jobs ----------------------------------------------------------------------------------
@@ -340,3 +340,56 @@ def test_replay_without_destinations_goes_where_earlier_srs_went(
     done = osteogate("replay", study_uid, "--model", str(tiny_model), "--data-dir", str(gw.data_dir))
     assert "replayed 1 of 1" in done.stdout and "earlier SRs went" in done.stdout
     assert len(dcmtk_pacs.wait_for_files("SR*.dcm", count=2, timeout=60)) == 2
+
+
+# -- show by study key, --json; resend targets on a real store ------------------------------------
+
+
+@needs_dcmtk
+def test_show_by_study_key_and_json(store: Store, tmp_path: Path, dcmtk_pacs: StoreSCP) -> None:
+    uid = store.ingest_study(tmp_path / "in", images=2)
+    store.classify(uid, [f"PACS@127.0.0.1:{dcmtk_pacs.port}"])
+    DeliveryManager(store.settings([]), store.db, store.reports).run_due()
+    with store.db.session() as session:
+        key = session.execute(select(Study.study_key).where(Study.study_uid == uid)).scalar_one()
+    by_key = osteogate("show", key, *store.cli_args()).stdout
+    assert by_key == osteogate("show", uid, *store.cli_args()).stdout
+    assert f"Study {uid}" in by_key and f"key {key}" in by_key
+    record = json.loads(osteogate("show", key, "--json", *store.cli_args()).stdout)
+    assert record["study_uid"] == uid and record["study_key"] == key and record["status"] == "done"
+    assert len(record["instances"]) == 2 and all(i["sop_instance_uid"] for i in record["instances"])
+    (result,) = record["results"]
+    assert result["sr_sop_instance_uid"] and result["predecessor_sr_uid"] is None
+    assert [d["status"] for d in result["deliveries"]] == ["sent"]
+    assert {i["status"] for i in result["images"]} == {"classified"}
+
+
+@needs_dcmtk
+def test_resend_skips_delivered_and_never_doubles_a_pending_delivery(
+    store: Store, tmp_path: Path, dcmtk_pacs: StoreSCP
+) -> None:
+    pacs = f"PACS@127.0.0.1:{dcmtk_pacs.port}"
+    down = f"GONE@127.0.0.1:{free_port()}"
+    uid = store.ingest_study(tmp_path / "in")
+    store.classify(uid, [pacs, down])
+    DeliveryManager(store.settings([]), store.db, store.reports).run_due()  # PACS: sent; GONE: pending, retrying
+
+    config = tmp_path / "site.toml"
+    config.write_text(f'[storage]\ndata_dir = "{store.data_dir}"\nmin_free_mb = 0\n'
+                      f'[delivery]\ndestinations = ["{pacs}", "{down}"]\ntimeout_seconds = 2\n')
+    result = osteogate("resend", uid, "--config", str(config), "--timeout", "1", check=False)
+    assert result.returncode == 1, result.stdout + result.stderr  # GONE is still down
+    assert f"-> {pacs}: already delivered, not sent again" in result.stdout
+    assert f"-> {down}: pending" in result.stdout
+    with store.db.session() as session:
+        rows = [(d.destination, d.status, d.attempts) for d in session.execute(select(Delivery)).scalars()]
+    assert sorted(r[0] for r in rows) == sorted([pacs, down]), "no second delivery row for either"
+    assert next(r for r in rows if r[0] == down)[2] >= 2, "the pending delivery was retried now"
+    assert len(dcmtk_pacs.files("SR*.dcm")) == 1, "the PACS that has the SR does not get it again"
+
+    # Asked for by name: sent again (storescp overwrites the same SOP Instance UID's file).
+    again = osteogate("resend", uid, "--to", pacs, "--config", str(config), "--timeout", "20")
+    assert f"-> {pacs}: sent" in again.stdout
+    with store.db.session() as session:
+        to_pacs = session.execute(select(Delivery.status).where(Delivery.destination == pacs)).scalars().all()
+    assert to_pacs == [DeliveryStatus.SENT, DeliveryStatus.SENT]

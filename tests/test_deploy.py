@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 from osteogate.gateway.config import ENV_PREFIX, Settings, load_settings
+from osteogate.gateway.errors import NO_RESTART
 from osteogate.gateway.ingest import (
     ACCEPTED_SOP_CLASSES,
     CANNOT_UNDERSTAND,
@@ -53,16 +54,13 @@ def env_name(section: str, key: str) -> str:
 
 def test_example_config_loads_without_environment():
     settings = load_settings(EXAMPLE, environ={})
-    assert [str(d) for d in settings.delivery.destinations] == ["PACS@127.0.0.1:4242"]
+    # No live example destination: copied as is, it must not retry a PACS that is not there.
+    assert settings.delivery.destinations == []
 
 
 def test_example_config_values_are_the_defaults():
-    """The example documents the defaults; only delivery.destinations is an example value."""
-    example = load_settings(EXAMPLE, environ={}).model_dump()
-    defaults = Settings().model_dump()
-    example["delivery"].pop("destinations")
-    defaults["delivery"].pop("destinations")
-    assert example == defaults
+    """The example documents the defaults, every one of them."""
+    assert load_settings(EXAMPLE, environ={}).model_dump() == Settings().model_dump()
 
 
 def test_example_config_names_every_settings_key():
@@ -178,6 +176,14 @@ def test_systemd_unit():
     assert "--config /etc/osteogate/osteogate.toml" in service["ExecStart"]
     assert service["User"] == "osteogate"
     assert service["Restart"] == "on-failure"
+    # No restart after what only an administrator can fix (gateway/errors.py NO_RESTART).
+    assert sorted(int(c) for c in service["RestartPreventExitStatus"].split()) == sorted(map(int, NO_RESTART))
+    # Documentation= points where the install steps of deploy/README.md put the sources.
+    install_dir = re.search(r"git clone [^\n]* (/opt/osteogate/src)\n", (DEPLOY / "README.md").read_text())
+    assert install_dir, "deploy/README.md install steps"
+    for url in parser["Unit"]["Documentation"].split():
+        assert url.startswith(f"file://{install_dir[1]}/deploy/"), url
+        assert (DEPLOY / url.rsplit("/", 1)[1]).is_file(), url
     assert service["KillSignal"] == "SIGTERM"
     assert service["ProtectSystem"] == "strict"
     assert "/var/lib/osteogate" in service["ReadWritePaths"]

@@ -232,7 +232,7 @@ def test_echo_cli_and_wrong_called_aet(tmp_path: Path, tiny_model: Path) -> None
         assert echoscu("127.0.0.1", gw.port, "OSTEOGATE").returncode == 0
     down = subprocess.run([sys.executable, "-m", "osteogate.gateway.cli", "echo", f"OSTEOGATE@127.0.0.1:{free_port()}"],
                           capture_output=True, text=True, timeout=60)
-    assert down.returncode == 2
+    assert down.returncode == 69  # EX_UNAVAILABLE (gateway/errors.py)
 
 
 def test_send_cli_sends_folder_untranscoded(tmp_path: Path, pacs: StoreSCP) -> None:
@@ -253,7 +253,7 @@ def test_send_cli_sends_folder_untranscoded(tmp_path: Path, pacs: StoreSCP) -> N
         assert copy.PixelData == original.PixelData
     bad = subprocess.run([sys.executable, "-m", "osteogate.gateway.cli", "send", str(SAMPLE_DIR / "README.md"), "--to",
                           f"PACS@127.0.0.1:{pacs.port}"], capture_output=True, text=True, timeout=60)
-    assert bad.returncode == 1 and "not a DICOM file" in bad.stderr
+    assert bad.returncode == 66 and "not a DICOM file" in bad.stderr  # EX_NOINPUT: nothing to send
 
 
 def test_demo_prints_sr_summaries(tiny_model: Path) -> None:

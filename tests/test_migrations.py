@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from alembic import command
-from osteogate.gateway.db import Database
+from osteogate.gateway.db import Base, Database
 from osteogate.gateway.migrations import (
     INITIAL_REVISION,
     MigrationError,
@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 def _assert_at_head_matching_models(db: Database) -> None:
     with db.engine.connect() as connection:
         assert current_revision(connection) == head_revision()
-        assert schema_diffs(connection) == []
+        assert schema_diffs(connection, Base.metadata) == []
 
 
 def test_sqlite_empty_to_head_matches_models(tmp_path: Path) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,7 +108,3 @@ def build_pool(
         dedup=dedup,
         all_samples=list(samples),
     )
-
-
-def summary_json(pool: Pool) -> str:
-    return json.dumps(pool.summary(), indent=2)

@@ -1,6 +1,8 @@
 """Schema migrations (Alembic), run through Alembic's Python API, never a CLI subprocess.
 
-``upgrade(engine)`` is what the gateway runs at start and what ``osteogate db upgrade`` runs:
+``upgrade(engine, metadata)`` is what the gateway runs at start and what ``osteogate db upgrade``
+runs (through ``gateway.db.Database.migrate``, which hands over the models' metadata: this package
+never imports ``gateway.db``, so the two do not import each other):
 
 * fresh database (no tables): ``upgrade head``;
 * database at a known revision: ``upgrade head``;
@@ -22,8 +24,9 @@ from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from osteogate.gateway.errors import ExitCode, OsteoGateError
 from osteogate.gateway.logs import get_logger
-from sqlalchemy import inspect, text
+from sqlalchemy import MetaData, inspect, text
 from sqlalchemy.engine import Connection, Engine
 
 log = get_logger("osteogate.gateway.migrations")
@@ -35,15 +38,19 @@ INITIAL_REVISION = "0001_initial"
 _PG_LOCK_KEY = 0x05731E6A
 
 
-class MigrationError(RuntimeError):
+class MigrationError(OsteoGateError, RuntimeError):
     """The database schema is not one the migrations know how to bring up to date."""
 
+    exit_code = ExitCode.DATAERR
 
-def alembic_config(connection: Connection | None = None) -> Config:
+
+def alembic_config(connection: Connection | None = None, metadata: MetaData | None = None) -> Config:
     config = Config()
     config.set_main_option("script_location", str(HERE))
     if connection is not None:
         config.attributes["connection"] = connection
+    if metadata is not None:
+        config.attributes["target_metadata"] = metadata
     return config
 
 
@@ -57,18 +64,26 @@ def current_revision(connection: Connection) -> str | None:
     return MigrationContext.configure(connection).get_current_revision()
 
 
-def schema_diffs(connection: Connection) -> list[Any]:
-    """Differences between the live schema and gateway.db's models (empty: they match)."""
-    from osteogate.gateway.db import Base
-
+def schema_diffs(connection: Connection, metadata: MetaData) -> list[Any]:
+    """Differences between the live schema and the models' ``metadata`` (empty: they match)."""
     context = MigrationContext.configure(connection, opts={"compare_type": True})
-    return list(compare_metadata(context, Base.metadata))
+    return list(compare_metadata(context, metadata))
 
 
 def _is_pre_purge_schema(diffs: list[Any]) -> bool:
     """The schema of revision 0001: models minus ``instances.purged_at`` (added by 0002)."""
     return len(diffs) == 1 and diffs[0][0] == "add_column" and diffs[0][2] == "instances" \
         and diffs[0][3].name == "purged_at"
+
+
+def _describe_diff(diff: Any) -> str:
+    """``('add_table', Table('jobs', ...))`` -> "add_table jobs": a schema difference in a few words."""
+    if isinstance(diff, list):  # modify_* differences come as a list of tuples
+        diff = diff[0] if diff else ()
+    if not isinstance(diff, tuple) or not diff:
+        return str(diff)[:120]
+    names = [str(part if isinstance(part, str) else getattr(part, "name", "")) for part in diff[1:]]
+    return " ".join([str(diff[0]), ".".join(n for n in names if n)])[:120]
 
 
 @contextmanager
@@ -101,16 +116,18 @@ def _locked(engine: Engine) -> Iterator[Connection]:
                 connection.commit()
 
 
-def _stamp_legacy(connection: Connection, config: Config) -> str:
-    diffs = schema_diffs(connection)
+def _stamp_legacy(connection: Connection, config: Config, metadata: MetaData) -> str:
+    diffs = schema_diffs(connection, metadata)
     if not diffs:
         target = head_revision()
     elif _is_pre_purge_schema(diffs):
         target = INITIAL_REVISION
     else:
         raise MigrationError(
-            "the database has gateway tables but no alembic_version, and its schema matches no known "
-            f"revision ({len(diffs)} difference(s), first: {diffs[0]!r}); back it up and fix it by hand"
+            "the database schema matches no known revision",
+            f"it has gateway tables but no alembic_version, and {len(diffs)} difference(s) from any "
+            f"revision (first: {_describe_diff(diffs[0])})",
+            "Back it up and fix it by hand (or point storage.database_url at the right database)",
         )
     command.stamp(config, target)
     connection.commit()
@@ -118,13 +135,23 @@ def _stamp_legacy(connection: Connection, config: Config) -> str:
     return target
 
 
-def upgrade(engine: Engine) -> tuple[str | None, str]:
-    """Bring the database to the head revision; returns (revision before, revision after)."""
+def upgrade(engine: Engine, metadata: MetaData) -> tuple[str | None, str]:
+    """Bring the database to the head revision; returns (revision before, revision after).
+
+    ``metadata``: the models the schema must match (``gateway.db.Base.metadata``).
+    """
     with _locked(engine) as connection:
-        config = alembic_config(connection)
+        config = alembic_config(connection, metadata)
         before = current_revision(connection)
         if before is None and inspect(connection).has_table("studies"):
-            _stamp_legacy(connection, config)
+            _stamp_legacy(connection, config, metadata)
+        known = {script.revision for script in ScriptDirectory.from_config(config).walk_revisions()}
+        if before is not None and before not in known:
+            raise MigrationError(
+                f"the database is at schema revision {before}, which this osteogate does not know",
+                "it was upgraded by a newer release",
+                "Run the newer release, or restore a backup made before the upgrade",
+            )
         command.upgrade(config, "head")
         connection.commit()
         after = current_revision(connection)
