@@ -173,3 +173,23 @@ def test_cv_only_writes_summary_without_a_model(dataset: Path, tmp_path: Path) -
     summary = json.loads((tmp_path / "cv_summary.json").read_text())
     assert summary["config"]["mode"] == "whole" and "cross_validation" in summary["metrics"]
     assert not out.exists()
+
+
+def test_fusion_refit_from_saved_predictions(trained: Path, dataset: Path, tmp_path: Path) -> None:
+    """`python -m osteogate.training.fusion_report`: the fusion stage alone, on an existing checkpoint."""
+    from osteogate.model.inference import Classifier
+    from osteogate.training.fusion_report import main as refit
+
+    out = tmp_path / "refit"
+    code = refit([str(dataset), "--image-cv", str(trained.parent / "cv.npz"), "--out", str(out), "--working-size", "64",
+                  "--cache-dir", str(tmp_path / "cache"), "--bootstrap", "30", "--checkpoint", str(trained),
+                  "--version", "9.9.9"])
+    assert code == 0
+    written = out / trained.name
+    state, card = load_checkpoint(written)
+    original_state, original = load_checkpoint(trained)
+    assert card.version == "9.9.9" and card.fusion["situations"] and "fusion" in card.training
+    assert all(torch.equal(state[k], original_state[k]) for k in original_state)  # image weights untouched
+    assert (out / "fusion_table.md").read_text().startswith("| method |")
+    assert json.loads(written.with_name("model.card.json").read_text())["version"] == "9.9.9"
+    Classifier.load(written, backend="torch", device="cpu")

@@ -14,7 +14,9 @@ Refit the fusion only, from saved out-of-fold image predictions (minutes instead
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -217,7 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bootstrap", type=int, default=1000)
     parser.add_argument("--cache-dir", type=Path)
+    parser.add_argument("--version", help="card version of the written checkpoint (default: unchanged)")
     args = parser.parse_args(argv)
+    started = time.perf_counter()
 
     from osteogate.training.pool import build_pool
     from osteogate.training.reports import write_json
@@ -238,15 +242,26 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "fusion_table.md").write_text(report["markdown"] + "\n\n" + situation_summary(
         fusion, sorted(fusion["situations"], key=lambda k: (len(k.split("+")), k))) + "\n")
     print(report["markdown"])
+    seconds = round(time.perf_counter() - started, 1)
+    print(f"fusion stage: {seconds:.0f} s")
     if args.checkpoint:
         from osteogate.model.checkpoint import load_checkpoint, save_checkpoint
+        from osteogate.training.pipeline import INTENDED_USE, LIMITATIONS, fusion_statement, signal_warning
 
         state, card = load_checkpoint(args.checkpoint)
         metrics = dict(card.metrics)
         metrics["fusion_comparison"] = {k: report[k] for k in ("table", "paired_deltas", "n_images", "n_groups")}
+        training = dict(card.training)
+        training["fusion"] = {"command": "python -m osteogate.training.fusion_report " + " ".join(
+            shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)), "seconds": seconds,
+            "image_cv": args.image_cv.name}
         out = args.out / args.checkpoint.name
-        sha = save_checkpoint(out, state, card.with_updates(fusion=fusion, metrics=metrics))
-        print(f"wrote {out} (sha256 {sha[:12]})")
+        card = card.with_updates(
+            version=args.version or card.version, fusion=fusion, metrics=metrics, training=training,
+            intended_use=INTENDED_USE, limitations=fusion_statement(fusion) + signal_warning(metrics) + LIMITATIONS)
+        sha = save_checkpoint(out, state, card)
+        out.with_name(out.name.replace(".safetensors", "") + ".card.json").write_text(card.to_json(indent=2) + "\n")
+        print(f"wrote {out} (sha256 {sha[:12]}) and its card JSON")
     return 0
 
 

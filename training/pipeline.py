@@ -18,7 +18,7 @@ import numpy as np
 from osteogate.model.card import ModelCard
 from osteogate.training.config import TrainConfig
 
-VERSION = "1.0.0"
+VERSION = "1.1.0"
 
 INTENDED_USE = (
     "Research prototype: estimates the densitometry T-score and flags knee (and, by the covariates alone, "
