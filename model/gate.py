@@ -3,8 +3,9 @@
 Pure decision logic (no I/O, no numpy): every function returns ``None`` when the result may be
 reported, else the reason it is "not assessed". A result is reported only when its input situation
 showed discrimination in the card's grouped cross-validation (low-BMD ROC-AUC whose 95 % CI lower
-bound is above chance) and every part it relies on was trained on real data (an untrained region
-head, e.g. spine, never yields a label).
+bound is above chance), its operating threshold did not flag (nearly) everyone there, and every
+part it relies on was trained on real data (an untrained region head, e.g. spine, never yields a
+label).
 """
 
 from __future__ import annotations
@@ -42,6 +43,20 @@ def discrimination_reason(validation: Mapping[str, Any], what: str) -> str | Non
     return None
 
 
+def operating_point_reason(validation: Mapping[str, Any], what: str) -> str | None:
+    """None unless the situation's operating threshold flagged (nearly) everyone in validation.
+
+    A weak head at a high target sensitivity can put its threshold below every case: it then calls
+    every study "low BMD", which says nothing about the patient. Figures absent (older cards): no
+    objection here; the discrimination rule still applies."""
+    specificity = _figure(validation, "specificity_low_bmd")
+    if specificity is None or float(specificity["ci_low"]) > 0.0:
+        return None
+    return (f"no useful operating point for {what}: at the validated threshold it flags nearly every study "
+            f"(low-BMD specificity {float(specificity['value']):.2f}, 95 % CI "
+            f"{float(specificity['ci_low']):.2f}-{float(specificity['ci_high']):.2f})")
+
+
 def trained_regions(card: Any) -> tuple[str, ...]:
     """Regions whose image head saw real images in training (from the card)."""
     if not getattr(card, "trained", False):
@@ -70,7 +85,9 @@ def image_path_reason(card: Any, region: str) -> str | None:
         return "the image network is untrained (random weights)"
     if region not in trained_regions(card):
         return f"the {region} image head is untrained on real data"
-    return discrimination_reason(image_validation(card), f"the {region} image alone")
+    validation = image_validation(card)
+    what = f"the {region} image alone"
+    return discrimination_reason(validation, what) or operating_point_reason(validation, what)
 
 
 def situation_reason(entry: Mapping[str, Any] | None, available: Sequence[str]) -> str | None:
@@ -80,7 +97,9 @@ def situation_reason(entry: Mapping[str, Any] | None, available: Sequence[str]) 
     if entry is None:
         return f"no model for the inputs {', '.join(available)} in this checkpoint"
     inputs = entry.get("inputs") or list(available)
-    return discrimination_reason(entry.get("validation") or {}, "the inputs " + ", ".join(inputs))
+    what = "the inputs " + ", ".join(inputs)
+    validation = entry.get("validation") or {}
+    return discrimination_reason(validation, what) or operating_point_reason(validation, what)
 
 
 def out_of_range(covariates: Covariates, ranges: Mapping[str, Sequence[float]]) -> dict[str, str]:

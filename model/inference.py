@@ -3,9 +3,11 @@
 The CPU path never imports torch (torch costs ~1 s of import and a few hundred MB of RSS per process);
 torch is imported only for the torch backend or when an ONNX file must be (re-)exported.
 
-Scoring: logits of the image's region row, divided by ``card.temperature`` (calibration), softmax over
-classes; in patches mode the per-patch probabilities are averaged (mean pooling of probabilities, not
-logits, so one extreme patch cannot dominate); the label is the arg-max class.
+Scoring (``score_images``): logits of the image's region row, divided by ``card.temperature``
+(calibration), softmax over classes; in patches mode the per-patch probabilities are averaged (mean
+pooling of probabilities, not logits, so one extreme patch cannot dominate). ``assess`` then fuses the
+image scores with the header covariates and applies the gate (model/scoring.py, numpy only); the
+legacy ``predict`` labels each image alone with the card's thresholds (model/scoring.decide_label).
 """
 
 from __future__ import annotations

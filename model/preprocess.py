@@ -58,7 +58,7 @@ def letterbox(image: np.ndarray, size: int | tuple[int, int], fill: float = 0.0)
     return canvas
 
 
-def _box_stats(image: np.ndarray, patch: int) -> tuple[np.ndarray, np.ndarray]:
+def box_stats(image: np.ndarray, patch: int) -> tuple[np.ndarray, np.ndarray]:
     """Mean and std of every patch x patch window (indexed by top-left) via integral images: O(pixels)."""
     f64 = image.astype(np.float64)
     total = cv2.integral(f64)
@@ -73,7 +73,7 @@ def _box_stats(image: np.ndarray, patch: int) -> tuple[np.ndarray, np.ndarray]:
     return mean, np.sqrt(var)
 
 
-def _central_range(length: int, patch: int) -> tuple[int, int]:
+def central_range(length: int, patch: int) -> tuple[int, int]:
     """Allowed top-left range along one axis so the patch stays within the central region."""
     margin = int(length * (1 - CENTRAL_FRACTION) / 2)
     low, high = margin, length - margin - patch
@@ -87,7 +87,7 @@ def _overlap(a: tuple[int, int], b: tuple[int, int], patch: int) -> float:
     return dy * dx / float(patch * patch)
 
 
-def _select(candidates: list[tuple[int, int]], scores: np.ndarray, count: int, patch: int) -> list[tuple[int, int]]:
+def select_positions(candidates: list[tuple[int, int]], scores: np.ndarray, count: int, patch: int) -> list[tuple[int, int]]:
     order = sorted(range(len(candidates)), key=lambda i: (-scores[i], candidates[i]))  # ties: top-left first
     chosen: list[tuple[int, int]] = []
     for index in order:
@@ -106,9 +106,9 @@ def patch_positions(image: np.ndarray, spec: InputSpec, rng: np.random.Generator
     """Top-left (y, x) of the patches for an image already at working size (see module rule)."""
     patch = spec.patch_size
     height, width = image.shape
-    mean, std = _box_stats(image, patch)
+    mean, std = box_stats(image, patch)
     score_map = mean + std
-    (y0, y1), (x0, x1) = _central_range(height, patch), _central_range(width, patch)
+    (y0, y1), (x0, x1) = central_range(height, patch), central_range(width, patch)
     if rng is None:
         stride = max(1, patch // 2)
         ys = sorted({*range(y0, y1 + 1, stride), y1})
@@ -118,7 +118,7 @@ def patch_positions(image: np.ndarray, spec: InputSpec, rng: np.random.Generator
         n = spec.patches_per_image * RANDOM_CANDIDATE_FACTOR
         candidates = list(zip(rng.integers(y0, y1 + 1, n).tolist(), rng.integers(x0, x1 + 1, n).tolist(), strict=True))
     scores = np.array([score_map[y, x] for y, x in candidates])
-    return _select(candidates, scores, spec.patches_per_image, patch)
+    return select_positions(candidates, scores, spec.patches_per_image, patch)
 
 
 Box = tuple[float, float, float, float]  # (x0, y0, x1, y1) as fractions of the source image

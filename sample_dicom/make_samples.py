@@ -91,6 +91,42 @@ class Sample:
     j2k: bool = False
 
 
+@dataclass(frozen=True)
+class Demographics:
+    """Patient module (Type 2 birth date and sex, empty when unknown) and Patient Study module
+    (Type 3 age, weight, size: absent when None) values of a sample."""
+
+    birth_date: str = ""
+    sex: str = ""
+    age: str | None = None  # AS, e.g. "040Y"
+    weight_kg: str | None = None  # DS
+    height_m: str | None = None  # DS, metres as the standard says
+
+
+# Knee samples carry the age, sex, weight and height of their source image's row in the public
+# m7md patient table (no identifiers there); birth dates are invented to match the age on the
+# study date (2024-01-15). knee_mono1.dcm deliberately carries none: the demo shows both cases.
+DEMOGRAPHICS: dict[str, Demographics] = {
+    "knee_dx.dcm": Demographics("19830610", "M", "040Y", "74", "1.615"),
+    "knee_dx_2.dcm": Demographics("19830610", "M", "040Y", "74", "1.615"),  # same patient and study
+    "knee_j2k.dcm": Demographics("19590302", "M", "064Y", "70", "1.585"),
+    "knee_mono1.dcm": Demographics(),
+    "spine_cr.dcm": Demographics("19551120", "F", "068Y", "61", "1.58"),
+    "chest_dx.dcm": Demographics("19680905", "M", "055Y", "82", "1.78"),
+}
+# In-memory test instances built from other Sample values keep the generator's old defaults.
+DEFAULT_DEMOGRAPHICS = Demographics("19600101", "F")
+
+
+def set_demographics(ds: Dataset, demographics: Demographics) -> None:
+    ds.PatientBirthDate = demographics.birth_date
+    ds.PatientSex = demographics.sex
+    for keyword, value in (("PatientAge", demographics.age), ("PatientWeight", demographics.weight_kg),
+                           ("PatientSize", demographics.height_m)):
+        if value is not None:
+            setattr(ds, keyword, value)
+
+
 # ---------------------------------------------------------------------------------- pixels
 
 
@@ -226,8 +262,7 @@ def build_dataset(s: Sample, pixels: np.ndarray) -> Dataset:
     )
     ds.PatientName = s.patient_name
     ds.PatientID = s.patient_id
-    ds.PatientBirthDate = "19600101"
-    ds.PatientSex = "F"
+    set_demographics(ds, DEMOGRAPHICS.get(s.filename, DEFAULT_DEMOGRAPHICS))
     ds.PatientIdentityRemoved = "YES"
     ds.DeidentificationMethod = "Fake demo identity; pixels derived or synthetic"
     ds.BodyPartExamined = s.body_part

@@ -67,6 +67,19 @@ def test_image_path_reason():
     assert "0.52" in image_path_reason(fused, "spine")
 
 
+def test_operating_point_that_flags_everyone_is_not_assessed():
+    weak = {"inputs": ["weight"], "validation": {"auc_low_bmd": auc(0.64, 0.53, 0.75),
+                                                 "specificity_low_bmd": auc(0.0, 0.0, 0.0)}}
+    reason = situation_reason(weak, ("weight",))
+    assert reason.startswith("no useful operating point for the inputs weight")
+    useful = {"inputs": ["age"], "validation": {"auc_low_bmd": auc(0.92, 0.87, 0.96),
+                                                "specificity_low_bmd": auc(0.83, 0.7, 0.95)}}
+    assert situation_reason(useful, ("age",)) is None
+    card = card_with(metrics={"cross_validation": {"pooled_out_of_fold": {
+        "auc_low_bmd": auc(0.7, 0.6, 0.8), "specificity_low_bmd": auc(0.02, 0.0, 0.06)}}})
+    assert "no useful operating point for the knee image alone" in image_path_reason(card, "knee")
+
+
 def test_situation_reason():
     good = {"inputs": ["age"], "validation": {"auc_low_bmd": auc(0.93, 0.89, 0.96)}}
     assert situation_reason(good, ("age",)) is None

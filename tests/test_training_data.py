@@ -135,3 +135,68 @@ def test_cli_import_is_cheap() -> None:
     code = "import sys, training.cli; print(sorted(m for m in ('torch', 'numpy', 'sklearn') if m in sys.modules))"
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert output.strip() == "[]"
+
+
+def test_covariates_from_manifest_and_dicom_header(dataset: Path, tmp_path: Path) -> None:
+    samples = load_samples(dataset)
+    three_class = [s for s in samples if s.source == "synthetic3"]
+    assert all(s.t_score is not None for s in three_class)
+    assert all(s.covariates.present == ("age", "sex", "weight", "height") for s in three_class)
+    from osteogate.model.taxonomy import class_from_t_score
+
+    assert all(class_from_t_score(s.t_score) == s.label for s in three_class)
+    assert all(s.covariates.present == () and s.t_score is None for s in samples if s.source == "synthetic_binary")
+    # The DICOM file's manifest row has no covariates: they come from its header (serving's code).
+    dicom = next(s for s in samples if s.path.suffix == ".dcm")
+    import pydicom
+
+    header = pydicom.dcmread(dicom.path, stop_before_pixels=True)
+    assert dicom.covariates.age_years == float(str(header.PatientAge)[:3])
+    assert dicom.covariates.weight_kg == float(header.PatientWeight)
+    # Header first, the manifest fills the gaps; bad manifest values become missing, bad T-scores are errors.
+    manifest = tmp_path / "m.csv"
+    image = tmp_path / "a.png"
+    from PIL import Image
+
+    Image.fromarray(synthetic_image("normal", 32, np.random.default_rng(0))).save(image)
+    manifest.write_text("path,label,age,sex,weight_kg,height_m,t_score\n"
+                        f"{image.name},normal,065Y,F,0,165,-0.5\n")
+    (sample,) = load_samples(manifest)
+    assert sample.covariates.age_years == 65.0 and sample.covariates.weight_kg is None
+    assert sample.covariates.height_m == 1.65 and sample.t_score == -0.5
+    assert any("centimetres" in n for n in sample.covariates.notes)
+    manifest.write_text(f"path,label,t_score\n{image.name},normal,low\n")
+    with pytest.raises(DataError, match="t_score 'low'"):
+        load_samples(manifest)
+
+
+def test_patch_sampler_uses_the_serving_rule() -> None:
+    """Same candidates -> the same windows as model/preprocess.py's deterministic serving rule."""
+    from dataclasses import replace
+
+    from osteogate.model.card import InputSpec
+    from osteogate.model.preprocess import box_stats, central_range, patch_positions, working_image
+    from osteogate.training.inputs import PatchSampler
+
+    rng = np.random.default_rng(3)
+    image = (np.clip(rng.normal(0.3, 0.1, (150, 200)), 0, 1) * 255).astype(np.uint8)
+    image[40:110, 60:120] = 220  # a bright "bone" block the rule must prefer
+    spec = InputSpec(mode="patches", patch_size=32, patches_per_image=4, working_size=200, channels=1,
+                     mean=(0.5,), std=(0.25,))
+    sampler = PatchSampler(image, spec, stride=1)
+    window_spec = replace(spec, patch_size=sampler.window, patches_per_image=5)
+    array, _ = working_image(image.astype(np.float32) / 255.0, spec, sampler.window)
+    serving = patch_positions(array, window_spec)
+    # Serving's candidate grid, expressed as indices into the sampler's (stride 1) grid.
+    (y0, y1), (x0, x1) = central_range(array.shape[0], sampler.window), central_range(array.shape[1], sampler.window)
+    step = sampler.window // 2
+    grid = [(y, x) for y in sorted({*range(y0, y1 + 1, step), y1}) for x in sorted({*range(x0, x1 + 1, step), x1})]
+    index = {tuple(p): i for i, p in enumerate(sampler.positions.tolist())}
+    assert sampler.choose(np.array([index[p] for p in grid]), 5) == serving
+    # Scores are serving's window scores; random draws stay in the central region and on the block.
+    mean, std = box_stats(array, sampler.window)
+    y, x = sampler.positions[17]
+    assert sampler.scores[17] == mean[y, x] + std[y, x]
+    windows = sampler.sample(3, np.random.default_rng(0))
+    assert windows.shape == (3, sampler.window, sampler.window) and windows.dtype == np.uint8
+    assert all(w.mean() > image.mean() for w in windows)

@@ -75,6 +75,43 @@ def test_checkpoint_and_card_round_trip(trained: Path) -> None:
     assert not classifier.untrained and state
 
 
+def test_fusion_heads_ship_in_the_card_and_serve(trained: Path) -> None:
+    """The synthetic covariates follow the T-score: the fused card carries heads for every input
+    situation, with nested grouped-CV figures, and the classifier assesses studies with them."""
+    card = read_card(trained)
+    fusion = card.fusion
+    assert fusion["format"] == 1 and fusion["image_regions"] == ["knee", "spine"]
+    assert {"age", "age+sex+weight+height", "image", "image+age+sex+weight+height"} <= set(fusion["situations"])
+    for entry in fusion["situations"].values():
+        assert {"value", "ci_low", "ci_high"} <= set(entry["validation"]["auc_low_bmd"])
+        assert entry["validation"]["n_images"] >= 12
+        assert set(entry["inputs"]) <= set(entry["validation"].get("inputs", entry["inputs"]))
+    assert fusion["covariate_ranges"]["age"][0] >= 20
+    comparison = card.metrics["fusion_comparison"]
+    methods = [row["method"] for row in comparison["table"]]
+    assert methods[0].startswith("age alone") and any(m.startswith("OST") for m in methods)
+    assert "fused_minus_covariates_only_auc_low_bmd" in comparison["paired_deltas"]
+    for name in ("fusion_roc.png", "fusion_reliability.png", "fusion_t_scores.png", "fusion_table.md"):
+        assert (trained.parent / name).stat().st_size > 500, name
+    from osteogate.model.covariates import Covariates
+    from osteogate.model.inference import Classifier
+
+    classifier = Classifier.load(trained, backend="torch", device="cpu")
+    image = np.random.default_rng(0).random((80, 70)).astype(np.float32)
+    scores = classifier.score_images([image], ["knee"])
+    result = classifier.assess(scores, Covariates(age_years=70, sex="F", weight_kg=60, height_m=1.6), "knee")
+    study = result.study
+    from osteogate.model.gate import image_path_reason
+
+    image_ok = image_path_reason(card, "knee") is None  # the image is offered only where it was validated
+    assert study.situation == ("image+" if image_ok else "") + "age+sex+weight+height"
+    if study.assessed:  # on 20 synthetic images the CIs may well include chance: then "not assessed"
+        low, high = study.t_score_interval
+        assert low <= study.t_score <= high and study.label is not None
+    else:
+        assert study.label is None and study.reason
+
+
 def test_evaluate_writes_json_and_plots(trained: Path, dataset: Path, tmp_path: Path) -> None:
     out = tmp_path / "eval"
     assert main(["evaluate", str(trained), str(dataset), "--out", str(out), "--bootstrap", "50", "--gradcam", "3"]) == 0
@@ -136,3 +173,23 @@ def test_cv_only_writes_summary_without_a_model(dataset: Path, tmp_path: Path) -
     summary = json.loads((tmp_path / "cv_summary.json").read_text())
     assert summary["config"]["mode"] == "whole" and "cross_validation" in summary["metrics"]
     assert not out.exists()
+
+
+def test_fusion_refit_from_saved_predictions(trained: Path, dataset: Path, tmp_path: Path) -> None:
+    """`python -m osteogate.training.fusion_report`: the fusion stage alone, on an existing checkpoint."""
+    from osteogate.model.inference import Classifier
+    from osteogate.training.fusion_report import main as refit
+
+    out = tmp_path / "refit"
+    code = refit([str(dataset), "--image-cv", str(trained.parent / "cv.npz"), "--out", str(out), "--working-size", "64",
+                  "--cache-dir", str(tmp_path / "cache"), "--bootstrap", "30", "--checkpoint", str(trained),
+                  "--version", "9.9.9"])
+    assert code == 0
+    written = out / trained.name
+    state, card = load_checkpoint(written)
+    original_state, original = load_checkpoint(trained)
+    assert card.version == "9.9.9" and card.fusion["situations"] and "fusion" in card.training
+    assert all(torch.equal(state[k], original_state[k]) for k in original_state)  # image weights untouched
+    assert (out / "fusion_table.md").read_text().startswith("| method |")
+    assert json.loads(written.with_name("model.card.json").read_text())["version"] == "9.9.9"
+    Classifier.load(written, backend="torch", device="cpu")

@@ -6,7 +6,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-from osteogate.training.data import CLASSES
+from osteogate.model.taxonomy import CLASSES
 from osteogate.training.pool import build_pool
 
 

@@ -44,6 +44,7 @@ class TrainConfig:
     conflict_policy: str = "resolve"
     progress: bool = True
     bootstrap: int = 1000  # resamples for the 95 % CIs of the CV metrics
+    fusion: bool = True  # fit the covariate fusion heads (training/fusion.py) when the data has covariates
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     @property

@@ -1,5 +1,10 @@
 """Training data: samples from a manifest CSV or a `region/label/*` folder layout, label targets.
 
+Covariates (age, sex, weight, height) and the densitometry `t_score` come from the manifest's
+optional columns `age, sex, weight_kg, height_m, t_score` (any may be empty). For DICOM files the
+covariates come from the header through model/covariates.py, the same code serving uses; a value
+the header lacks is taken from the manifest.
+
 Labels are `normal`, `osteopenia`, `osteoporosis`. A *binary source* only knows normal vs
 osteoporosis; its "osteoporosis" is really "low bone density" (the knee-xray README notes that
 many such images are T-score osteopenia), so its target is the SET {osteopenia, osteoporosis}
@@ -14,10 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from osteogate.model.covariates import Covariates, covariates_from_dataset, covariates_from_values
+from osteogate.model.taxonomy import CLASSES, LOW_BMD_CLASSES, REGIONS
 
-CLASSES: tuple[str, ...] = ("normal", "osteopenia", "osteoporosis")
-REGIONS: tuple[str, ...] = ("knee", "spine")
-LOW_BMD: tuple[str, ...] = ("osteopenia", "osteoporosis")
+LOW_BMD = LOW_BMD_CLASSES
+COVARIATE_COLUMNS = ("age", "sex", "weight_kg", "height_m")
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".dcm", ".dicom"})
 
 
@@ -30,6 +36,53 @@ class Sample:
     region: str = "knee"
     group: str = ""
     source: str = "default"
+    covariates: Covariates = Covariates()
+    t_score: float | None = None  # densitometry T-score: a label, never an input
+
+
+def _t_score(text: str | None, where: str) -> float | None:
+    text = (text or "").strip()
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise DataError(f"{where}: t_score {text!r} is not a number") from exc
+    if not -10.0 <= value <= 10.0:
+        raise DataError(f"{where}: t_score {value} is outside -10..10")
+    return value
+
+
+def header_covariates(path: Path) -> Covariates | None:
+    """Covariates from a DICOM file's header (pixels not read), or None for other files."""
+    if path.suffix.lower() not in (".dcm", ".dicom"):
+        try:
+            with path.open("rb") as handle:
+                handle.seek(128)
+                if handle.read(4) != b"DICM":
+                    return None
+        except OSError:
+            return None
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+    except Exception:  # noqa: BLE001 - an unreadable header has no covariates; decoding reports the file
+        return Covariates(notes=("DICOM header unreadable",))
+    return covariates_from_dataset(ds)
+
+
+def merge_covariates(header: Covariates | None, manifest: Covariates) -> Covariates:
+    """Header values first (what serving sees), the manifest's for what the header lacks."""
+    if header is None:
+        return manifest
+    return Covariates(
+        age_years=header.age_years if header.age_years is not None else manifest.age_years,
+        sex=header.sex if header.sex is not None else manifest.sex,
+        weight_kg=header.weight_kg if header.weight_kg is not None else manifest.weight_kg,
+        height_m=header.height_m if header.height_m is not None else manifest.height_m,
+        notes=header.notes + manifest.notes,
+    )
 
 
 class DataError(ValueError):
@@ -61,14 +114,19 @@ def load_manifest(path: Path, default_region: str = "knee") -> list[Sample]:
             file_path = Path(row["path"])
             if not file_path.is_absolute():
                 file_path = path.parent / file_path
+            where = f"{path}:{line}"
+            manifest_covariates = covariates_from_values(*(row.get(c) for c in COVARIATE_COLUMNS))
             sample = Sample(
                 path=file_path,
                 label=row["label"].strip().lower(),
                 region=(row.get("region") or default_region).strip().lower(),
                 group=(row.get(group_column) or "").strip() if group_column else "",
                 source=(row.get("source") or "default").strip(),
+                covariates=merge_covariates(header_covariates(file_path) if file_path.is_file() else None,
+                                            manifest_covariates),
+                t_score=_t_score(row.get("t_score"), where),
             )
-            samples.append(_check(sample, f"{path}:{line}"))
+            samples.append(_check(sample, where))
     return samples
 
 
@@ -84,7 +142,8 @@ def scan_folder(root: Path, default_region: str = "knee") -> list[Sample]:
     for region, label_dir in label_dirs:
         for file_path in sorted(label_dir.iterdir()):
             if file_path.is_file() and file_path.suffix.lower() in IMAGE_SUFFIXES:
-                sample = Sample(path=file_path, label=label_dir.name.lower(), region=region, source=root.name)
+                sample = Sample(path=file_path, label=label_dir.name.lower(), region=region, source=root.name,
+                                covariates=header_covariates(file_path) or Covariates())
                 samples.append(_check(sample, str(file_path)))
     return samples
 
@@ -123,7 +182,7 @@ def target_mask(label: str, binary: bool) -> np.ndarray:
     """Boolean [n_classes] mask of the classes a label allows (see module docstring)."""
     mask = np.zeros(len(CLASSES), dtype=bool)
     if binary and label == "osteoporosis":
-        mask[[CLASSES.index(c) for c in LOW_BMD]] = True
+        mask[[CLASSES.index(c) for c in LOW_BMD_CLASSES]] = True
     else:
         mask[CLASSES.index(label)] = True
     return mask

@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from osteogate.model.card import InputSpec, ModelCard
+from osteogate.model.taxonomy import CLASSES, REGIONS
 from osteogate.training.augment import build_augment
 from osteogate.training.cache import to_uint8
 from osteogate.training.config import TrainConfig
-from osteogate.training.data import CLASSES, REGIONS
 from osteogate.training.inputs import PatchSampler, normalize, prepare, whole_view
 from osteogate.training.metrics import low_bmd_score, pooled_probs
 from osteogate.training.networks import create_network, region_rows

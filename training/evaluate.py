@@ -35,8 +35,9 @@ def load_network(checkpoint: Path) -> tuple[Any, Any]:
 def evaluate_checkpoint(checkpoint: Path, data: Path, out_dir: Path, n_boot: int = 1000, gradcam_samples: int = 8,
                         cache_dir: Path | None = None) -> dict[str, Any]:
     import torch
+    from osteogate.model.taxonomy import CLASSES
     from osteogate.training.cache import ImageCache
-    from osteogate.training.data import CLASSES, binary_sources, load_samples
+    from osteogate.training.data import binary_sources, load_samples
     from osteogate.training.engine import predict_logits
 
     net, card = load_network(Path(checkpoint))

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from osteogate.model.card import InputSpec
 from osteogate.model.preprocess import letterbox, normalize, patch_positions, resize_long_side
+from osteogate.model.taxonomy import CLASSES
 from osteogate.training.networks import region_rows
 from torch import nn
 
@@ -80,7 +81,7 @@ def predicted_class(net: nn.Module, image: np.ndarray, spec: InputSpec, region: 
 
 def plot_gradcam(
     path: Path, net: nn.Module, images: Sequence[np.ndarray], titles: Sequence[str], spec: InputSpec,
-    regions: Sequence[int], class_index: int | None = None, classes: Sequence[str] = ("normal", "osteopenia", "osteoporosis"),
+    regions: Sequence[int], class_index: int | None = None, classes: Sequence[str] = CLASSES,
 ) -> Path:
     """Grid of overlays for `class_index`, or (None) for each image's most probable class.
 

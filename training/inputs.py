@@ -13,14 +13,16 @@ from dataclasses import replace
 import numpy as np
 from osteogate.model.card import InputSpec
 from osteogate.model.preprocess import (
-    CENTRAL_FRACTION,
-    MAX_OVERLAP,
     RANDOM_CANDIDATE_FACTOR,
+    box_stats,
+    central_range,
     extract_patches,
     letterbox,
     normalize,
     prepare,
     resize_long_side,
+    select_positions,
+    working_image,
 )
 
 __all__ = ["PatchSampler", "normalize", "prepare", "random_patches", "whole_view"]
@@ -34,69 +36,40 @@ def random_patches(image: np.ndarray, spec: InputSpec, count: int, rng: np.rando
 
 
 class PatchSampler:
-    """Fast equivalent of `random_patches` for one image, reused across epochs.
+    """Fast equivalent of `random_patches` for one image, reused across epochs: serving's rule.
 
-    serving's rule scores every window by mean + std (bone is bright and textured); recomputing
-    that map for every draw cost ~20 ms per image per step, more than a small network's step. The
-    map is computed once here, on a `stride` grid, restricted to serving's central region; each
-    draw scores RANDOM_CANDIDATE_FACTOR x count random grid positions and keeps the best, skipping
-    those overlapping a chosen one by more than MAX_OVERLAP, like extract_patches(..., rng).
+    Scoring every window by mean + std costs ~20 ms per image per draw, more than a small
+    network's step, so the score map is computed once here, on a `stride` grid. Everything else
+    is model/preprocess.py's own code: the working image (`working_image`), the window scores
+    (`box_stats`), the central region (`central_range`) and the greedy non-overlapping choice of
+    the best candidates (`select_positions`); only the candidates differ (random grid positions
+    instead of random pixels), which is training's randomness, not another rule.
+    tests/test_training_data.py checks the parity.
     """
 
     def __init__(self, image: np.ndarray, spec: InputSpec, margin: float = 1.25, stride: int = 8) -> None:
         """`image`: uint8 HxW (kept as uint8: a float copy of every training image would cost GBs)."""
-        import cv2
-
-        array = image.astype(np.float32) / 255.0
-        if max(array.shape) != spec.working_size:
-            array = resize_long_side(array, spec.working_size)
         self.window = min(int(spec.patch_size * margin), spec.working_size)
-        if min(array.shape) < self.window:
-            array = letterbox(array, self.window)
-        same = array.shape == image.shape
-        self.image = image if same else np.clip(np.rint(array * 255.0), 0, 255).astype(np.uint8)
-        w = self.window
-        total = cv2.integral(array.astype(np.float64))
-        squares = cv2.integral(array.astype(np.float64) ** 2)
-        ys = np.arange(*self._range(array.shape[0]), stride)
-        xs = np.arange(*self._range(array.shape[1]), stride)
-        yy, xx = np.meshgrid(ys, xs, indexing="ij")
-
-        def box(integral: np.ndarray) -> np.ndarray:
-            return (integral[yy + w, xx + w] - integral[yy, xx + w] - integral[yy + w, xx] + integral[yy, xx]) / (w * w)
-
-        mean = box(total)
-        self.scores = (mean + np.sqrt(np.maximum(box(squares) - mean**2, 0.0))).ravel()
+        array, _ = working_image(image.astype(np.float32) / 255.0, spec, self.window)
+        self.image = image if array.shape == image.shape else np.clip(np.rint(array * 255.0), 0, 255).astype(np.uint8)
+        mean, std = box_stats(array, self.window)
+        (y0, y1), (x0, x1) = central_range(array.shape[0], self.window), central_range(array.shape[1], self.window)
+        yy, xx = np.meshgrid(np.arange(y0, y1 + 1, stride), np.arange(x0, x1 + 1, stride), indexing="ij")
+        self.scores = (mean + std)[yy, xx].ravel()
         self.positions = np.stack([yy.ravel(), xx.ravel()], axis=1)
 
-    def _range(self, length: int) -> tuple[int, int]:
-        margin = int(length * (1 - CENTRAL_FRACTION) / 2)
-        low, high = margin, length - margin - self.window
-        if high < low:
-            low, high = 0, length - self.window
-        return low, max(low, high) + 1
+    def candidates(self, count: int, rng: np.random.Generator) -> np.ndarray:
+        """Indices of RANDOM_CANDIDATE_FACTOR x count random grid positions (with repeats)."""
+        return rng.integers(0, len(self.positions), count * RANDOM_CANDIDATE_FACTOR)
+
+    def choose(self, candidates: np.ndarray, count: int) -> list[tuple[int, int]]:
+        positions = [(int(y), int(x)) for y, x in self.positions[candidates]]
+        return select_positions(positions, self.scores[candidates], count, self.window)
 
     def sample(self, count: int, rng: np.random.Generator) -> np.ndarray:
         """[count, w, w] uint8 windows."""
-        candidates = rng.integers(0, len(self.positions), count * RANDOM_CANDIDATE_FACTOR)
-        order = candidates[np.argsort(-self.scores[candidates], kind="stable")]
-        chosen: list[np.ndarray] = []
-        for index in order:
-            y, x = self.positions[index]
-            if all(_overlap(y, x, other, self.window) <= MAX_OVERLAP for other in chosen):
-                chosen.append(self.positions[index])
-                if len(chosen) == count:
-                    break
-        while len(chosen) < count:
-            chosen.append(self.positions[order[len(chosen) % len(order)]])
         w = self.window
-        return np.stack([self.image[y : y + w, x : x + w] for y, x in chosen])
-
-
-def _overlap(y: int, x: int, other: np.ndarray, window: int) -> float:
-    dy = max(0, window - abs(int(y) - int(other[0])))
-    dx = max(0, window - abs(int(x) - int(other[1])))
-    return dy * dx / float(window * window)
+        return np.stack([self.image[y : y + w, x : x + w] for y, x in self.choose(self.candidates(count, rng), count)])
 
 
 def whole_view(image: np.ndarray, spec: InputSpec, margin: float = 1.15) -> np.ndarray:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import numpy as np
+from osteogate.model.taxonomy import CLASSES
 from scipy.optimize import minimize_scalar
 from scipy.special import softmax
 from sklearn.metrics import (
@@ -19,8 +20,6 @@ from sklearn.metrics import (
     roc_auc_score,
     roc_curve,
 )
-
-CLASSES = ("normal", "osteopenia", "osteoporosis")
 
 
 def low_bmd_score(probs: np.ndarray) -> np.ndarray:

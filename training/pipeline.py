@@ -18,20 +18,22 @@ import numpy as np
 from osteogate.model.card import ModelCard
 from osteogate.training.config import TrainConfig
 
-VERSION = "1.0.0"
+VERSION = "1.1.0"
 
 INTENDED_USE = (
-    "Research prototype: flags knee (and, untested, spine) radiographs that may show low bone mineral "
-    "density, as a prompt for DXA referral. Not a diagnosis and not a substitute for densitometry. "
-    "Not cleared for clinical use."
+    "Research prototype: estimates the densitometry T-score and flags knee (and, by the covariates alone, "
+    "spine) studies that may show low bone mineral density, from the patient's age, sex, weight and height in "
+    "the DICOM header and the radiograph, as a prompt for DXA referral. Not a diagnosis and not a substitute "
+    "for densitometry. Not cleared for clinical use."
 )
 LIMITATIONS = (
-    "Trained from scratch (no ImageNet/timm hub weights could be fetched on the training machine) on a few "
-    "hundred public knee radiographs from two small collections with overlapping, partly noisy labels; 3-class "
-    "metrics come from 5-fold grouped cross-validation on 167 m7md images with wide confidence intervals. "
-    "The spine head is untrained on real data (synthetic tests only) and must not be trusted. Unknown behaviour "
-    "on other scanners, populations, implants, fractures, children. Thresholds were chosen on a small validation "
-    "split."
+    "The image network was trained from scratch (no ImageNet/timm hub weights could be fetched on the training "
+    "machine) on a few hundred public knee radiographs from two small collections with overlapping, partly noisy "
+    "labels. All figures come from 5-fold grouped cross-validation on the 167 m7md images of one public patient "
+    "table (ages 17-107) and have wide confidence intervals; covariates outside the validated ranges are not used. "
+    "The spine image head is untrained on real data (synthetic tests only): spine studies get the covariates-only "
+    "estimate. Unknown behaviour on other scanners, populations, implants, fractures, children. Operating "
+    "thresholds were chosen on out-of-fold predictions of this small set."
 )
 
 
@@ -49,6 +51,20 @@ def signal_warning(metrics: dict[str, Any]) -> str:
         f"(95 % CI {auc['ci_low']:.2f}-{auc['ci_high']:.2f}, includes 0.5 = chance); outputs carry no reliable "
         "information about bone density. "
     )
+
+
+def fusion_statement(fusion: dict[str, Any]) -> str:
+    """First words of the card's limitations: what the reported results rest on."""
+    if not fusion:
+        return ""
+    decisions = fusion.get("image_decisions") or {}
+    full = decisions.get("image+age+sex+weight+height")
+    if full is not None and not full["image_used"]:
+        d = full["delta_auc_low_bmd"]
+        return (f"COVARIATES FIRST: the reported estimates rest on the patient's age, sex, weight and height from the "
+                f"header; the image added nothing measurable in grouped validation (low-BMD AUC with minus without "
+                f"the image {d['value']:+.3f}, 95 % CI {d['ci_low']:+.3f} to {d['ci_high']:+.3f}). ")
+    return ""
 
 
 def base_card(config: TrainConfig, name: str = "osteogate-knee") -> ModelCard:
@@ -70,6 +86,7 @@ def run_training(
     from osteogate.model.checkpoint import save_checkpoint
     from osteogate.training.crossval import cross_validate
     from osteogate.training.engine import NetworkMethod, device_for, predict_logits, train_network
+    from osteogate.training.fusion_report import fusion_stage, situation_summary
     from osteogate.training.metrics import fit_temperature, operating_thresholds, pooled_probs
     from osteogate.training.networks import create_network
     from osteogate.training.pool import build_pool
@@ -91,6 +108,7 @@ def run_training(
         f"{len(pool.dedup.conflicts)} label conflicts")
     card = base_card(config)
     metrics: dict[str, Any] = {}
+    fusion: dict[str, Any] = {}
     plots: list[Path] = []
     histories: list[dict[str, list[float]]] = []
     if config.folds >= 2:
@@ -103,12 +121,23 @@ def run_training(
             plot_reliability(report_dir / "cv_reliability.png", cv.y_true, {"uncalibrated": cv.probs_raw, "temperature-scaled": cv.probs}),
         ]
         histories = list(cv.history)
+        if config.fusion:
+            fused = fusion_stage(pool, cv.indices, cv.y_true, cv.probs, cv.folds, config.target_sensitivity,
+                                 config.seed, config.bootstrap, report_dir, log)
+            if fused is not None:
+                fusion, fusion_report = fused
+                metrics["fusion_comparison"] = {key: fusion_report[key] for key in
+                                                ("table", "paired_deltas", "n_images", "n_groups")}
+                (report_dir / "fusion_table.md").write_text(fusion_report["markdown"] + "\n\n" + situation_summary(
+                    fusion, sorted(fusion["situations"], key=lambda k: (len(k.split("+")), k))) + "\n")
+                plots += [Path(p) for p in fusion_report.get("plots", [])]
         if save_predictions:
             np.savez(save_predictions, indices=cv.indices, y_true=cv.y_true, logits=cv.logits,
                      temperatures=cv.temperatures, folds=cv.folds)
     if cv_only:
         # Method comparisons: CV metrics and plots only, no final model (saves one training run).
-        summary = {"config": config.to_dict(), "data": pool.summary(), "metrics": metrics, "command": command,
+        summary = {"config": config.to_dict(), "data": pool.summary(), "metrics": metrics, "fusion": fusion,
+                   "command": command,
                    "plots": [str(p) for p in plots], "seconds": round(time.perf_counter() - started, 1)}
         write_json(report_dir / "cv_summary.json", summary)
         log(f"wrote {report_dir / 'cv_summary.json'}")
@@ -143,8 +172,8 @@ def run_training(
     }
     card = card.with_updates(
         temperature=round(float(temperature), 6), thresholds=thresholds, trained=True,
-        weights_source=result.weights_source, training=training_info, metrics=metrics,
-        intended_use=INTENDED_USE, limitations=signal_warning(metrics) + LIMITATIONS,
+        weights_source=result.weights_source, training=training_info, metrics=metrics, fusion=fusion,
+        intended_use=INTENDED_USE, limitations=fusion_statement(fusion) + signal_warning(metrics) + LIMITATIONS,
     )
     sha = save_checkpoint(out, {k: v.cpu() for k, v in result.net.state_dict().items()}, card)
     card_path = out.with_name(out.name.replace(".safetensors", "") + ".card.json")

@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from osteogate.model.taxonomy import CLASSES
 from osteogate.training.cache import ImageCache
-from osteogate.training.data import CLASSES, Sample, binary_sources, class_counts, load_samples, target_masks
+from osteogate.training.data import Sample, binary_sources, class_counts, load_samples, target_masks
 from osteogate.training.dedup import (
     DedupResult,
     file_sha256,

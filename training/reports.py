@@ -11,7 +11,8 @@ import matplotlib
 matplotlib.use("Agg")  # headless: no display on servers or CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from osteogate.training.metrics import CLASSES, low_bmd_score  # noqa: E402
+from osteogate.model.taxonomy import CLASSES  # noqa: E402
+from osteogate.training.metrics import low_bmd_score  # noqa: E402
 from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay, confusion_matrix  # noqa: E402
 
 
@@ -87,6 +88,23 @@ def plot_training_curves(path: Path, histories: Sequence[dict[str, list[float]]]
         ax.set_xlabel("epoch")
         ax.legend(fontsize=7)
     fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_t_scores(path: Path, t_true: np.ndarray, estimates: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
+                  cut: float = -1.0) -> Path:
+    """Estimated vs densitometry T-score (out of fold) with 80 % prediction intervals, one panel each."""
+    fig, axes = plt.subplots(1, max(1, len(estimates)), figsize=(4.4 * max(1, len(estimates)), 4.2), squeeze=False)
+    low_end, high_end = float(np.min(t_true)) - 0.5, float(np.max(t_true)) + 0.5
+    for ax, (name, (mu, low, high)) in zip(axes[0], estimates.items(), strict=False):
+        ax.errorbar(t_true, mu, yerr=[mu - low, high - mu], fmt="o", ms=3, alpha=0.5, elinewidth=0.6)
+        ax.plot([low_end, high_end], [low_end, high_end], ":", color="grey")
+        for value in (cut, -2.5):
+            ax.axhline(value, color="red", lw=0.5, ls="--")
+            ax.axvline(value, color="red", lw=0.5, ls="--")
+        ax.set_xlabel("densitometry T-score")
+        ax.set_ylabel("estimated T-score (80 % PI)")
+        ax.set_title(name, fontsize=8)
     return _save(fig, path)
 
 

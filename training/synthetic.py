@@ -3,6 +3,11 @@
 Each image is a dark background with a bright "bone" block whose trabecular texture depends on the
 class: dense fine texture (normal), sparser (osteopenia), coarse and dark (osteoporosis). That is
 learnable in a few steps, which is what a pipeline test needs; it says nothing about real data.
+
+The 3-class images also carry a T-score within their class's WHO band and covariates that follow
+it (older and lighter with lower T-scores, as on real data), so the fusion stage has something to
+fit; binary-source images have none. The DICOM image carries its demographics in the header only
+(PatientAge, PatientSex, PatientWeight, PatientSize), the manifest columns stay empty for it.
 """
 
 from __future__ import annotations
@@ -11,9 +16,21 @@ import csv
 from pathlib import Path
 
 import numpy as np
-from osteogate.training.data import CLASSES
+from osteogate.model.taxonomy import CLASSES
 
 _DENSITY = {"normal": 0.85, "osteopenia": 0.6, "osteoporosis": 0.35}
+_T_BAND = {"normal": (-0.9, 1.0), "osteopenia": (-2.4, -1.1), "osteoporosis": (-3.6, -2.6)}
+COVARIATE_COLUMNS = ["age", "sex", "weight_kg", "height_m", "t_score"]
+
+
+def synthetic_covariates(label: str, rng: np.random.Generator) -> dict[str, str]:
+    """T-score in the label's band; age and weight follow it with noise."""
+    t = rng.uniform(*_T_BAND[label])
+    age = float(np.clip(52 - 14 * (t + 1.5) + rng.normal(0, 5), 20, 95))
+    height = float(rng.normal(1.66, 0.08))
+    weight = float(np.clip(72 + 6 * t + rng.normal(0, 8), 40, 120))
+    return {"age": f"{age:.0f}", "sex": str(rng.choice(["F", "M"])), "weight_kg": f"{weight:.1f}",
+            "height_m": f"{height:.3f}", "t_score": f"{t:.2f}"}
 
 
 def synthetic_image(label: str, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -26,7 +43,7 @@ def synthetic_image(label: str, size: int, rng: np.random.Generator) -> np.ndarr
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
-def write_dicom(path: Path, pixels: np.ndarray, body_part: str = "KNEE") -> None:
+def write_dicom(path: Path, pixels: np.ndarray, body_part: str = "KNEE", demographics: dict[str, str] | None = None) -> None:
     """Minimal 16-bit MONOCHROME2 DX instance (12 bits stored), readable by model/pixels.py."""
     from pydicom.dataset import Dataset as DicomDataset
     from pydicom.dataset import FileMetaDataset
@@ -47,6 +64,11 @@ def write_dicom(path: Path, pixels: np.ndarray, body_part: str = "KNEE") -> None
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
     ds.PixelData = (pixels.astype(np.uint16) * 16).tobytes()  # 8-bit values spread over 12 bits
+    if demographics:
+        ds.PatientAge = f"{int(demographics['age']):03d}Y"
+        ds.PatientSex = demographics["sex"]
+        ds.PatientWeight = demographics["weight_kg"]
+        ds.PatientSize = demographics["height_m"]
     ds.save_as(path, enforce_file_format=True)
 
 
@@ -61,6 +83,7 @@ def make_synthetic_dataset(
 
     root = Path(root)
     rng = np.random.default_rng(seed)
+    covariate_rng = np.random.default_rng(seed + 1)  # separate stream: the images do not change with it
     rows: list[dict[str, str]] = []
 
     def add(label: str, region: str, source: str, suffix: str = ".png") -> Path:
@@ -68,11 +91,14 @@ def make_synthetic_dataset(
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{source}_{len(rows):03d}{suffix}"
         pixels = synthetic_image(label, size, rng)
+        covariates = synthetic_covariates(label, covariate_rng) if source != "synthetic_binary" else {}
+        row = {"path": str(path.relative_to(root)), "label": label, "region": region, "source": source, **covariates}
         if suffix == ".dcm":
-            write_dicom(path, pixels, region.upper())
+            write_dicom(path, pixels, region.upper(), covariates)
+            row.update({name: "" for name in COVARIATE_COLUMNS[:-1]})  # from the header only
         else:
             Image.fromarray(pixels).save(path)
-        rows.append({"path": str(path.relative_to(root)), "label": label, "region": region, "source": source})
+        rows.append(row)
         return path
 
     for label in CLASSES:
@@ -91,7 +117,8 @@ def make_synthetic_dataset(
     rows.append({**rows[0], "path": str(copy.relative_to(root))})
     manifest = root / "manifest.csv"
     with manifest.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["path", "label", "region", "source"])
+        writer = csv.DictWriter(handle, fieldnames=["path", "label", "region", "source", *COVARIATE_COLUMNS],
+                                restval="")
         writer.writeheader()
         writer.writerows(rows)
     return manifest
