@@ -26,6 +26,14 @@ def _destination(text: str) -> Destination:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _dimse_destination(text: str) -> Destination:
+    """AET@HOST:PORT only: for commands that speak DIMSE (echo, send)."""
+    destination = _destination(text)
+    if destination.kind != "dimse":
+        raise argparse.ArgumentTypeError(f"{text!r}: this command needs AET@HOST:PORT (a DICOM peer), not a URL")
+    return destination
+
+
 def _add_config(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", "-c", type=Path, help="TOML configuration file (env: OSTEOGATE_CONFIG)")
     parser.add_argument("--data-dir", type=Path, help="spool, reports and SQLite file live here")
@@ -419,7 +427,7 @@ def _add_admin_parsers(sub: Any) -> None:
     _add_config(worker)
     worker.add_argument("--model", type=Path, help="checkpoint (.safetensors) to serve")
     worker.add_argument("--backend", choices=["auto", "onnx", "torch"], help="inference backend")
-    worker.add_argument("--destination", "--to", type=_destination, action="append", metavar="AET@HOST:PORT")
+    worker.add_argument("--destination", "--to", type=_destination, action="append", metavar="AET@HOST:PORT|URL")
     worker.set_defaults(func=cmd_worker)
 
     replay = sub.add_parser("replay", help="classify studies again from the spool and send a new SR version")
@@ -428,7 +436,7 @@ def _add_admin_parsers(sub: Any) -> None:
     replay.add_argument("--since", type=_when, help="studies last received at or after this time")
     replay.add_argument("--status", choices=["done", "skipped", "failed"], help="studies with this status")
     replay.add_argument("--model", dest="checkpoint", type=Path, help="another checkpoint for these runs")
-    replay.add_argument("--destination", "--to", type=_destination, action="append", metavar="AET@HOST:PORT",
+    replay.add_argument("--destination", "--to", type=_destination, action="append", metavar="AET@HOST:PORT|URL",
                         help="PACS for the new SRs (default: delivery.destinations)")
     replay.add_argument("--dry-run", action="store_true", help="show what would be replayed, change nothing")
     replay.add_argument("--timeout", type=float, default=3600, help="seconds to wait for the runs")
@@ -437,7 +445,7 @@ def _add_admin_parsers(sub: Any) -> None:
     resend = sub.add_parser("resend", help="send the latest SR of a study again")
     _add_config(resend)
     resend.add_argument("study_uid")
-    resend.add_argument("--to", type=_destination, action="append", metavar="AET@HOST:PORT",
+    resend.add_argument("--to", type=_destination, action="append", metavar="AET@HOST:PORT|URL",
                         help="send here instead of delivery.destinations (repeatable)")
     resend.add_argument("--wait", type=float, default=30, help="seconds to wait for the send")
     resend.set_defaults(func=cmd_resend)
@@ -475,7 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--aet", help="the gateway's AE title")
     serve.add_argument("--port", type=int, help="DICOM port to listen on")
     serve.add_argument("--bind", help="address to listen on (default 0.0.0.0)")
-    serve.add_argument("--destination", "--to", type=_destination, action="append", metavar="AET@HOST:PORT",
+    serve.add_argument("--destination", "--to", type=_destination, action="append", metavar="AET@HOST:PORT|URL",
                        help="PACS that receives the SRs (repeatable)")
     serve.add_argument("--stable-seconds", type=float, help="quiet time after which a study is complete")
     serve.add_argument("--model", type=Path, help="checkpoint (.safetensors) to serve")
@@ -483,13 +491,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve)
 
     echo = sub.add_parser("echo", help="C-ECHO a DICOM peer")
-    echo.add_argument("peer", type=_destination, metavar="AET@HOST:PORT")
+    echo.add_argument("peer", type=_dimse_destination, metavar="AET@HOST:PORT")
     echo.add_argument("--calling-aet", default="OSTEOGATE")
     echo.set_defaults(func=cmd_echo)
 
     send = sub.add_parser("send", help="C-STORE files or folders to a DICOM peer")
     send.add_argument("paths", type=Path, nargs="+")
-    send.add_argument("--to", type=_destination, required=True, metavar="AET@HOST:PORT")
+    send.add_argument("--to", type=_dimse_destination, required=True, metavar="AET@HOST:PORT")
     send.add_argument("--calling-aet", default="OSTEOGATE")
     send.set_defaults(func=cmd_send)
 
