@@ -277,3 +277,27 @@ class OrthancServer:
 
     def __repr__(self) -> str:
         return f"OrthancServer({self.ae_title}@{self.host}:{self.port}, http={self.http_url})"
+
+
+# -- the deploy/orthanc recipe -----------------------------------------------------------------------
+
+RECIPE_DIR = Path(__file__).resolve().parents[2] / "deploy" / "orthanc"
+RECIPE_CONFIG = RECIPE_DIR / "orthanc.json"
+RECIPE_LUA = RECIPE_DIR / "osteogate-autoroute.lua"
+GATEWAY_MODALITY = "OSTEOGATE"  # the gateway's key in the recipe's DicomModalities
+
+
+def recipe_orthanc(workdir: Path, gateway_port: int, *, stable_age: int | None = None,
+                   gateway_host: str = "127.0.0.1") -> OrthancServer:
+    """An Orthanc configured by deploy/orthanc exactly, except what a test machine needs: the
+    gateway modality's host and port (compose: service "gateway", 11112), the Lua script's path
+    (compose mounts it under /etc/orthanc), optionally a shorter StableAge, and what
+    OrthancServer always sets (free ports, folders, plugin path, no remote access)."""
+    config = json.loads(RECIPE_CONFIG.read_text(encoding="utf-8"))
+    aet = config["DicomModalities"][GATEWAY_MODALITY][0]
+    config["DicomModalities"][GATEWAY_MODALITY] = [aet, gateway_host, gateway_port]
+    assert len(config["LuaScripts"]) == 1 and Path(config["LuaScripts"][0]).name == RECIPE_LUA.name
+    config["LuaScripts"] = [str(RECIPE_LUA)]
+    if stable_age is not None:
+        config["StableAge"] = stable_age
+    return OrthancServer(workdir, ae_title=config["DicomAet"], base_config=config)
