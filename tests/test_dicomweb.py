@@ -10,14 +10,16 @@ one that answers 503/429 as a proxy in front of a PACS under maintenance does.
 from __future__ import annotations
 
 import http.server
+import os
 import re
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pydicom
@@ -53,13 +55,19 @@ from tests.helpers import (
 )
 from tests.helpers.tls_proxy import TlsProxy
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "deploy" / "osteogate.example.toml"
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "deploy" / "osteogate.example.toml"
 SR_MODALITY = "SR"
 
-needs_orthanc_dicomweb = pytest.mark.skipif(
+_skip_without_orthanc_dicomweb = pytest.mark.skipif(
     orthanc_binary() is None or dicomweb_plugin() is None,
     reason="Orthanc with the DICOMweb plugin (Debian packages orthanc, orthanc-dicomweb) not installed",
 )
+
+
+def needs_orthanc_dicomweb(test: Callable[..., None]) -> Callable[..., None]:
+    """Marks a test that talks to a real Orthanc with its DICOMweb plugin."""
+    return pytest.mark.orthanc(_skip_without_orthanc_dicomweb(test))
 
 
 # -- decision rules (pure) ----------------------------------------------------------------------
@@ -550,3 +558,55 @@ password_env = "PACS_PASSWORD"
             assert "c0rrect-horse" not in gw.log()
         finally:
             pacs.stop()
+
+
+@needs_orthanc_dicomweb
+def test_selfcheck_asks_a_dicomweb_destination(tmp_path: Path, auth_pacs: OrthancServer) -> None:
+    from osteogate.gateway.selfcheck import run_selfcheck
+
+    good = {"url": auth_pacs.dicomweb_url, "username": "osteogate", "password": "c0rrect-horse"}
+    wrong = {"url": auth_pacs.dicomweb_url, "username": "osteogate", "password": "wrong"}
+    down = f"http://127.0.0.1:{free_port()}/dicom-web/studies"
+    settings = load_settings(environ={}, overrides={
+        "storage": {"data_dir": str(tmp_path / "gw"), "min_free_mb": 0},
+        "delivery": {"destinations": [good, down], "timeout_seconds": 3},
+    })
+    settings.storage.data_dir.mkdir(parents=True)
+    db = Database(settings.storage.resolved_database_url())
+    db.migrate()
+    findings = {f.check: f for f in run_selfcheck(settings, db)}
+    ok = findings[f"dicomweb {auth_pacs.dicomweb_url}"]
+    assert ok.ok and ok.detail == "DICOMweb service answers (QIDO-RS)", ok
+    unreachable = findings[f"dicomweb {down}"]
+    assert not unreachable.ok and unreachable.detail.startswith("unreachable"), unreachable
+    settings = load_settings(environ={}, overrides={
+        "storage": {"data_dir": str(tmp_path / "gw"), "min_free_mb": 0},
+        "delivery": {"destinations": [wrong], "timeout_seconds": 3},
+    })
+    [denied] = [f for f in run_selfcheck(settings, db) if f.check.startswith("dicomweb")]
+    assert not denied.ok and denied.detail == "HTTP 401 on QIDO-RS search (check credentials)", denied
+
+
+def _osteogate(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OSTEOGATE_")}
+    env |= {"OMP_NUM_THREADS": "1", "OSTEOGATE_STORAGE_MIN_FREE_MB": "0"}
+    return subprocess.run([sys.executable, "-m", "osteogate.gateway.cli", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+@needs_orthanc_dicomweb
+def test_resend_to_a_url_from_the_command_line(tmp_path: Path, web_pacs: OrthancServer, tiny_model: Path) -> None:
+    store = _Store(tmp_path, tiny_model)
+    study_uid = store.classify([sample_file("spine_cr.dcm")], [])  # no destination configured
+    result = _osteogate("resend", study_uid, "--to", web_pacs.dicomweb_url, "--data-dir", str(store.data_dir))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"-> {web_pacs.dicomweb_url}: sent" in result.stdout
+    [sr] = web_pacs.study_instances(study_uid)
+    assert web_pacs.instance_tags(sr["ID"])["Modality"] == SR_MODALITY
+
+
+def test_dimse_only_commands_refuse_a_url() -> None:
+    result = _osteogate("echo", "http://127.0.0.1:8042/dicom-web/studies")
+    assert result.returncode == 2
+    assert "this command needs AET@HOST:PORT (a DICOM peer), not a URL" in result.stderr
+    assert "Traceback" not in result.stderr
