@@ -204,10 +204,14 @@ def test_orthanc_forwards_knee_study_and_gets_the_results_back(routed: Routed) -
     assert sr["StudyInstanceUID"] == routed.study_uid
     assert sr["Modality"] == "SR"
     # Orthanc filed the SR in the very study it forwarded (same Orthanc study, own series).
-    series = {i["ParentSeries"] for i in routed.orthanc.study_instances(routed.study_uid)}
-    assert len(series) == len(routed.knee_series) + len(RETURNED)  # the images' series, then ours
-    assert {routed.orthanc.get(f"/series/{s}")["ParentStudy"] for s in series} == {routed.study_id}
-    assert sr["SeriesInstanceUID"] not in routed.knee_series
+    series = [routed.orthanc.get(f"/series/{s}")
+              for s in {i["ParentSeries"] for i in routed.orthanc.study_instances(routed.study_uid)}]
+    assert {s["ParentStudy"] for s in series} == {routed.study_id}
+    # The images' series as sent, and every other series of the study is OsteoGate's own.
+    ours = [s for s in series if s["MainDicomTags"]["SeriesInstanceUID"] not in routed.knee_series]
+    assert len(series) - len(ours) == len(routed.knee_series)
+    assert {s["MainDicomTags"].get("Manufacturer") for s in ours} == {OWN_MANUFACTURER}
+    assert sr["SeriesInstanceUID"] in {s["MainDicomTags"]["SeriesInstanceUID"] for s in ours}
     # The Lua script forwarded (one job, the knee series only); the chest study stayed home.
     assert f"OsteoGate: forwarding {len(routed.knee_series)} series of study {routed.study_id}" in routed.orthanc.log()
     studies = routed.gateway.studies()
