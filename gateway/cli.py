@@ -59,6 +59,14 @@ def _destination(text: str) -> Destination:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _dimse_destination(text: str) -> Destination:
+    """AET@HOST:PORT only: for commands that speak DIMSE (echo, send)."""
+    destination = _destination(text)
+    if destination.kind != "dimse":
+        raise argparse.ArgumentTypeError(f"{text!r}: this command needs AET@HOST:PORT (a DICOM peer), not a URL")
+    return destination
+
+
 def _add_config(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", "-c", type=Path, metavar="FILE",
                         help="TOML configuration file (env: OSTEOGATE_CONFIG)")
@@ -70,7 +78,7 @@ def _add_config(parser: argparse.ArgumentParser) -> None:
 
 def _add_to(parser: argparse.ArgumentParser, text: str, *, required: bool = False) -> None:
     """``--to AET@HOST:PORT`` (repeatable); ``--destination`` is its old name, hidden, kept for one release."""
-    parser.add_argument("--to", type=_destination, action="append", metavar="AET@HOST:PORT", required=required,
+    parser.add_argument("--to", type=_destination, action="append", metavar="AET@HOST:PORT|URL", required=required,
                         help=text)
     parser.add_argument("--destination", dest="to", type=_destination, action="append", help=argparse.SUPPRESS)
 
@@ -551,14 +559,14 @@ def _serving_parsers(cmds: _Commands) -> None:
     worker.set_defaults(func=cmd_worker, to_is_destinations=True)
 
     echo = cmds.add_parser("echo", help="C-ECHO a DICOM peer", epilog=_examples("osteogate echo PACS@pacs.example.org:104"))
-    echo.add_argument("peer", type=_destination, metavar="AET@HOST:PORT", help="the peer to echo")
+    echo.add_argument("peer", type=_dimse_destination, metavar="AET@HOST:PORT", help="the peer to echo")
     echo.add_argument("--calling-aet", default="OSTEOGATE", metavar="AET", help="our AE title (default OSTEOGATE)")
     echo.set_defaults(func=cmd_echo)
 
     send = cmds.add_parser("send", help="C-STORE files or folders to a DICOM peer", epilog=_examples(
         "osteogate send sample_dicom/ --to OSTEOGATE@127.0.0.1:11112"))
     send.add_argument("paths", type=Path, nargs="+", metavar="PATH", help="DICOM files, or folders searched for them")
-    send.add_argument("--to", type=_destination, required=True, metavar="AET@HOST:PORT", help="the receiving peer")
+    send.add_argument("--to", type=_dimse_destination, required=True, metavar="AET@HOST:PORT", help="the receiving peer")
     send.add_argument("--calling-aet", default="OSTEOGATE", metavar="AET", help="our AE title (default OSTEOGATE)")
     send.set_defaults(func=cmd_send)
 

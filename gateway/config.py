@@ -16,6 +16,7 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from osteogate.gateway.errors import ConfigurationError
 from pydantic import (
@@ -23,6 +24,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PrivateAttr,
+    SecretStr,
     ValidationError,
     field_validator,
     model_validator,
@@ -57,30 +59,143 @@ def _check_ae_title(value: str) -> str:
     return value
 
 
+_DIMSE_FIELDS = ("ae_title", "host", "port", "tls")
+_WEB_FIELDS = ("url", "username", "password", "password_file", "password_env", "token", "token_file",
+               "token_env", "tls_verify", "ca_file")
+# deliveries.destination (gateway/db.py) holds str(destination) in 128 characters.
+_MAX_DESTINATION_TEXT = 128
+_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
 class Destination(BaseModel):
-    """A DICOM peer that receives the result SRs (a PACS)."""
+    """Where the result objects (SR, result card) go: a PACS by DICOM C-STORE, given as
+    ``AET@HOST:PORT`` (``ae_title``/``host``/``port``/``tls``), or a DICOMweb STOW-RS endpoint
+    (``url``, PS3.18 10.5) with optional HTTP basic or bearer authentication.
+
+    Secrets may be written inline, but ``password_file``/``token_file`` (a file holding only the
+    secret) or ``password_env``/``token_env`` (the name of an environment variable) keep them out
+    of the TOML file; they are read at each send (gateway/stow.py), so a rotated secret is picked
+    up without a restart. ``str()`` never contains a secret: it is what the deliveries table and
+    the logs record, and it is how a delivery finds its destination's settings again.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    ae_title: str
-    host: str
-    port: int = Field(ge=1, le=65535)
+    # DICOM C-STORE
+    ae_title: str | None = None
+    host: str | None = None
+    port: int | None = Field(None, ge=1, le=65535)
     tls: bool = False
+    # DICOMweb STOW-RS
+    url: str | None = None
+    username: str | None = None
+    password: SecretStr | None = None
+    password_file: Path | None = None
+    password_env: str | None = None
+    token: SecretStr | None = None
+    token_file: Path | None = None
+    token_env: str | None = None
+    tls_verify: bool = True
+    ca_file: Path | None = None
 
     @field_validator("ae_title")
     @classmethod
-    def _valid_ae_title(cls, value: str) -> str:
-        return _check_ae_title(value)
+    def _valid_ae_title(cls, value: str | None) -> str | None:
+        return None if value is None else _check_ae_title(value)
+
+    @field_validator("url")
+    @classmethod
+    def _valid_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        value = value.strip().rstrip("/")
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"url {value!r} is not an http:// or https:// URL with a host")
+        if parts.username is not None or parts.password is not None:
+            # The URL is logged and stored in SQL: credentials belong in username/password(_file).
+            raise ValueError("url must not contain credentials; use username + password_file or token_file")
+        if parts.query or parts.fragment:
+            raise ValueError("url must not have a query or fragment")
+        try:
+            parts.port  # noqa: B018 -- raises ValueError for a port out of range
+        except ValueError:
+            raise ValueError(f"url {value!r} has an invalid port") from None
+        if len(value) > _MAX_DESTINATION_TEXT:
+            raise ValueError(f"url is longer than {_MAX_DESTINATION_TEXT} characters")
+        return value
+
+    @field_validator("password_env", "token_env")
+    @classmethod
+    def _valid_env_name(cls, value: str | None) -> str | None:
+        if value is not None and not _ENV_NAME_RE.match(value):
+            raise ValueError(f"{value!r} is not an environment variable name")
+        return value
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Destination:
+        given = self.model_fields_set
+        if self.url is not None:
+            stray = [f for f in _DIMSE_FIELDS if f in given and getattr(self, f) not in (None, False)]
+            if stray:
+                raise ValueError(f"a DICOMweb destination (url) takes no {', '.join(stray)}")
+            self._check_web_auth()
+            return self
+        if self.ae_title is None or self.host is None or self.port is None:
+            raise ValueError("a destination needs either url (DICOMweb) or ae_title, host and port (C-STORE)")
+        stray = [f for f in _WEB_FIELDS if f in given and getattr(self, f) not in (None, True)]
+        if stray:
+            raise ValueError(f"a C-STORE destination takes no {', '.join(stray)} (those are for url)")
+        if len(str(self)) > _MAX_DESTINATION_TEXT:
+            raise ValueError(f"destination is longer than {_MAX_DESTINATION_TEXT} characters")
+        return self
+
+    def _check_web_auth(self) -> None:
+        passwords = [n for n in ("password", "password_file", "password_env") if getattr(self, n) is not None]
+        tokens = [n for n in ("token", "token_file", "token_env") if getattr(self, n) is not None]
+        if len(passwords) > 1 or len(tokens) > 1:
+            raise ValueError(f"give one of {' / '.join(passwords if len(passwords) > 1 else tokens)}")
+        if passwords and tokens:
+            raise ValueError("basic (username + password) and bearer (token) authentication exclude each other")
+        if (self.username is None) != (not passwords):
+            raise ValueError("username and a password (password, password_file or password_env) go together")
+        for name in ("password_file", "token_file", "ca_file"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{name} {path} does not exist")
+        for name in ("password_env", "token_env"):
+            variable = getattr(self, name)
+            if variable is not None and variable not in os.environ:
+                raise ValueError(f"{name}: environment variable {variable} is not set")
+
+    @property
+    def kind(self) -> Literal["dimse", "dicomweb"]:
+        """How results reach this destination: DICOM C-STORE or DICOMweb STOW-RS."""
+        return "dicomweb" if self.url is not None else "dimse"
+
+    @property
+    def name(self) -> str:
+        """Short name for logs: the called AE title, or the URL's host and path."""
+        if self.url is not None:
+            parts = urlsplit(self.url)
+            return f"{parts.netloc}{parts.path}"
+        return str(self.ae_title)
 
     @classmethod
     def parse(cls, text: str) -> Destination:
-        """Parse ``AET@HOST:PORT`` (``+tls`` appended for TLS) as written on the command line."""
-        match = _DEST_RE.match(text.strip())
+        """Parse ``AET@HOST:PORT`` (``+tls`` appended for TLS), or an http(s) STOW-RS URL, as
+        written on the command line or in OSTEOGATE_DELIVERY_DESTINATIONS."""
+        text = text.strip()
+        if re.match(r"^https?://", text, re.IGNORECASE):
+            return cls(url=text)
+        match = _DEST_RE.match(text)
         if not match:
-            raise ValueError(f"destination {text!r} is not AET@HOST:PORT")
+            raise ValueError(f"destination {text!r} is not AET@HOST:PORT or an http(s):// STOW-RS URL")
         return cls(ae_title=match["aet"], host=match["host"], port=int(match["port"]), tls=bool(match["tls"]))
 
     def __str__(self) -> str:
+        if self.url is not None:
+            return self.url
         return f"{self.ae_title}@{self.host}:{self.port}" + ("+tls" if self.tls else "")
 
 
@@ -211,6 +326,14 @@ class DeliveryConfig(_Section):
         if isinstance(value, list):
             return [Destination.parse(v) if isinstance(v, str) else v for v in value]
         return value
+
+    def resolve(self, text: str) -> Destination:
+        """The destination a delivery row names (``str(destination)``): the configured one, with
+        its credentials and TLS settings, or else parsed from the text (``resend --to``)."""
+        for destination in self.destinations:
+            if str(destination) == text:
+                return destination
+        return Destination.parse(text)
 
 
 class HttpConfig(_Section):
@@ -345,13 +468,25 @@ def _merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
     return merged
 
 
+_SECRET_KEYS = {"password", "token"}
+
+
+def _redacted(value: Any) -> Any:
+    """The rejected input as shown in an error message, with inline secrets masked."""
+    if isinstance(value, Mapping):
+        return {k: "**********" if k in _SECRET_KEYS and v else _redacted(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redacted(v) for v in value]
+    return value
+
+
 def _format_errors(exc: ValidationError) -> list[str]:
     problems = []
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"])
         value = err.get("input")
         # A whole section (a model-level check) is not worth echoing back.
-        got = "" if isinstance(value, dict) else f" (got {value!r})"
+        got = "" if isinstance(value, dict) else f" (got {_redacted(value)!r})"
         message = err["msg"].removeprefix("Value error, ")
         problems.append(f"{key}: {message}{got}")
     return problems

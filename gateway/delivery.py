@@ -113,12 +113,18 @@ class DeliveryManager:
             return delivery.id, delivery.destination, delivery.result.sr_path, delivery.result.study.study_key
 
     def _attempt(self, delivery_id: int, destination_text: str, sr_path: str, key: str) -> int:
-        destination = Destination.parse(destination_text)
+        destination = self.settings.delivery.resolve(destination_text)  # configured auth/TLS
         try:
-            outcome = send_file(
-                str(self.reports.absolute(sr_path)), destination, self.settings.delivery_calling_aet,
-                self.settings.delivery.timeout_seconds, self.settings.delivery.tls,
-            )
+            if destination.kind == "dicomweb":  # STOW-RS (gateway/stow.py); else C-STORE
+                from osteogate.gateway.stow import send_files as stow_files
+
+                outcome = stow_files([self.reports.absolute(sr_path)], destination,
+                                     self.settings.delivery.timeout_seconds)
+            else:
+                outcome = send_file(
+                    str(self.reports.absolute(sr_path)), destination, self.settings.delivery_calling_aet,
+                    self.settings.delivery.timeout_seconds, self.settings.delivery.tls,
+                )
         except Exception as exc:
             outcome = SendOutcome(False, permanent=False, detail=f"{type(exc).__name__}: {exc}")
         with self.db.session() as session:
@@ -131,18 +137,18 @@ class DeliveryManager:
                 delivery.status = DeliveryStatus.SENT
                 delivery.sent_at = utcnow()
                 delivery.last_error = None
-                log.info("sr_delivered", study_key=key, destination=destination.ae_title,
+                log.info("sr_delivered", study_key=key, destination=destination.name,
                          attempts=delivery.attempts, detail=outcome.detail)
                 return 1
             delivery.last_error = outcome.detail[:2000]
             if outcome.permanent:
                 delivery.status = DeliveryStatus.REJECTED
-                log.error("sr_delivery_rejected", study_key=key, destination=destination.ae_title,
+                log.error("sr_delivery_rejected", study_key=key, destination=destination.name,
                           detail=outcome.detail)
             else:
                 delay = self.backoff(delivery.attempts)
                 delivery.next_attempt_at = utcnow() + timedelta(seconds=delay)
-                log.warning("sr_delivery_retry", study_key=key, destination=destination.ae_title,
+                log.warning("sr_delivery_retry", study_key=key, destination=destination.name,
                             attempts=delivery.attempts, retry_in_s=delay, detail=outcome.detail)
         return 0
 

@@ -1,4 +1,4 @@
-"""Self-check: disk space, database reachability, C-ECHO of each destination.
+"""Self-check: disk space, database reachability, C-ECHO (DICOMweb: QIDO-RS) of each destination.
 
 Run daily by the scheduler (findings go to the log, where the site's monitoring picks them up)
 and on demand by ``osteogate selfcheck``. A failed check is reported, never raised: the point is
@@ -68,6 +68,12 @@ def check_echo(destination: Destination, calling_aet: str, timeout: float, tls: 
 def run_selfcheck(settings: Settings, db: Database) -> list[Finding]:
     findings = [check_disk(settings), check_database(db)]
     for destination in settings.delivery.destinations:
+        if destination.kind == "dicomweb":  # no C-ECHO over HTTP: a QIDO-RS search instead
+            from osteogate.gateway.stow import check_stow
+
+            ok, detail = check_stow(destination, min(settings.delivery.timeout_seconds, 10))
+            findings.append(Finding(f"dicomweb {destination}", ok, detail))
+            continue
         try:
             findings.append(check_echo(destination, settings.delivery_calling_aet,
                                        min(settings.delivery.timeout_seconds, 10),

@@ -108,8 +108,9 @@ def test_compose_parses_and_names_the_services():
     assert "healthcheck" in services["postgres"]
     assert "4242:4242" in services["orthanc"]["ports"]
     assert any(str(p).endswith("8042:8042") for p in services["orthanc"]["ports"])
-    modalities = services["orthanc"]["environment"]["ORTHANC__DICOM_MODALITIES"]
-    assert '"gateway", 11112' in modalities
+    # Orthanc's settings (the gateway as its DICOM modality among them) live in the mounted recipe,
+    # deploy/orthanc/orthanc.json; tests/test_orthanc_recipe.py checks the wiring in full.
+    assert "./orthanc/orthanc.json:/etc/orthanc/orthanc.json:ro" in services["orthanc"]["volumes"]
 
 
 @pytest.mark.parametrize("service", ["gateway", "worker", "worker-gpu"])

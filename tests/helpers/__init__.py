@@ -3,7 +3,7 @@
 from .datasets import REPO_ROOT, SAMPLE_DIR, make_dataset, sample_file, sample_files, write_dataset
 from .dcmtk import STORESCU_TS_FLAGS, StoreSCP, dcmtk_available, echoscu, storescu
 from .net import free_port, port_open, wait_until
-from .orthanc import OrthancServer, orthanc_binary
+from .orthanc import OrthancServer, dicomweb_plugin, orthanc_binary, recipe_orthanc
 from .postgres import PostgresCluster, pg_bindir, unavailable_reason
 
 __all__ = [
@@ -14,11 +14,13 @@ __all__ = [
     "PostgresCluster",
     "StoreSCP",
     "dcmtk_available",
+    "dicomweb_plugin",
     "echoscu",
     "free_port",
     "make_dataset",
     "orthanc_binary",
     "pg_bindir",
+    "recipe_orthanc",
     "port_open",
     "sample_file",
     "sample_files",
