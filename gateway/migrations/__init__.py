@@ -23,7 +23,7 @@ from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from osteogate.gateway.logs import get_logger
-from sqlalchemy import inspect, text
+from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.engine import Connection, Engine
 
 log = get_logger("osteogate.gateway.migrations")
@@ -65,10 +65,31 @@ def schema_diffs(connection: Connection) -> list[Any]:
     return list(compare_metadata(context, Base.metadata))
 
 
-def _is_pre_purge_schema(diffs: list[Any]) -> bool:
-    """The schema of revision 0001: models minus ``instances.purged_at`` (added by 0002)."""
-    return len(diffs) == 1 and diffs[0][0] == "add_column" and diffs[0][2] == "instances" \
-        and diffs[0][3].name == "purged_at"
+def _columns(connection: Connection) -> dict[str, frozenset[str]]:
+    inspector = inspect(connection)
+    return {table: frozenset(c["name"] for c in inspector.get_columns(table))
+            for table in inspector.get_table_names() if table != "alembic_version"}
+
+
+def _revision_columns(revision: str) -> dict[str, frozenset[str]]:
+    """Tables and columns of the schema at ``revision``, made in a scratch in-memory SQLite."""
+    engine = create_engine("sqlite://")
+    try:
+        with engine.connect() as scratch:
+            command.upgrade(alembic_config(scratch), revision)
+            scratch.commit()
+            return _columns(scratch)
+    finally:
+        engine.dispose()
+
+
+def _matching_revision(connection: Connection) -> str | None:
+    """The newest revision whose tables and columns are exactly those of the live schema."""
+    live = _columns(connection)
+    for script in ScriptDirectory.from_config(alembic_config()).walk_revisions():  # head first
+        if _revision_columns(script.revision) == live:
+            return str(script.revision)
+    return None
 
 
 @contextmanager
@@ -103,11 +124,8 @@ def _locked(engine: Engine) -> Iterator[Connection]:
 
 def _stamp_legacy(connection: Connection, config: Config) -> str:
     diffs = schema_diffs(connection)
-    if not diffs:
-        target = head_revision()
-    elif _is_pre_purge_schema(diffs):
-        target = INITIAL_REVISION
-    else:
+    target = head_revision() if not diffs else _matching_revision(connection)
+    if target is None:
         raise MigrationError(
             "the database has gateway tables but no alembic_version, and its schema matches no known "
             f"revision ({len(diffs)} difference(s), first: {diffs[0]!r}); back it up and fix it by hand"

@@ -1,0 +1,165 @@
+"""Hand-made source headers and model results for the SR and result-card tests.
+
+``StudyAssessment`` objects are plain dataclasses (model/assessment.py), so the report builders are
+tested on every kind of result (assessed, not assessed, with and without covariates) without a model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from osteogate.gateway.sr import AlgorithmInfo, SkippedImage, StudyReport
+from osteogate.model.assessment import Assessment, ImageAssessment, ImageScore, StudyAssessment
+from osteogate.model.covariates import Covariates
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import UID, ExplicitVRLittleEndian
+
+DX = UID("1.2.840.10008.5.1.4.1.1.1.1")  # Digital X-Ray Image Storage - For Presentation
+CR = UID("1.2.840.10008.5.1.4.1.1.1")  # Computed Radiography Image Storage
+ALGORITHM = AlgorithmInfo(
+    name="OsteoGate fused knee model",
+    version="2.1.0",
+    checkpoint_sha256=hashlib.sha256(b"test checkpoint").hexdigest(),
+)
+ALL_INPUTS = ("image", "age", "sex", "weight", "height")
+KNEE_P = {"normal": 0.125, "osteopenia": 0.25, "osteoporosis": 0.625}
+OTHER_P = {"normal": 0.5, "osteopenia": 0.375, "osteoporosis": 0.125}
+STUDY_P = {"normal": 0.2, "osteopenia": 0.7213, "osteoporosis": 0.0787}
+COVARIATES = Covariates(age_years=67.4, sex="F", weight_kg=58.0, height_m=1.62)
+NO_COVARIATES = Covariates(notes=("PatientAge, PatientBirthDate absent",))
+UNDISCRIMINATING = "the image model shows no discrimination for knee (low-BMD AUC 95 % CI includes 0.5)"
+
+
+def uid(label: str) -> UID:
+    digest = hashlib.sha256(f"osteogate-test-report/{label}".encode()).digest()
+    return UID(f"2.25.{int.from_bytes(digest[:16], 'big')}")
+
+
+def make_image(
+    sop_class: UID,
+    study: str,
+    series: str,
+    instance: str,
+    body_part: str,
+    laterality: str = "",
+    *,
+    minimal: bool = False,
+    number: int = 1,
+) -> Dataset:
+    """A small radiograph with valid patient/study/series/image modules.
+
+    `minimal` drops Type 2 attributes (accession, referring physician, birth date...) and the
+    pixel module, as some modalities and header-only spool reads do.
+    """
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.file_meta.MediaStorageSOPInstanceUID = uid(instance)
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = uid(instance)
+    ds.StudyInstanceUID = uid(study)
+    ds.SeriesInstanceUID = uid(series)
+    ds.Modality = "DX" if sop_class == DX else "CR"
+    ds.PatientName = "Test^Patient"
+    ds.PatientID = "TEST0001"
+    ds.StudyDate = "20240102"
+    ds.StudyTime = "101500"
+    ds.StudyID = "1"
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = number
+    ds.BodyPartExamined = body_part
+    if laterality:
+        ds.ImageLaterality = laterality
+    if minimal:
+        return ds
+    ds.PatientBirthDate = "19560101"
+    ds.PatientSex = "F"
+    ds.PatientAge = "067Y"
+    ds.PatientWeight = "58"
+    ds.PatientSize = "1.62"
+    ds.AccessionNumber = "ACC1"
+    ds.ReferringPhysicianName = ""
+    ds.StudyDescription = "XR knee"
+    ds.Manufacturer = "Test"
+    ds.PatientOrientation = ["L", "F"]
+    ds.ImagerPixelSpacing = [0.2, 0.2]
+    ds.ViewPosition = "AP"
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows = 8
+    ds.Columns = 6
+    ds.BitsAllocated = 16
+    ds.BitsStored = 12
+    ds.HighBit = 11
+    ds.PixelRepresentation = 0
+    ds.PixelData = np.arange(48, dtype=np.uint16).tobytes()
+    return ds
+
+
+def assessed(label: str, probabilities: dict[str, float], inputs: tuple[str, ...] = ALL_INPUTS,
+             t_score: float | None = None, interval: tuple[float, float] | None = None) -> Assessment:
+    missing = tuple(n for n in ALL_INPUTS if n not in inputs)
+    return Assessment(True, label=label, probabilities=probabilities, t_score=t_score, t_score_interval=interval,
+                      inputs_used=inputs, inputs_missing=missing)
+
+
+def not_assessed(reason: str = UNDISCRIMINATING, inputs: tuple[str, ...] = ("image",)) -> Assessment:
+    return Assessment(False, reason=reason, inputs_used=inputs,
+                      inputs_missing=tuple(n for n in ALL_INPUTS if n not in inputs))
+
+
+def image_result(assessment: Assessment, probabilities: dict[str, float] = KNEE_P, region: str = "knee",
+                 boxes: tuple[tuple[float, float, float, float], ...] = ((0.2, 0.3, 0.8, 0.7),)) -> ImageAssessment:
+    return ImageAssessment(region, assessment, ImageScore(region, probabilities, boxes=boxes))
+
+
+def fake_radiograph(height: int = 300, width: int = 240, seed: int = 0) -> np.ndarray:
+    """A knee-ish grey picture: two bright 'bones' and noise, uint8."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    image = 40 + 20 * rng.random((height, width))
+    image += 150 * (np.abs(x - width / 2) < width / 6) * ((y < height * 0.45) | (y > height * 0.55))
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def knee_report(
+    study: Assessment | None = None,
+    images: tuple[ImageAssessment, ...] | None = None,
+    covariates: Covariates = COVARIATES,
+    sources: tuple[Dataset, ...] | None = None,
+    skipped: tuple[SkippedImage, ...] = (),
+    thumbnails: bool = True,
+) -> StudyReport:
+    """Two knee views (right, left) of one study; by default an assessed osteopenia result."""
+    if sources is None:
+        sources = (make_image(DX, "study-a", "series-dx", "knee-r", "KNEE", "R", number=1),
+                   make_image(DX, "study-a", "series-dx", "knee-l", "KNEE", "L", number=2))
+    if images is None:
+        images = (image_result(assessed("osteoporosis", KNEE_P, ("image",))),
+                  image_result(not_assessed(), OTHER_P))[: len(sources)]
+    study = study or assessed("osteopenia", STUDY_P, ALL_INPUTS, -1.83, (-2.61, -1.02))
+    assessment = StudyAssessment("knee", study, images, covariates)
+    thumbs = tuple(fake_radiograph(seed=i) for i in range(len(sources))) if thumbnails else ()
+    return StudyReport(assessment, sources, ALGORITHM, skipped, thumbs)
+
+
+def require(*tools: str) -> None:
+    missing = [t for t in tools if shutil.which(t) is None]
+    if missing:
+        pytest.fail(f"system tool(s) missing: {', '.join(missing)} (install dcmtk / dicom3tools)")
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    """dciodvfy's Error lines (warnings are printed, shown with -s or on failure)."""
+    require("dciodvfy")
+    result = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    lines = (result.stdout + result.stderr).splitlines()
+    for line in lines:
+        print(line)
+    return [line for line in lines if line.startswith("Error")]
