@@ -57,6 +57,9 @@ class Assessment:
     # The validation figures that back this result (e.g. auc_low_bmd with its CI, the
     # sensitivity and specificity at the operating threshold): shown on the card and in the SR.
     validation: Mapping[str, Any] = field(default_factory=dict)
+    # What a reader should know about the inputs: values converted or dropped (from Covariates.notes
+    # and the validated ranges), inputs the chosen head leaves out and why.
+    notes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.assessed and (self.label is None or self.reason is not None):

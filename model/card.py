@@ -14,9 +14,10 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime
 from typing import Any
 
+from osteogate.model.taxonomy import CLASSES as DEFAULT_CLASSES
+from osteogate.model.taxonomy import REGIONS as DEFAULT_REGIONS
+
 FORMAT_VERSION = 1
-DEFAULT_CLASSES: tuple[str, ...] = ("normal", "osteopenia", "osteoporosis")
-DEFAULT_REGIONS: tuple[str, ...] = ("knee", "spine")
 IMAGENET_MEAN: tuple[float, ...] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, ...] = (0.229, 0.224, 0.225)
 INPUT_MODES = ("whole", "patches")
@@ -115,6 +116,9 @@ class ModelCard:
     weights_source: str = "random init"
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    # Late-fusion heads (image score + header covariates) with their per-input-situation grouped-CV
+    # figures; schema in model/fusion.py. Empty for an image-only checkpoint.
+    fusion: dict[str, Any] = field(default_factory=dict)
     intended_use: str = ""
     limitations: str = ""
     created: str = field(default_factory=_now)
@@ -147,7 +151,7 @@ class ModelCard:
         _require(isinstance(self.trained, bool), "trained", "must be true or false")
         for name in ("weights_source", "intended_use", "limitations", "created"):
             _require(isinstance(getattr(self, name), str), name, "must be a string")
-        for name in ("training", "metrics"):
+        for name in ("training", "metrics", "fusion"):
             _require(isinstance(getattr(self, name), dict), name, "must be an object")
 
     @property

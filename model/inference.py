@@ -21,9 +21,13 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+from osteogate.model.assessment import ImageScore, StudyAssessment
 from osteogate.model.card import ModelCard
 from osteogate.model.checkpoint import checkpoint_sha256, read_card
-from osteogate.model.preprocess import prepare
+from osteogate.model.covariates import Covariates
+from osteogate.model.preprocess import Box, prepare_with_boxes
+from osteogate.model.scoring import assess_study, decide_label, load_fusion_heads
+from osteogate.model.taxonomy import check_card_taxonomy
 
 log = logging.getLogger(__name__)
 
@@ -157,25 +161,6 @@ def open_onnx(checkpoint_path: Path, sha256: str, cache_dir: Path | None, thread
     return backend
 
 
-def decide_label(probabilities: dict[str, float], thresholds: dict[str, float]) -> str:
-    """The class reported for one image (or a study), from calibrated probabilities.
-
-    With the card's operating thresholds (chosen on validation for a stated sensitivity, see the
-    card's training.thresholds_rule): osteoporosis when P(osteoporosis) >= thresholds.osteoporosis,
-    else osteopenia when P(osteopenia) + P(osteoporosis) >= thresholds.low_bmd, else normal.
-    Without thresholds: the most probable class.
-    """
-    low_bmd = thresholds.get("low_bmd")
-    osteoporosis = thresholds.get("osteoporosis")
-    if low_bmd is None or not {"normal", "osteopenia", "osteoporosis"} <= probabilities.keys():
-        return max(probabilities, key=probabilities.__getitem__)
-    if osteoporosis is not None and probabilities["osteoporosis"] >= osteoporosis:
-        return "osteoporosis"
-    if probabilities["osteopenia"] + probabilities["osteoporosis"] >= low_bmd:
-        return "osteopenia"
-    return "normal"
-
-
 def _softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max(axis=-1, keepdims=True)
     exp = np.exp(shifted)
@@ -186,6 +171,9 @@ class Classifier:
     """Loaded model + card; ``predict`` turns decoded images into Predictions."""
 
     def __init__(self, card: ModelCard, sha256: str, backend: Backend, path: Path) -> None:
+        # A checkpoint naming other classes or regions would put wrong names into every report.
+        check_card_taxonomy(card.classes, card.regions, f"model card of {Path(path).name}")
+        self.fusion_heads = load_fusion_heads(card)  # malformed fusion parameters fail here, at start
         self.card = card
         self.sha256 = sha256
         self.backend = backend
@@ -207,6 +195,8 @@ class Classifier:
         device: "auto", "cpu" or "cuda" (torch backend only; "cpu" with "auto" means ONNX Runtime)."""
         path = Path(path)
         card = read_card(path)
+        check_card_taxonomy(card.classes, card.regions, f"model card of {path.name}")
+        load_fusion_heads(card)
         sha = checkpoint_sha256(path)
         if backend not in ("auto", "onnx", "torch"):
             raise ValueError(f"backend must be auto, onnx or torch, got {backend!r}")
@@ -231,37 +221,78 @@ class Classifier:
             engine = open_onnx(path, sha, Path(cache_dir) if cache_dir else None, intra_op_threads or None)
         return cls(card, sha, engine, path)
 
-    def predict(self, images: Sequence[np.ndarray], regions: Sequence[str], batch_size: int = 8) -> list[Prediction]:
+    def _check_request(self, images: Sequence[np.ndarray], regions: Sequence[str], batch_size: int) -> None:
         if len(images) != len(regions):
             raise ValueError(f"{len(images)} images but {len(regions)} regions")
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
-        region_index = {region: i for i, region in enumerate(self.card.regions)}
         for region in regions:
-            if region not in region_index:
+            if region not in self.card.regions:
                 raise ValueError(f"region {region!r} not supported by this model (expects {list(self.card.regions)})")
+
+    def _score(self, images: Sequence[np.ndarray], regions: Sequence[str], batch_size: int
+               ) -> list[tuple[np.ndarray, np.ndarray, int, list[Box]]]:
+        """Per image: (calibrated pooled probabilities, mean raw logits of its region row, inputs, boxes)."""
         if not images:
             self.last_timings = {"preprocess_ms": 0.0, "model_ms": 0.0, "n_images": 0, "n_inputs": 0}
             return []
+        region_index = {region: i for i, region in enumerate(self.card.regions)}
         t0 = time.perf_counter()
-        inputs = [prepare(image, self.card.input) for image in images]
-        counts = [len(x) for x in inputs]
-        stacked = np.concatenate(inputs, axis=0)
-        del inputs
+        prepared = [prepare_with_boxes(image, self.card.input) for image in images]
+        counts = [len(x) for x, _ in prepared]
+        boxes = [b for _, b in prepared]
+        stacked = np.concatenate([x for x, _ in prepared], axis=0)
+        del prepared
         rows = np.repeat([region_index[r] for r in regions], counts)
         t1 = time.perf_counter()
         logits = np.concatenate([self.backend.run(stacked[i:i + batch_size])
                                  for i in range(0, len(stacked), batch_size)], axis=0)
         t2 = time.perf_counter()
-        selected = logits[np.arange(len(rows)), rows].astype(np.float64) / self.card.temperature
-        probabilities = _softmax(selected)
-        predictions: list[Prediction] = []
+        selected = logits[np.arange(len(rows)), rows].astype(np.float64)
+        probabilities = _softmax(selected / self.card.temperature)
+        out = []
         start = 0
-        for region, count in zip(regions, counts, strict=True):
-            pooled = probabilities[start:start + count].mean(axis=0)
+        for count, image_boxes in zip(counts, boxes, strict=True):
+            part = slice(start, start + count)
+            out.append((probabilities[part].mean(axis=0), selected[part].mean(axis=0), count, image_boxes))
             start += count
-            probs = {name: float(p) for name, p in zip(self.card.classes, pooled, strict=True)}
-            predictions.append(Prediction(probs, decide_label(probs, self.card.thresholds), region, count))
         self.last_timings = {"preprocess_ms": (t1 - t0) * 1000, "model_ms": (t2 - t1) * 1000,
                              "n_images": len(images), "n_inputs": len(stacked)}
+        return out
+
+    def predict(self, images: Sequence[np.ndarray], regions: Sequence[str], batch_size: int = 8) -> list[Prediction]:
+        """Image-alone label per image (the pre-fusion API; the gateway moves to score_images + assess)."""
+        self._check_request(images, regions, batch_size)
+        predictions: list[Prediction] = []
+        for region, (pooled, _, count, _) in zip(regions, self._score(images, regions, batch_size), strict=True):
+            probs = {name: float(p) for name, p in zip(self.card.classes, pooled, strict=True)}
+            predictions.append(Prediction(probs, decide_label(probs, self.card.thresholds), region, count))
         return predictions
+
+    def score_images(self, images: Sequence[np.ndarray], regions: Sequence[str], batch_size: int = 8
+                     ) -> list[ImageScore]:
+        """The image network alone: one ImageScore per image (no label, no gate: see ``assess``).
+
+        Call it with one image or a small batch at a time to overlap decoding with inference."""
+        self._check_request(images, regions, batch_size)
+        scores = []
+        for region, (pooled, logits, count, boxes) in zip(regions, self._score(images, regions, batch_size),
+                                                          strict=True):
+            scores.append(ImageScore(
+                region=region,
+                probabilities={name: float(p) for name, p in zip(self.card.classes, pooled, strict=True)},
+                features=tuple(round(float(v), 6) for v in logits),
+                boxes=tuple(boxes),
+                n_inputs=count,
+            ))
+        return scores
+
+    def assess(self, scores: Sequence[ImageScore], covariates: Covariates | None, region: str) -> StudyAssessment:
+        """Fusion, calibration, T-score with its 80 % interval, thresholds and the gate (model/gate.py)
+        for one study's images of ``region``. Pure numpy; never raises on missing inputs."""
+        if region not in self.card.regions:
+            raise ValueError(f"region {region!r} not supported by this model (expects {list(self.card.regions)})")
+        wrong = [s.region for s in scores if s.region != region]
+        if wrong:
+            raise ValueError(f"assess({region!r}) got image scores of region(s) {sorted(set(wrong))}")
+        return assess_study(self.card, self.fusion_heads, scores, covariates or Covariates(), region)

@@ -121,6 +121,9 @@ def patch_positions(image: np.ndarray, spec: InputSpec, rng: np.random.Generator
     return _select(candidates, scores, spec.patches_per_image, patch)
 
 
+Box = tuple[float, float, float, float]  # (x0, y0, x1, y1) as fractions of the source image
+
+
 def extract_patches(image: np.ndarray, spec: InputSpec, rng: np.random.Generator | None = None) -> np.ndarray:
     """``[patches_per_image, patch_size, patch_size]`` float32 patches.
 
@@ -128,14 +131,41 @@ def extract_patches(image: np.ndarray, spec: InputSpec, rng: np.random.Generator
     patch scale is the same whatever the caller passes; images smaller than a patch are letterboxed.
     ``rng=None`` -> the deterministic serving rule; a Generator -> random positions (training).
     """
+    return extract_patches_with_boxes(image, spec, rng)[0]
+
+
+def working_image(image: np.ndarray, spec: InputSpec, patch: int) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """The image at ``working_size`` (letterboxed when smaller than ``patch``) and where the resized
+    image sits on it: (top, left, height, width). Training's PatchSampler cuts from the same image."""
     array = _as_2d(image)
     if max(array.shape) != spec.working_size:
         array = resize_long_side(array, spec.working_size)
-    if min(array.shape) < spec.patch_size:
-        array = letterbox(array, spec.patch_size)
+    height, width = array.shape
+    if min(array.shape) < patch:
+        array = letterbox(array, patch)
+    top, left = (array.shape[0] - height) // 2, (array.shape[1] - width) // 2
+    return array, (top, left, height, width)
+
+
+def box_fractions(y: int, x: int, size: int, placement: tuple[int, int, int, int]) -> Box:
+    """A ``size`` square at (y, x) of the working image as (x0, y0, x1, y1) fractions of the source."""
+    top, left, height, width = placement
+
+    def clip(v: float) -> float:
+        return round(min(1.0, max(0.0, v)), 4)
+
+    return (clip((x - left) / width), clip((y - top) / height),
+            clip((x - left + size) / width), clip((y - top + size) / height))
+
+
+def extract_patches_with_boxes(image: np.ndarray, spec: InputSpec, rng: np.random.Generator | None = None
+                               ) -> tuple[np.ndarray, list[Box]]:
+    """``extract_patches`` plus each patch's area as fractions of the source image (result card)."""
     patch = spec.patch_size
+    array, placement = working_image(image, spec, patch)
     positions = patch_positions(array, spec, rng)
-    return np.stack([array[y:y + patch, x:x + patch] for y, x in positions]).astype(np.float32, copy=False)
+    patches = np.stack([array[y:y + patch, x:x + patch] for y, x in positions]).astype(np.float32, copy=False)
+    return patches, [box_fractions(y, x, patch, placement) for y, x in positions]
 
 
 def normalize(array: np.ndarray, spec: InputSpec) -> np.ndarray:
@@ -164,3 +194,12 @@ def prepare(image: np.ndarray, spec: InputSpec) -> np.ndarray:
     if spec.mode == "whole":
         return normalize(letterbox(resize_long_side(array, spec.size), spec.size), spec)
     return normalize(extract_patches(array, spec), spec)
+
+
+def prepare_with_boxes(image: np.ndarray, spec: InputSpec) -> tuple[np.ndarray, list[Box]]:
+    """``prepare`` plus the analysed areas as fractions of the source image (whole mode: the image)."""
+    array = _as_2d(image)
+    if spec.mode == "whole":
+        return normalize(letterbox(resize_long_side(array, spec.size), spec.size), spec), [(0.0, 0.0, 1.0, 1.0)]
+    patches, boxes = extract_patches_with_boxes(array, spec)
+    return normalize(patches, spec), boxes
