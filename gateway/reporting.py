@@ -8,6 +8,7 @@ reads the same number in the SR.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -20,7 +21,7 @@ from pydicom import config as pydicom_config
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.valuerep import validate_value
+from pydicom.valuerep import STR_VR, validate_value
 
 DISCLAIMER = (
     "Screening aid, not a diagnosis: it cannot rule out low bone density; confirm with DXA. "
@@ -106,6 +107,50 @@ def inputs_phrase(assessment: Assessment) -> str:
     if assessment.inputs_missing:
         text += f"; missing: {', '.join(INPUT_LABELS.get(n, n) for n in assessment.inputs_missing)}"
     return text
+
+
+_VALIDATION_NAMES = {
+    "auc_low_bmd": "low-BMD AUC",
+    "auc_osteoporosis": "osteoporosis AUC",
+    "sensitivity_low_bmd": "low-BMD sensitivity",
+    "specificity_low_bmd": "low-BMD specificity",
+    "t_score_mae": "T-score MAE",
+    "pi80_coverage": "80 % PI coverage",
+    "n_images": "images",
+}
+
+
+def _figure(value: Any) -> str | None:
+    if isinstance(value, Mapping):
+        try:
+            text = f"{float(value['value']):.2f}"
+        except (KeyError, TypeError, ValueError):
+            return None
+        with contextlib.suppress(KeyError, TypeError, ValueError):
+            text += f" (95 % CI {float(value['ci_low']):.2f}-{float(value['ci_high']):.2f})"
+        return text
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(float(value)):
+        return None
+    return f"{value}" if isinstance(value, int) else f"{float(value):.2f}"
+
+
+def validation_text(assessment: Assessment) -> str | None:
+    """The grouped-validation figures that back a result, in words (SR comment, card footer)."""
+    parts = []
+    for key, name in _VALIDATION_NAMES.items():
+        figure = _figure(assessment.validation.get(key)) if assessment.validation else None
+        if figure is not None:
+            parts.append(f"{name} {figure}")
+    if not parts:
+        return None
+    where = assessment.validation.get("evaluated_on")
+    return "Validation (grouped cross-validation" + (f", {where}" if isinstance(where, str) else "") + "): " + \
+        "; ".join(parts)
+
+
+def notes(assessment: Assessment, covariates: Covariates | None = None) -> tuple[str, ...]:
+    """What a reader should know about the inputs (values converted or dropped, inputs left out)."""
+    return tuple(assessment.notes) or (tuple(covariates.notes) if covariates is not None else ())
 
 
 def covariate_values(covariates: Covariates) -> dict[str, str]:
@@ -215,7 +260,8 @@ def _valid(element: Any) -> bool:
     for item in values:
         if item is None or item == "":
             continue
-        validate_value(element.VR, item, pydicom_config.RAISE)
+        # Converted values (DSfloat, IS, PersonName, DA...) are checked as the text they encode to.
+        validate_value(element.VR, str(item) if element.VR in STR_VR else item, pydicom_config.RAISE)
     allowed = _ENUMERATED.get(element.keyword)
     return not (allowed and any(str(v) not in allowed for v in values if v not in (None, "")))
 

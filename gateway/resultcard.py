@@ -35,7 +35,7 @@ from osteogate.gateway import reporting
 from osteogate.gateway.sr import SERIES_NUMBER as SR_SERIES_NUMBER
 from osteogate.gateway.sr import StudyReport, image_identifier, software_version
 from osteogate.model.assessment import Assessment
-from osteogate.model.taxonomy import CLASSES, T_SCORE_OSTEOPENIA, T_SCORE_OSTEOPOROSIS
+from osteogate.model.taxonomy import CLASSES, INPUTS, T_SCORE_OSTEOPENIA, T_SCORE_OSTEOPOROSIS
 from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
@@ -215,7 +215,7 @@ def _banner(draw: ImageDraw.ImageDraw, report: StudyReport, width: int) -> int:
         t_text = reporting.t_score_text(study)
         if t_text:
             detail += f"  -  T-score {reporting.fmt_t_score(study.t_score)}"  # type: ignore[arg-type]
-        _text_block(draw, (42, 116), detail, _font(40), width - 84, fill=(255, 255, 255), max_lines=1)
+        draw.text((42, 116), detail, font=_fit(draw, detail, 40, width - 84, bold=False), fill=(255, 255, 255))
     else:
         _text_block(draw, (42, 110), str(study.reason), _font(30), width - 84, fill=(255, 255, 255), max_lines=2,
                     spacing=1.2)
@@ -295,33 +295,48 @@ def _t_scale(draw: ImageDraw.ImageDraw, study: Assessment, x: int, y: int, width
     y += 74
     if study.t_score_interval is not None:
         low, high = study.t_score_interval
-        y = _text_block(draw, (x, y), f"80 % prediction interval {reporting.fmt_t_score(low)} to "
-                        f"{reporting.fmt_t_score(high)} (bar); WHO: <= -2.5 osteoporosis, below -1.0 osteopenia",
+        y = _text_block(draw, (x, y), f"Bar: 80 % prediction interval {reporting.fmt_t_score(low)} to "
+                        f"{reporting.fmt_t_score(high)}. WHO: osteoporosis <= -2.5, osteopenia < -1.0",
                         _font(22), width, fill=MUTED)
     return y + 8
 
 
-def _inputs(draw: ImageDraw.ImageDraw, report: StudyReport, x: int, y: int, width: int) -> int:
+def _inputs(draw: ImageDraw.ImageDraw, report: StudyReport, x: int, y: int, width: int, bottom: int) -> int:
     study = report.assessment.study
     draw.text((x, y), "Inputs", font=_font(30, True), fill=TEXT)
     y += 46
     values = reporting.covariate_values(report.assessment.covariates)
+    count = sum(1 for i in report.assessment.images if i.score is not None)
+    values["image"] = f"{count} radiograph{'s' if count != 1 else ''}"
     font = _font(26)
-    for name in (*study.inputs_used, *study.inputs_missing):
+    for name in INPUTS:
         used = name in study.inputs_used
+        if used:
+            state = values.get(name, "used")
+        elif name in study.inputs_missing:
+            state = "missing"
+        elif name == "image" and count or name in values:
+            state = "available, not used"  # the note below says why
+        else:
+            continue
         mark_colour = CLASS_COLOURS["normal"] if used else (120, 126, 136)
         draw.ellipse((x, y + 6, x + 18, y + 24), fill=mark_colour if used else None, outline=mark_colour, width=3)
-        value = values.get(name, "")
-        if name == "image":
-            count = sum(1 for i in report.assessment.images if i.score is not None)
-            value = f"{count} radiograph{'s' if count != 1 else ''}"
-        text = f"{reporting.INPUT_LABELS.get(name, name)}: {value}" if used else \
-            f"{reporting.INPUT_LABELS.get(name, name)}: missing"
-        draw.text((x + 30, y), text, font=font, fill=TEXT if used else MUTED)
+        draw.text((x + 30, y), f"{reporting.INPUT_LABELS.get(name, name)}: {state}", font=font,
+                  fill=TEXT if used else MUTED)
         y += 36
-    for note in report.assessment.covariates.notes[:3]:
-        y = _text_block(draw, (x, y), note, _font(20), width, fill=MUTED, max_lines=2)
-    return y + 6
+    # Notes and validation figures in the room left above the footer (the SR has them in full).
+    small = _font(20)
+    step = int(small.size * 1.25)
+    texts = [*reporting.notes(study, report.assessment.covariates)]
+    validation = reporting.validation_text(study)
+    if validation:
+        texts.append(validation)
+    for text in texts:
+        room = (bottom - y) // step
+        if room < 1:
+            break
+        y = _text_block(draw, (x, y), text, small, width, fill=MUTED, max_lines=min(2, room)) + 4
+    return y
 
 
 def _grid(n: int) -> tuple[int, int]:
@@ -339,9 +354,10 @@ def _images(card: Image.Image, draw: ImageDraw.ImageDraw, report: StudyReport, b
     images = report.images
     skipped = report.skipped
     draw.text((x0, y0), "Images", font=_font(30, True), fill=TEXT)
-    legend = "outlined: regions the model analysed"
-    legend_font = _font(20)
-    draw.text((x1 - draw.textlength(legend, font=legend_font), y0 + 8), legend, font=legend_font, fill=OUTLINE)
+    if any(thumb is not None and image.result.score and image.result.score.boxes for _, image, thumb in images):
+        legend = "outlined: regions the model analysed"
+        legend_font = _font(20)
+        draw.text((x1 - draw.textlength(legend, font=legend_font), y0 + 8), legend, font=legend_font, fill=OUTLINE)
     y0 += 48
     footer = 40 if skipped else 0
     cols, rows = _grid(len(images))
@@ -350,7 +366,16 @@ def _images(card: Image.Image, draw: ImageDraw.ImageDraw, report: StudyReport, b
     cell_w = (x1 - x0 - (cols - 1) * 16) // cols
     cell_h = (y1 - footer - y0 - (rows - 1) * 16) // rows
     caption_h = 108
-    for index, (number, image, thumb) in enumerate(shown):
+
+    def caption_of(number: int, image: Any) -> str:
+        view = reporting.text_value(image.source, "ViewPosition", 8)
+        return image_identifier(number, image.result.region, image.source).capitalize() + (f"  {view}" if view else "")
+
+    captions = [caption_of(number, image) for number, image, _ in shown]
+    # One caption size for every cell (the longest caption decides), so the grid reads evenly.
+    caption_font = min((_fit(draw, c, 26, cell_w - 24, False) for c in captions), key=lambda f: f.size,
+                       default=_font(26))
+    for index, (_, image, thumb) in enumerate(shown):
         cx = x0 + (index % cols) * (cell_w + 16)
         cy = y0 + (index // cols) * (cell_h + 16)
         draw.rectangle((cx, cy, cx + cell_w, cy + cell_h), fill=PANEL)
@@ -358,11 +383,7 @@ def _images(card: Image.Image, draw: ImageDraw.ImageDraw, report: StudyReport, b
         result = image.result.assessment
         _draw_thumbnail(card, draw, thumb, area, image.result.score.boxes if image.result.score else (),
                         dim=not result.assessed)
-        caption = image_identifier(number, image.result.region, image.source)
-        view = reporting.text_value(image.source, "ViewPosition", 8)
-        caption = caption.capitalize() + (f"  {view}" if view else "")
-        draw.text((cx + 12, cy + cell_h - caption_h + 6), caption, font=_fit(draw, caption, 26, cell_w - 24, False),
-                  fill=TEXT)
+        draw.text((cx + 12, cy + cell_h - caption_h + 6), captions[index], font=caption_font, fill=TEXT)
         colour = CLASS_COLOURS.get(str(result.label), MUTED) if result.assessed else MUTED
         _text_block(draw, (cx + 12, cy + cell_h - caption_h + 40), reporting.result_phrase(result),
                     _font(24 if result.assessed else 20, result.assessed), cell_w - 24, fill=colour,
@@ -428,7 +449,7 @@ def render_card(report: StudyReport, *, version: int, created: datetime.datetime
     study = report.assessment.study
     ly = _bars(draw, study, 40, top, left_w)
     ly = _t_scale(draw, study, 40, ly + 10, left_w)
-    _inputs(draw, report, 40, ly + 10, left_w)
+    _inputs(draw, report, 40, ly + 10, left_w, bottom)
     _images(card, draw, report, (40 + left_w + 40, top, width - 40, bottom))
     _footer(draw, report, version, created, width, height)
     return card

@@ -292,6 +292,16 @@ def _t_score(assessment: Assessment) -> hd.sr.Measurement:
     )
 
 
+def _compact(item: pydicom.Dataset) -> None:
+    """Write every numeric value of an item tree the way people write it ("58", not "58.0")."""
+    for measured in item.get("MeasuredValueSequence", []):
+        measured.NumericValue = f"{float(measured.NumericValue):.6g}"
+        if "FloatingPointValue" in measured:
+            del measured.FloatingPointValue
+    for child in item.get("ContentSequence", []):
+        _compact(child)
+
+
 def _covariate_items(assessment: Assessment, covariates: Covariates) -> tuple[list[hd.sr.Measurement], list[Any]]:
     """The covariate values this result used, as standard NUM / CODE items."""
     used = set(assessment.inputs_used)
@@ -340,7 +350,10 @@ def _group(
         values, sex = _covariate_items(assessment, covariates)
         measurements += values
         evaluations += sex
-        texts += list(covariates.notes)
+    texts += list(reporting.notes(assessment, covariates))
+    validation = reporting.validation_text(assessment)
+    if validation:
+        texts.append(validation)
     if assessment.assessed:
         evaluations += _evaluations(str(assessment.label))
     texts.append(reporting.inputs_phrase(assessment))
@@ -497,6 +510,7 @@ def build_result_sr(
         referenced_images=library or None,
     )
     root = measurement_report[0]
+    _compact(root)
     # The summary goes right after the context items, before the image library: the first thing
     # dsr2html and PACS SR viewers show under the title.
     first_contains = next(

@@ -163,3 +163,65 @@ def dciodvfy_errors(path: Path) -> list[str]:
     for line in lines:
         print(line)
     return [line for line in lines if line.startswith("Error")]
+
+
+# -- a small checkpoint whose card the gate lets speak for some input situations only ----------------
+
+GOOD_AUC = {"value": 0.93, "ci_low": 0.89, "ci_high": 0.96}
+CHANCE_AUC = {"value": 0.5, "ci_low": 0.37, "ci_high": 0.63}
+
+
+def _situation(inputs: tuple[str, ...], auc: dict[str, float]) -> dict:
+    """A fusion head (model/fusion.py schema): the T-score falls with age; figures as given."""
+    from osteogate.model.fusion import features_for
+
+    names = features_for(inputs)
+    centers = {"age": 55.0, "age_over_50": 8.0, "age_over_65": 2.0, "female": 0.5, "weight": 70.0, "height": 1.65,
+               "bmi": 25.0}
+    return {
+        "inputs": list(inputs), "features": list(names), "center": [centers.get(n, 0.0) for n in names],
+        "scale": [10.0] * len(names),
+        "classifier": {"kind": "ordinal_t", "sigma": 0.45},
+        "regression": {"coef": [-0.6 if n == "age" else -0.05 for n in names], "intercept": -1.6,
+                       "residual_sd": 0.45, "residual_quantiles": [-0.55, 0.5]},
+        "thresholds": {"low_bmd": 0.6, "osteoporosis": 0.35},
+        "validation": {"auc_low_bmd": auc, "n_images": 167, "evaluated_on": "m7md_knee3class, 5 grouped folds"},
+    }
+
+
+def fused_checkpoint(path: Path) -> Path:
+    """A trained-looking small-CNN checkpoint with fusion heads: situations with age discriminate
+    (grouped-CV AUC CI above chance); the image alone sits at chance, so a study without header
+    demographics must come out "not assessed". Weights are random: only the card's figures matter."""
+    from itertools import combinations
+
+    import torch
+    from osteogate.model.card import InputSpec, ModelCard
+    from osteogate.model.checkpoint import save_checkpoint
+    from osteogate.model.export import export_onnx
+    from osteogate.model.fusion import FUSION_FORMAT, situation_key
+    from osteogate.model.network import build_network
+    from osteogate.model.taxonomy import COVARIATES
+
+    situations: dict[str, dict] = {"image": _situation(("image",), CHANCE_AUC)}
+    for n in range(1, len(COVARIATES) + 1):
+        for covariates in combinations(COVARIATES, n):
+            auc = GOOD_AUC if "age" in covariates else CHANCE_AUC
+            situations[situation_key(covariates)] = _situation(covariates, auc)
+            # The image adds nothing measurable: the head with the image available leaves it out.
+            situations[situation_key(("image", *covariates))] = _situation(covariates, auc) | {
+                "note": "image not used: it added nothing measurable in grouped validation"}
+    card = ModelCard(
+        name="osteogate-test-fused", version="9.1.0", architecture="osteogate_smallcnn", trained=True,
+        input=InputSpec(mode="whole", size=64, channels=1, mean=(0.5,), std=(0.25,)),
+        training={"data": {"regions": ["knee"]}},
+        metrics={"cross_validation": {"pooled_out_of_fold": {"auc_low_bmd": CHANCE_AUC}}},
+        fusion={"format": FUSION_FORMAT, "image_regions": ["knee"], "situations": situations,
+                "covariate_ranges": {"age": [17, 107], "weight": [35, 130], "height": [1.3, 2.0], "bmi": [15, 45]}},
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        network = build_network(card)
+    save_checkpoint(path, network.state_dict(), card)
+    export_onnx(path)
+    return path

@@ -122,6 +122,23 @@ def _locked(engine: Engine) -> Iterator[Connection]:
                 connection.commit()
 
 
+@contextmanager
+def _sqlite_foreign_keys_off(connection: Connection) -> Iterator[None]:
+    """SQLite batch migrations copy a table and drop the old one; with foreign keys on, that DROP
+    deletes the rows of every child table declared ON DELETE CASCADE (results lose their images and
+    deliveries). The pragma only takes effect outside a transaction, hence the commits."""
+    if connection.dialect.name != "sqlite":
+        yield
+        return
+    connection.commit()
+    connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+    try:
+        yield
+    finally:
+        connection.commit()
+        connection.exec_driver_sql("PRAGMA foreign_keys=ON")
+
+
 def _stamp_legacy(connection: Connection, config: Config) -> str:
     diffs = schema_diffs(connection)
     target = head_revision() if not diffs else _matching_revision(connection)
@@ -143,8 +160,9 @@ def upgrade(engine: Engine) -> tuple[str | None, str]:
         before = current_revision(connection)
         if before is None and inspect(connection).has_table("studies"):
             _stamp_legacy(connection, config)
-        command.upgrade(config, "head")
-        connection.commit()
+        with _sqlite_foreign_keys_off(connection):
+            command.upgrade(config, "head")
+            connection.commit()
         after = current_revision(connection)
     if before != after:
         log.info("database_migrated", before=before, after=after)
