@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -18,6 +19,8 @@ from osteogate.model.assessment import Assessment, StudyAssessment
 from osteogate.model.covariates import Covariates
 from osteogate.model.taxonomy import CLASSES, LOW_BMD_CLASSES
 from pydicom import config as pydicom_config
+from pydicom.charset import python_encoding
+from pydicom.datadict import dictionary_VM
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
@@ -252,16 +255,44 @@ _TYPE2_PATIENT_STUDY = (
 _ENUMERATED = {"PatientSex": {"M", "F", "O"}}
 
 
+# Control characters: none in short strings (ESC only, for ISO 2022 code extensions); text VRs may also
+# hold TAB, LF, FF and CR. Trailing NULs are padding.
+_CONTROL = re.compile(r"[\x00-\x1a\x1c-\x1f\x7f]")
+_CONTROL_TEXT = re.compile(r"[\x00-\x08\x0b\x0e-\x1a\x1c-\x1f\x7f]")
+_TEXT_VRS = ("LT", "ST", "UT")
+
+
+def _vm_ok(element: Any, count: int) -> bool:
+    try:
+        vm = dictionary_VM(element.tag)
+    except KeyError:
+        return True
+    if vm == "1":
+        return count <= 1
+    if vm.isdigit():
+        return count in (0, int(vm))
+    return True
+
+
 def _valid(element: Any) -> bool:
     if element.VR in ("SQ", "UN", "OB", "OW", "OF", "OD", "OL", "OV"):
         return element.VR == "SQ"
     value = element.value
     values = list(value) if isinstance(value, MultiValue) else [value]
+    if not _vm_ok(element, len(values)):
+        return False
     for item in values:
         if item is None or item == "":
             continue
         # Converted values (DSfloat, IS, PersonName, DA...) are checked as the text they encode to.
         validate_value(element.VR, str(item) if element.VR in STR_VR else item, pydicom_config.RAISE)
+        pattern = _CONTROL_TEXT if element.VR in _TEXT_VRS else _CONTROL
+        if element.VR in STR_VR and pattern.search(str(item).rstrip("\x00")):
+            return False
+        if element.VR == "PN":  # at most 3 component groups of at most 5 components (PS3.5 6.2.1)
+            groups = str(item).split("=")
+            if len(groups) > 3 or any(group.count("^") > 4 for group in groups):
+                return False
     allowed = _ENUMERATED.get(element.keyword)
     return not (allowed and any(str(v) not in allowed for v in values if v not in (None, "")))
 
@@ -294,11 +325,44 @@ def clean_dataset(source: Dataset, *, depth: int = 0) -> Dataset:
     return clean
 
 
+def _known_charset(value: Any) -> bool:
+    values = [str(v) for v in (value if isinstance(value, MultiValue) else [value])]
+    # The first value may be empty (the default repertoire) when code extensions follow it.
+    return any(values) and all(v in python_encoding or (i == 0 and v == "") for i, v in enumerate(values))
+
+
+def _non_ascii(ds: Dataset) -> bool:
+    for element in ds:
+        if element.VR == "SQ":
+            if any(_non_ascii(item) for item in element.value):
+                return True
+        elif element.VR in STR_VR and not str(element.value).isascii():
+            return True
+    return False
+
+
+def ensure_charset(ds: Dataset) -> None:
+    """UTF-8 (ISO_IR 192) when any text is not ASCII: the values are Python strings, and a reason or
+    a note from the model may hold characters the source's character set cannot write."""
+    if _non_ascii(ds) and ds.get("SpecificCharacterSet") != "ISO_IR 192":
+        ds.SpecificCharacterSet = "ISO_IR 192"
+
+
 def evidence_header(source: Dataset) -> Dataset:
-    """Header of a source image fit to be copied into our SR / card: cleaned, Type 2 filled."""
+    """Header of a source image fit to be copied into our SR / card: cleaned, Type 2 filled.
+
+    Text values are decoded strings by now, so the character set only has to be able to write them:
+    the source's when pydicom knows it, else UTF-8 (ISO_IR 192) when anything is not ASCII.
+    """
     header = clean_dataset(source)
-    if "SpecificCharacterSet" in source and "SpecificCharacterSet" not in header:
-        header.SpecificCharacterSet = "ISO_IR 192"  # values were decoded; UTF-8 writes them all
+    charset = header.get("SpecificCharacterSet")
+    if charset is not None and not _known_charset(charset):
+        del header.SpecificCharacterSet
+    if "SpecificCharacterSet" not in header and _non_ascii(header):
+        header.SpecificCharacterSet = "ISO_IR 192"
+    # An empty Manufacturer would become an empty Type 1 value in our Contributing Equipment.
+    if "Manufacturer" in header and not str(header.Manufacturer or "").strip():
+        del header.Manufacturer
     for keyword in _TYPE2_PATIENT_STUDY:
         if keyword not in header:
             setattr(header, keyword, "")

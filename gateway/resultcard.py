@@ -519,4 +519,5 @@ def build_result_card(
         item.PurposeOfReferenceCodeSequence = [purpose]
         references.append(item)
     card.SourceImageSequence = references
+    reporting.ensure_charset(card)
     return card

@@ -550,6 +550,7 @@ def build_result_sr(
     # Without SeriesDate PACS file the series under an unknown date (Orthanc showed "?").
     sr.SeriesDate = now.strftime("%Y%m%d")
     sr.SeriesTime = now.strftime("%H%M%S")
+    reporting.ensure_charset(sr)
     return sr
 
 

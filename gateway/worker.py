@@ -550,7 +550,11 @@ class ClassifierWorker:
 def _header_only(ds: Dataset) -> Dataset:
     """A copy without pixel data: the SR needs only the header, and big arrays should be freed."""
     header = Dataset()
-    header.update({elem.tag: elem for elem in ds if elem.tag.group != 0x7FE0})
+    # get_item: elements as read (raw), unconverted. Iterating the dataset would convert every value,
+    # and one malformed optional value (an IS of "1e400") would then cost the whole study.
+    for tag in ds.keys():  # noqa: SIM118 - iterating a Dataset yields converted elements
+        if tag.group != 0x7FE0:
+            header[tag] = ds.get_item(tag)
     header.file_meta = ds.file_meta
     return header
 

@@ -158,7 +158,7 @@ def require(*tools: str) -> None:
 def dciodvfy_errors(path: Path) -> list[str]:
     """dciodvfy's Error lines (warnings are printed, shown with -s or on failure)."""
     require("dciodvfy")
-    result = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, errors="replace", timeout=60)
     lines = (result.stdout + result.stderr).splitlines()
     for line in lines:
         print(line)

@@ -10,7 +10,16 @@ from pathlib import Path
 import pydicom
 import pytest
 from osteogate.gateway.config import load_settings
-from osteogate.gateway.db import Database, Delivery, DeliveryStatus, Job, ResultObject, Study, StudyResult, utcnow
+from osteogate.gateway.db import (
+    Database,
+    Delivery,
+    DeliveryStatus,
+    Job,
+    ResultObject,
+    Study,
+    StudyResult,
+    utcnow,
+)
 from osteogate.gateway.delivery import DeliveryManager, result_files
 from osteogate.gateway.resultcard import build_result_card
 from osteogate.gateway.spool import Spool
