@@ -162,6 +162,18 @@ class ClassifierWorker:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.last_heartbeat = time.monotonic()
+        if settings.report.result_card:
+            self._check_card_font()
+
+    @staticmethod
+    def _check_card_font() -> None:
+        """Say at start, once, when result cards cannot be drawn (each job would log it again)."""
+        from osteogate.gateway.resultcard import FontUnavailable, find_font
+
+        try:
+            find_font()
+        except FontUnavailable as exc:
+            log.error("result_card_unavailable", detail=str(exc))
 
     # -- thread ----------------------------------------------------------------------------------
 

@@ -189,10 +189,11 @@ def _situation(inputs: tuple[str, ...], auc: dict[str, float]) -> dict:
     }
 
 
-def fused_checkpoint(path: Path) -> Path:
+def fused_checkpoint(path: Path, image_auc: dict[str, float] = CHANCE_AUC) -> Path:
     """A trained-looking small-CNN checkpoint with fusion heads: situations with age discriminate
-    (grouped-CV AUC CI above chance); the image alone sits at chance, so a study without header
-    demographics must come out "not assessed". Weights are random: only the card's figures matter."""
+    (grouped-CV AUC CI above chance); the image alone has ``image_auc``: at chance (the default),
+    a study without header demographics must come out "not assessed". Weights are random: only the
+    card's figures matter."""
     from itertools import combinations
 
     import torch
@@ -203,7 +204,7 @@ def fused_checkpoint(path: Path) -> Path:
     from osteogate.model.network import build_network
     from osteogate.model.taxonomy import COVARIATES
 
-    situations: dict[str, dict] = {"image": _situation(("image",), CHANCE_AUC)}
+    situations: dict[str, dict] = {"image": _situation(("image",), image_auc)}
     for n in range(1, len(COVARIATES) + 1):
         for covariates in combinations(COVARIATES, n):
             auc = GOOD_AUC if "age" in covariates else CHANCE_AUC
@@ -215,7 +216,7 @@ def fused_checkpoint(path: Path) -> Path:
         name="osteogate-test-fused", version="9.1.0", architecture="osteogate_smallcnn", trained=True,
         input=InputSpec(mode="whole", size=64, channels=1, mean=(0.5,), std=(0.25,)),
         training={"data": {"regions": ["knee"]}},
-        metrics={"cross_validation": {"pooled_out_of_fold": {"auc_low_bmd": CHANCE_AUC}}},
+        metrics={"cross_validation": {"pooled_out_of_fold": {"auc_low_bmd": image_auc}}},
         fusion={"format": FUSION_FORMAT, "image_regions": ["knee"], "situations": situations,
                 "covariate_ranges": {"age": [17, 107], "weight": [35, 130], "height": [1.3, 2.0], "bmi": [15, 45]}},
     )
