@@ -161,3 +161,26 @@ def test_peer_refusing_the_sr_gets_nothing(result: tuple[Database, Spool, int]) 
         peer.stop()
     assert delivery.status == DeliveryStatus.REJECTED and peer.kinds == []
     assert "Comprehensive 3D SR" in delivery.last_error and "nothing sent" in delivery.last_error
+
+
+def test_orthanc_shows_the_card_and_dates_the_sr(result: tuple[Database, Spool, int], orthanc_pacs) -> None:
+    """What a user of Orthanc Explorer sees: the card's preview is the card (Orthanc renders the
+    SC itself), and the SR series has a date (it was filed under "?" without SeriesDate)."""
+    import io
+
+    from PIL import Image
+
+    db, reports, result_id = result
+    settings = load_settings(environ={}, overrides={"delivery": {"timeout_seconds": 10}})
+    with db.session() as session:
+        session.add(Delivery(result_id=result_id, destination=f"ORTHANC@127.0.0.1:{orthanc_pacs.port}"))
+    assert DeliveryManager(settings, db, reports).run_due() == 1
+    found = orthanc_pacs.wait_for_instances(2)
+    by_modality = {orthanc_pacs.instance_tags(i["ID"])["Modality"]: i for i in found}
+    assert set(by_modality) == {"SR", "OT"}
+    preview = Image.open(io.BytesIO(orthanc_pacs.get_bytes(f"/instances/{by_modality['OT']['ID']}/preview")))
+    assert preview.size == (1600, 1200)
+    card_file = pydicom.dcmread(io.BytesIO(orthanc_pacs.instance_file(by_modality["OT"]["ID"])))
+    assert preview.convert("RGB").getpixel((8, 8)) == tuple(card_file.pixel_array[8, 8])
+    series = orthanc_pacs.get(f"/series/{by_modality['SR']['ParentSeries']}")
+    assert series["MainDicomTags"].get("SeriesDate"), series["MainDicomTags"]
