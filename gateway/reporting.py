@@ -12,7 +12,7 @@ import contextlib
 import math
 import re
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 from osteogate.model.assessment import Assessment, StudyAssessment
@@ -376,12 +376,3 @@ def text_value(header: Dataset, keyword: str, limit: int = 64) -> str:
         return ""
     text = " ".join(str(value).split())
     return text[:limit]
-
-
-def first(items: Iterable[Any], default: Any = None) -> Any:
-    return next(iter(items), default)
-
-
-def ordered(pairs: Sequence[tuple[Dataset, Any]]) -> list[tuple[Dataset, Any]]:
-    """(header, payload) pairs in stable image order."""
-    return sorted(pairs, key=lambda pair: image_order_key(pair[0]))
