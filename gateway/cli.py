@@ -586,7 +586,7 @@ def _operations_parsers(cmds: _Commands) -> None:
     studies.add_argument("--status", choices=_STUDY_STATUSES, help="studies with this status")
     studies.add_argument("--since", type=_when, help="last received at or after: 2026-01-31, ISO time, 7d, 12h")
     studies.add_argument("--region", help="region of the latest result (knee, spine)")
-    studies.add_argument("--result", help="label of the latest result (normal, osteopenia, osteoporosis)")
+    studies.add_argument("--result", help="latest result: normal, osteopenia, osteoporosis or \"not assessed\"")
     studies.set_defaults(func=cmd_studies)
 
     show = cmds.add_parser("show", help="everything about one study", epilog=_examples(

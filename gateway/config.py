@@ -300,6 +300,12 @@ class ModelConfig(_Section):
     threads: int = Field(0, ge=0)  # 0: let the runtime decide
 
 
+class ReportConfig(_Section):
+    """What is sent back for each result: the SR always; the result card image when enabled."""
+
+    result_card: bool = True
+
+
 class WorkerConfig(_Section):
     enabled: bool = True
     poll_interval_seconds: float = Field(1.0, gt=0)
@@ -375,6 +381,7 @@ class Settings(_Section):
     study: StudyConfig = Field(default_factory=StudyConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     worker: WorkerConfig = Field(default_factory=WorkerConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
     delivery: DeliveryConfig = Field(default_factory=DeliveryConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)

@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     Enum,
     Float,
@@ -164,10 +165,18 @@ class StudyResult(Base):
     version: Mapped[int] = mapped_column(Integer)  # 1, 2, ...: also the SR InstanceNumber
     status: Mapped[StudyStatus] = mapped_column(_enum(StudyStatus))
     region: Mapped[str | None] = mapped_column(String(16))
+    # What the model reported (model.assessment.Assessment): no label, probabilities or T-score
+    # unless assessed; otherwise the reason. None/empty when nothing in the study was in scope.
+    assessed: Mapped[bool | None] = mapped_column(Boolean)
+    reason: Mapped[str | None] = mapped_column(Text)
     label: Mapped[str | None] = mapped_column(String(16))
-    p_normal: Mapped[float | None] = mapped_column(Float)
-    p_osteopenia: Mapped[float | None] = mapped_column(Float)
-    p_osteoporosis: Mapped[float | None] = mapped_column(Float)
+    # Keyed by class name (model.taxonomy.CLASSES is the one source of truth), full precision.
+    probabilities: Mapped[dict[str, float] | None] = mapped_column(JSON)
+    t_score: Mapped[float | None] = mapped_column(Float)
+    t_score_low: Mapped[float | None] = mapped_column(Float)  # 80 % prediction interval
+    t_score_high: Mapped[float | None] = mapped_column(Float)
+    inputs_used: Mapped[list[str] | None] = mapped_column(JSON)  # names from taxonomy.INPUTS
+    inputs_missing: Mapped[list[str] | None] = mapped_column(JSON)
     model_name: Mapped[str] = mapped_column(String(128))
     model_version: Mapped[str] = mapped_column(String(32))
     model_sha256: Mapped[str] = mapped_column(String(64))
@@ -182,6 +191,28 @@ class StudyResult(Base):
     study: Mapped[Study] = relationship(back_populates="results")
     images: Mapped[list[ImageResult]] = relationship(back_populates="result", cascade="all, delete-orphan")
     deliveries: Mapped[list[Delivery]] = relationship(back_populates="result", cascade="all, delete-orphan")
+    # What a delivery sends, in order (the SR, then the result card): all or nothing.
+    objects: Mapped[list[ResultObject]] = relationship(
+        back_populates="result", cascade="all, delete-orphan", order_by="ResultObject.position"
+    )
+
+
+class ResultObject(Base):
+    """One DICOM object made for a result (SR or result card), stored under the reports directory."""
+
+    __tablename__ = "result_objects"
+    __table_args__ = (UniqueConstraint("result_id", "position"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    result_id: Mapped[int] = mapped_column(ForeignKey("study_results.id", ondelete="CASCADE"), index=True)
+    position: Mapped[int] = mapped_column(Integer)  # send order: 0 = the SR
+    kind: Mapped[str] = mapped_column(String(16))  # "sr" | "card"
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    series_uid: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(Text)  # relative to the reports directory
+
+    result: Mapped[StudyResult] = relationship(back_populates="objects")
 
 
 class ImageResult(Base):
@@ -190,13 +221,12 @@ class ImageResult(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     result_id: Mapped[int] = mapped_column(ForeignKey("study_results.id", ondelete="CASCADE"), index=True)
     sop_instance_uid: Mapped[str] = mapped_column(String(64))
-    status: Mapped[str] = mapped_column(String(16))  # classified | skipped
-    reason: Mapped[str | None] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16))  # classified (scored by the model) | skipped
+    assessed: Mapped[bool | None] = mapped_column(Boolean)  # None when skipped (never scored)
+    reason: Mapped[str | None] = mapped_column(Text)  # why skipped, or why not assessed
     region: Mapped[str | None] = mapped_column(String(16))
     label: Mapped[str | None] = mapped_column(String(16))
-    p_normal: Mapped[float | None] = mapped_column(Float)
-    p_osteopenia: Mapped[float | None] = mapped_column(Float)
-    p_osteoporosis: Mapped[float | None] = mapped_column(Float)
+    probabilities: Mapped[dict[str, float] | None] = mapped_column(JSON)  # reported, when assessed
     decode_ms: Mapped[float | None] = mapped_column(Float)
 
     result: Mapped[StudyResult] = relationship(back_populates="images")

@@ -10,8 +10,10 @@ retried blindly: an admin fixes the configuration and uses `osteogate resend`.
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import pydicom
 from osteogate.gateway.config import Destination, Settings, TlsConfig
@@ -34,16 +36,30 @@ class SendOutcome:
     detail: str
 
 
+def result_files(result: StudyResult) -> list[str]:
+    """What one delivery of a result sends, in order (the SR, then the result card), as paths
+    relative to the reports directory. Results made before result_objects existed: their SR."""
+    paths = [obj.path for obj in result.objects]
+    return paths or ([result.sr_path] if result.sr_path else [])
+
+
 def send_file(
-    path: str, destination: Destination, calling_aet: str, timeout: float = 30,
+    path: str | Sequence[str], destination: Destination, calling_aet: str, timeout: float = 30,
     tls: TlsConfig | None = None,
 ) -> SendOutcome:
-    """C-STORE one file to one destination; classify the outcome as ok / transient / permanent."""
-    ds = pydicom.dcmread(path)
+    """C-STORE one file, or a result's files over one association, to one destination; classify the
+    outcome as ok / transient / permanent.
+
+    All or retry: any failed C-STORE makes the whole set be sent again later, so a PACS never keeps
+    half a report. The first file (the SR) is the report: a peer that refuses its SOP class gets
+    nothing. A later one (the result card) whose SOP class the peer refuses at negotiation is left
+    out, and the outcome says so: an SR-only archive still gets its SR."""
+    datasets = [pydicom.dcmread(p) for p in ([path] if isinstance(path, str) else path)]
     ae = AE(ae_title=calling_aet)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.connection_timeout = timeout
-    ae.add_requested_context(ds.SOPClassUID, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    for sop_class in dict.fromkeys(str(ds.SOPClassUID) for ds in datasets):
+        ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     tls_args = (client_tls_context(tls or TlsConfig()), destination.host) if destination.tls else None
     assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args)
     if assoc.is_rejected:
@@ -56,20 +72,34 @@ def send_file(
     if not assoc.is_established:
         return SendOutcome(False, permanent=False, detail="association failed (peer unreachable or aborted)")
     try:
-        if not assoc.accepted_contexts:
-            return SendOutcome(False, permanent=True, detail="peer accepts no context for this SR")
-        status = assoc.send_c_store(ds)
+        accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
+        if str(datasets[0].SOPClassUID) not in accepted:
+            name = pydicom.uid.UID(str(datasets[0].SOPClassUID)).name
+            return SendOutcome(False, permanent=True, detail=f"peer accepts no context for {name}; nothing sent")
+        left_out = sorted({pydicom.uid.UID(str(ds.SOPClassUID)).name for ds in datasets[1:]
+                           if str(ds.SOPClassUID) not in accepted})
+        status: Any = None
+        for ds in datasets:
+            if str(ds.SOPClassUID) in accepted:
+                status = assoc.send_c_store(ds)
+                if not _stored(status):
+                    break
     finally:
         assoc.release()
     if not status or "Status" not in status:
         return SendOutcome(False, permanent=False, detail="no C-STORE response (timeout or abort)")
     code = int(status.Status)
     if code == 0x0000 or (code & 0xF000) == 0xB000:  # success or warning
-        return SendOutcome(True, permanent=False, detail=f"status 0x{code:04X}")
+        note = f"; not accepted by the peer, left out: {', '.join(left_out)}" if left_out else ""
+        return SendOutcome(True, permanent=False, detail=f"status 0x{code:04X}{note}")
     # 0xA7xx out of resources is worth retrying; refusals of the dataset itself (0xA9xx, 0xCxxx,
     # 0x0122 SOP class not supported) will fail again the same way.
     permanent = (code & 0xFF00) != 0xA700
     return SendOutcome(False, permanent=permanent, detail=f"C-STORE failed with status 0x{code:04X}")
+
+
+def _stored(status: Any) -> bool:
+    return bool(status) and "Status" in status and (int(status.Status) == 0 or (int(status.Status) & 0xF000) == 0xB000)
 
 
 class DeliveryManager:
@@ -95,7 +125,7 @@ class DeliveryManager:
         finally:
             self._lock.release()
 
-    def _claim(self) -> tuple[int, str, str, str] | None:
+    def _claim(self) -> tuple[int, str, list[str], str] | None:
         now = utcnow()
         due = (
             (Delivery.status == DeliveryStatus.PENDING)
@@ -110,19 +140,19 @@ class DeliveryManager:
                 return None
             delivery = session.get(Delivery, delivery_id)
             assert delivery is not None
-            return delivery.id, delivery.destination, delivery.result.sr_path, delivery.result.study.study_key
+            return delivery.id, delivery.destination, result_files(delivery.result), delivery.result.study.study_key
 
-    def _attempt(self, delivery_id: int, destination_text: str, sr_path: str, key: str) -> int:
+    def _attempt(self, delivery_id: int, destination_text: str, paths: list[str], key: str) -> int:
         destination = self.settings.delivery.resolve(destination_text)  # configured auth/TLS
+        files = [self.reports.absolute(p) for p in paths]  # the SR first, then the result card
         try:
             if destination.kind == "dicomweb":  # STOW-RS (gateway/stow.py); else C-STORE
                 from osteogate.gateway.stow import send_files as stow_files
 
-                outcome = stow_files([self.reports.absolute(sr_path)], destination,
-                                     self.settings.delivery.timeout_seconds)
+                outcome = stow_files(files, destination, self.settings.delivery.timeout_seconds)
             else:
                 outcome = send_file(
-                    str(self.reports.absolute(sr_path)), destination, self.settings.delivery_calling_aet,
+                    [str(f) for f in files], destination, self.settings.delivery_calling_aet,
                     self.settings.delivery.timeout_seconds, self.settings.delivery.tls,
                 )
         except Exception as exc:

@@ -36,10 +36,27 @@ def _fmt_time(value: Any) -> str:
     return as_utc(value).strftime("%Y-%m-%d %H:%M:%S") if value else "-"
 
 
+NOT_ASSESSED = "not assessed"
+
+
 def _fmt_probs(obj: Any) -> str:
-    if obj.p_normal is None:
+    """Probabilities in CLASSES order as whole percentages (the numbers the SR and card show)."""
+    if not obj.probabilities:
         return ""
-    return f"normal {obj.p_normal:.3f}  osteopenia {obj.p_osteopenia:.3f}  osteoporosis {obj.p_osteoporosis:.3f}"
+    from osteogate.gateway.reporting import percentages
+
+    return "  ".join(f"{name} {value} %" for name, value in percentages(obj.probabilities).items())
+
+
+def _result_words(result: StudyResult | None) -> str | None:
+    """One result in words: "osteopenia (knee)", "not assessed (knee)", or the status."""
+    if result is None:
+        return None
+    if result.label:
+        return f"{result.label} ({result.region})"
+    if result.assessed is False:
+        return f"{NOT_ASSESSED} ({result.region})"
+    return result.status.value
 
 
 def _filtered(
@@ -58,7 +75,11 @@ def _filtered(
         if region:
             query = query.where(StudyResult.region == region)
         if result:
-            query = query.where(StudyResult.label == result)
+            # "not assessed" (or not-assessed) selects results the model declined to give.
+            if result.replace("-", " ").strip().lower() == NOT_ASSESSED:
+                query = query.where(StudyResult.assessed.is_(False))
+            else:
+                query = query.where(StudyResult.label == result)
     return query
 
 
@@ -87,9 +108,9 @@ def list_studies(
                 "status": study.status.value,
                 "version": study.version,
                 "region": latest.region if latest else None,
-                "label": latest.label if latest else None,
-                "result": (f"{latest.label} ({latest.region})" if latest and latest.label else
-                           (latest.status.value if latest else None)),
+                "label": (latest.label or (NOT_ASSESSED if latest.assessed is False else None)) if latest else None,
+                "assessed": latest.assessed if latest else None,
+                "result": _result_words(latest),
                 "delivered": delivered,
                 "sr_versions": sum(1 for r in study.results if r.sr_sop_instance_uid),
             })
@@ -174,16 +195,43 @@ def describe_study(db: Database, settings: Settings, ident: str) -> str | None:
         return "\n".join(lines)
 
 
+def _inputs(result: StudyResult) -> str:
+    if result.inputs_used is None:
+        return ""
+    text = f"inputs used: {', '.join(result.inputs_used) or 'none'}"
+    if result.inputs_missing:
+        text += f"; missing: {', '.join(result.inputs_missing)}"
+    return text
+
+
 def _describe_result(lines: list[str], result: StudyResult) -> None:
-    lines.append(f"  v{result.version} {result.status.value} region {result.region or '-'} "
-                 f"label {result.label or '-'}  {_fmt_probs(result)}")
+    if result.assessed is False:
+        outcome = f"NOT ASSESSED: {result.reason}"
+    else:
+        outcome = f"label {result.label or '-'}  {_fmt_probs(result)}".rstrip()
+    lines.append(f"  v{result.version} {result.status.value} region {result.region or '-'} {outcome}")
+    if result.t_score is not None:
+        interval = (f" (80 % prediction interval {result.t_score_low:+.1f} to {result.t_score_high:+.1f})"
+                    if result.t_score_low is not None and result.t_score_high is not None else "")
+        lines.append(f"     estimated T-score {result.t_score:+.1f}{interval}")
+    if _inputs(result):
+        lines.append(f"     {_inputs(result)}")
     lines.append(f"     model {result.model_name} {result.model_version} sha256 {result.model_sha256[:12]} "
                  f"backend {result.backend} timings {result.timings}")
-    lines.append(f"     SR {result.sr_sop_instance_uid} at {_fmt_time(result.created_at)}")
+    for obj in result.objects or ():
+        lines.append(f"     {'SR' if obj.kind == 'sr' else 'result card'} {obj.sop_instance_uid} "
+                     f"(series {obj.series_uid})")
+    if not result.objects and result.sr_sop_instance_uid:
+        lines.append(f"     SR {result.sr_sop_instance_uid}")
+    lines.append(f"     made {_fmt_time(result.created_at)}")
     for image in result.images:
-        detail = _fmt_probs(image) if image.status == "classified" else image.reason
-        lines.append(f"     image {image.sop_instance_uid}: {image.status} {image.region or ''} "
-                     f"{image.label or ''} {detail}")
+        if image.status != "classified":
+            detail = f"skipped: {image.reason}"
+        elif image.assessed is False:
+            detail = f"not assessed: {image.reason}"
+        else:
+            detail = f"{image.label or ''} {_fmt_probs(image)}"
+        lines.append(f"     image {image.sop_instance_uid}: {image.region or '-'} {detail}".rstrip())
     for delivery in result.deliveries:
         lines.append(f"     delivery to {delivery.destination}: {delivery.status.value} "
                      f"attempts {delivery.attempts} sent {_fmt_time(delivery.sent_at)}"
@@ -195,8 +243,10 @@ def _sr_history(study: Study, reports: Spool | None) -> list[str]:
     lines = [f"SR history ({len(srs)}):"]
     for result in srs:
         sent = sum(d.status == DeliveryStatus.SENT for d in result.deliveries)
+        cards = [o.sop_instance_uid for o in result.objects if o.kind == "card"]
         lines.append(f"  version {result.version}  SOP {result.sr_sop_instance_uid}  "
                      f"predecessor {_predecessor_uid(reports, result.sr_path) or '-'}  "
+                     f"card {cards[0] if cards else '-'}  "
                      f"made {_fmt_time(result.created_at)}  sent {sent}/{len(result.deliveries)}")
     return lines
 

@@ -16,10 +16,11 @@ import time
 from collections import Counter
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from io import BytesIO
 from typing import Any
 
+import numpy as np
 import pydicom
 from osteogate.gateway.config import Settings
 from osteogate.gateway.db import (
@@ -30,6 +31,7 @@ from osteogate.gateway.db import (
     Instance,
     Job,
     JobStatus,
+    ResultObject,
     Study,
     StudyResult,
     StudyStatus,
@@ -39,6 +41,9 @@ from osteogate.gateway.logs import get_logger
 from osteogate.gateway.metrics import INFERENCE_SECONDS, STUDIES_PROCESSED, STUDY_PROCESSING_SECONDS
 from osteogate.gateway.region import detect_region
 from osteogate.gateway.spool import Spool
+from osteogate.model.assessment import ImageScore, StudyAssessment
+from osteogate.model.covariates import Covariates
+from osteogate.model.taxonomy import REGIONS
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from sqlalchemy import or_, select, update
@@ -46,7 +51,6 @@ from sqlalchemy import or_, select, update
 log = get_logger("osteogate.gateway.worker")
 
 CLASSIFIED_MODALITIES = {"CR", "DX"}
-CLASSES = ("normal", "osteopenia", "osteoporosis")
 
 
 # A random token per process: a restarted container has the same hostname and often the same PID
@@ -74,41 +78,65 @@ def sr_series_uid(study_uid: str) -> str:
     return generate_uid(entropy_srcs=[study_uid, "osteogate-result-series"])
 
 
+def card_series_uid(study_uid: str) -> str:
+    """The result cards' own series: stable across versions, like the SR's."""
+    return generate_uid(entropy_srcs=[study_uid, "osteogate-result-card-series"])
+
+
+@dataclass(frozen=True)
+class MadeObject:
+    """A DICOM object written for a result (before its SQL row exists)."""
+
+    kind: str  # "sr" | "card"
+    sop_class_uid: str
+    sop_instance_uid: str
+    series_uid: str
+    path: str  # relative to the reports directory
+
+
 @dataclass
 class ImageOutcome:
     instance: Instance
     header: Dataset
     region: str | None = None
-    probabilities: dict[str, float] | None = None
-    label: str | None = None
     skip_reason: str | None = None
     decode_ms: float | None = None
+    score: ImageScore | None = None  # the image network's output, once scored
+    thumbnail: np.ndarray | None = None  # small copy for the result card (decoded images are not kept)
 
 
 @dataclass
 class StudyOutcome:
     images: list[ImageOutcome] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
-    thresholds: dict[str, float] = field(default_factory=dict)  # the model card's operating points
+    # What the model reports (None when nothing in the study was in scope); its images are the
+    # scored ones, in the order of ``scored``.
+    assessment: StudyAssessment | None = None
 
     @property
-    def classified(self) -> list[ImageOutcome]:
-        return [i for i in self.images if i.probabilities is not None]
+    def scored(self) -> list[ImageOutcome]:
+        return [i for i in self.images if i.score is not None]
 
-    def summary(self) -> tuple[str | None, str | None, dict[str, float] | None]:
-        """Study-level region, label and probabilities: the mean over classified images.
 
-        The mean is a deliberate, simple choice: every classified view counts equally, and the
-        per-image values stay in the SR for the reader.
-        """
-        classified = self.classified
-        if not classified:
-            return None, None, None
-        region = Counter(i.region for i in classified).most_common(1)[0][0]
-        probs = {c: sum(i.probabilities[c] for i in classified) / len(classified) for c in CLASSES}  # type: ignore[index]
-        from osteogate.model.inference import decide_label
+def study_region(items: Sequence[ImageOutcome]) -> str | None:
+    """The study's region: the most common among in-scope images (ties: taxonomy order)."""
+    counts = Counter(i.region for i in items if i.region)
+    if not counts:
+        return None
+    return max(counts, key=lambda r: (counts[r], -REGIONS.index(r) if r in REGIONS else -len(REGIONS)))
 
-        return region, decide_label(probs, self.thresholds), probs
+
+def study_covariates(items: Sequence[ImageOutcome]) -> Covariates:
+    """Covariates from the header of the in-scope image that states the most of them.
+
+    Patient attributes are the same in every image of a study as a rule; when one image lacks some
+    (a secondary view written by another device), the fullest header is the better source."""
+    from osteogate.gateway.reporting import image_order_key
+    from osteogate.model.covariates import covariates_from_dataset
+
+    candidates = [covariates_from_dataset(i.header) for i in sorted(items, key=lambda i: image_order_key(i.header))]
+    # max() keeps the first of equals: the stable image order decides ties.
+    return max(candidates, key=lambda c: len(c.present)) if candidates else Covariates()
 
 
 class ClassifierWorker:
@@ -134,6 +162,18 @@ class ClassifierWorker:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.last_heartbeat = time.monotonic()
+        if settings.report.result_card:
+            self._check_card_font()
+
+    @staticmethod
+    def _check_card_font() -> None:
+        """Say at start, once, when result cards cannot be drawn (each job would log it again)."""
+        from osteogate.gateway.resultcard import FontUnavailable, find_font
+
+        try:
+            find_font()
+        except FontUnavailable as exc:
+            log.error("result_card_unavailable", detail=str(exc))
 
     # -- thread ----------------------------------------------------------------------------------
 
@@ -247,32 +287,31 @@ class ClassifierWorker:
             result_version = 1 + (session.execute(
                 select(StudyResult.version).where(StudyResult.study_id == study_id)
                 .order_by(StudyResult.version.desc()).limit(1)).scalar_one_or_none() or 0)
-        if outcome.classified:
-            sr_uid, series_uid = generate_uid(), sr_series_uid(study_uid)
+        if outcome.assessment is not None:
             predecessor = self._read_header(self.reports, previous_sr) if previous_sr else None
-            sr = self.build_report(outcome, classifier, series_uid, sr_uid, result_version, predecessor)
-            sr_relative: str | None = self.reports.report_path(study_uid, sr_uid).as_posix()
-            buffer = BytesIO()
-            sr.save_as(buffer, enforce_file_format=True)
-            # The SR is durable before any delivery row points at it: no half-made report is sent.
-            self.reports.write_atomic(sr_relative, buffer.getvalue())
+            # Every object is durable before any delivery row points at it: no half-made report is sent.
+            made = self.write_report(study_uid, outcome, classifier, result_version, predecessor)
         else:
             # Nothing in scope: recorded as skipped with reasons; PACS gets no empty report.
-            sr_uid = series_uid = sr_relative = None
-        self._commit(job_id, outcome, classifier, result_version, sr_uid, series_uid, sr_relative)
-        region, label, _ = outcome.summary()
+            made = []
+        self._commit(job_id, outcome, classifier, result_version, made)
+        result = outcome.assessment.study if outcome.assessment else None
         STUDY_PROCESSING_SECONDS.observe(time.perf_counter() - started)
-        STUDIES_PROCESSED.labels(outcome="classified" if outcome.classified else "skipped").inc()
-        log.info("study_classified", job=job_id, study_key=key, region=region, label=label,
-                 images=len(outcome.classified), skipped=len(outcome.images) - len(outcome.classified),
-                 sr=sr_uid is not None, ms=round(outcome.timings["total_ms"], 1))
+        STUDIES_PROCESSED.labels(outcome="classified" if outcome.assessment else "skipped").inc()
+        log.info("study_classified", job=job_id, study_key=key,
+                 region=outcome.assessment.region if outcome.assessment else None,
+                 label=result.label if result else None,
+                 assessed=result.assessed if result else None,
+                 inputs=list(result.inputs_used) if result else None,
+                 images=len(outcome.scored), skipped=len(outcome.images) - len(outcome.scored),
+                 objects=[m.kind for m in made], ms=round(outcome.timings["total_ms"], 1))
         if self.on_result:
             self.on_result()
 
     def classify(self, instances: Sequence[Instance], classifier: Any) -> StudyOutcome:
         from osteogate.model.pixels import PixelDecodeError, dataset_to_image
 
-        outcome = StudyOutcome(thresholds=dict(classifier.card.thresholds))
+        outcome = StudyOutcome()
         pending: list[tuple[ImageOutcome, Any]] = []
         decode_total = 0.0
         for instance in sorted(instances, key=lambda i: i.received_at):
@@ -313,39 +352,111 @@ class ClassifierWorker:
             decode_total += item.decode_ms
             pending.append((item, image))
         outcome.timings["decode_ms"] = decode_total
-        if pending:
-            t0 = time.perf_counter()
-            predictions = classifier.predict(
-                [image for _, image in pending], [item.region for item, _ in pending],
-                batch_size=self.settings.model.batch_size,
-            )
-            outcome.timings["inference_ms"] = (time.perf_counter() - t0) * 1000
-            INFERENCE_SECONDS.observe(outcome.timings["inference_ms"] / 1000)
-            for (item, _), prediction in zip(pending, predictions, strict=True):
-                item.probabilities = {c: float(prediction.probabilities[c]) for c in CLASSES}
-                item.label = prediction.label
+        batch_size = self.settings.model.batch_size
+        for start in range(0, len(pending), batch_size):
+            self.score_batch(pending[start:start + batch_size], classifier, outcome.timings)
+        pending.clear()
+        self.assess(outcome, classifier)
         return outcome
 
-    def build_report(
-        self, outcome: StudyOutcome, classifier: Any, series_uid: str, sr_uid: str, version: int,
-        predecessor: Dataset | None,
-    ) -> Dataset:
-        from osteogate.gateway.sr import AlgorithmInfo, ImageFinding, SkippedImage, build_result_sr
+    def score_batch(self, batch: Sequence[tuple[ImageOutcome, Any]], classifier: Any,
+                    timings: dict[str, float]) -> None:
+        """Score decoded images (one or a small batch) with the image network; keep a thumbnail each.
 
+        Separate from decoding so that a decode pipeline can hand images over as they come; the
+        decoded arrays are not kept after this (the result card needs only the thumbnails)."""
+        if not batch:
+            return
+        t0 = time.perf_counter()
+        scores = classifier.score_images(
+            [image for _, image in batch], [item.region for item, _ in batch],
+            batch_size=self.settings.model.batch_size,
+        )
+        elapsed = (time.perf_counter() - t0) * 1000
+        timings["inference_ms"] = timings.get("inference_ms", 0.0) + elapsed
+        INFERENCE_SECONDS.observe(elapsed / 1000)
+        for (item, image), score in zip(batch, scores, strict=True):
+            item.score = score
+            if self.settings.report.result_card:
+                from osteogate.gateway.resultcard import thumbnail
+
+                item.thumbnail = thumbnail(image)
+
+    def assess(self, outcome: StudyOutcome, classifier: Any) -> None:
+        """The model's assessment of the study: image scores + header covariates -> StudyAssessment.
+
+        One region per study (the most common); scored images of another region are left out of
+        this report with the reason, rather than assessed by the wrong head."""
+        scored = outcome.scored
+        region = study_region(scored)
+        if region is None:
+            return
+        for item in scored:
+            if item.region != region:
+                item.skip_reason = f"region {item.region} differs from the study's region {region}: not assessed"
+                item.score = None
+                item.thumbnail = None
+        scored = outcome.scored
+        covariates = study_covariates(scored)
+        outcome.assessment = classifier.assess([i.score for i in scored], covariates, region)
+
+    def study_report(self, outcome: StudyOutcome, classifier: Any) -> Any:
+        """What the SR and the result card are made from (gateway.sr.StudyReport)."""
+        from osteogate.gateway.sr import AlgorithmInfo, SkippedImage, StudyReport
+
+        assert outcome.assessment is not None
         card = classifier.card
         algorithm = AlgorithmInfo(name=card.display_name, version=card.version, checkpoint_sha256=classifier.sha256)
-        findings = [
-            ImageFinding(source=i.header, region=i.region, probabilities=i.probabilities, label=i.label)  # type: ignore[arg-type]
-            for i in outcome.classified
-        ]
-        skipped = [SkippedImage(source=i.header, reason=i.skip_reason or "not classified")
-                   for i in outcome.images if i.probabilities is None and "StudyInstanceUID" in i.header]
-        _, label, probs = outcome.summary()
-        return build_result_sr(
-            findings, algorithm, series_instance_uid=series_uid, sop_instance_uid=sr_uid,
-            instance_number=version, skipped=skipped, study_label=label, study_probabilities=probs,
-            predecessor=predecessor,
-        )
+        scored = outcome.scored
+        skipped = tuple(SkippedImage(source=i.header, reason=i.skip_reason or "not classified")
+                        for i in outcome.images if i.score is None and "StudyInstanceUID" in i.header)
+        thumbnails = tuple(i.thumbnail for i in scored) if self.settings.report.result_card else ()
+        return StudyReport(outcome.assessment, tuple(i.header for i in scored), algorithm, skipped, thumbnails)
+
+    def build_report(self, report: Any, series_uid: str, sr_uid: str, version: int,
+                     predecessor: Dataset | None, when: datetime | None = None) -> Dataset:
+        """The result SR (TID 1500) of one version."""
+        from osteogate.gateway.sr import build_result_sr
+
+        return build_result_sr(report, series_instance_uid=series_uid, sop_instance_uid=sr_uid,
+                               instance_number=version, predecessor=predecessor, content_datetime=when)
+
+    def build_card(self, report: Any, series_uid: str, card_uid: str, version: int,
+                   when: datetime | None = None) -> Dataset:
+        """The result card (Secondary Capture) of one version: same series across versions."""
+        from osteogate.gateway.resultcard import build_result_card
+
+        return build_result_card(report, series_instance_uid=series_uid, sop_instance_uid=card_uid,
+                                 instance_number=version, content_datetime=when)
+
+    def write_report(self, study_uid: str, outcome: StudyOutcome, classifier: Any, version: int,
+                     predecessor: Dataset | None) -> list[MadeObject]:
+        """Build and durably write the SR, then the result card; returns them in send order.
+
+        A card that cannot be made (e.g. no font on this host) is logged and left out: the SR is a
+        complete report on its own, and a card problem must not withhold the result."""
+        report = self.study_report(outcome, classifier)
+        when = datetime.now()
+        made = []
+        sr_uid = generate_uid()
+        sr = self.build_report(report, sr_series_uid(study_uid), sr_uid, version, predecessor, when)
+        made.append(self._write("sr", sr, study_uid))
+        if self.settings.report.result_card:
+            try:
+                card = self.build_card(report, card_series_uid(study_uid), generate_uid(), version, when)
+            except Exception as exc:  # noqa: BLE001 - the SR still goes; the reason is logged
+                log.error("result_card_failed", error=type(exc).__name__, detail=str(exc)[:200]
+                          if type(exc).__name__ == "FontUnavailable" else None)
+            else:
+                made.append(self._write("card", card, study_uid))
+        return made
+
+    def _write(self, kind: str, ds: Dataset, study_uid: str) -> MadeObject:
+        relative = self.reports.report_path(study_uid, str(ds.SOPInstanceUID)).as_posix()
+        buffer = BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        self.reports.write_atomic(relative, buffer.getvalue())
+        return MadeObject(kind, str(ds.SOPClassUID), str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID), relative)
 
     # -- bookkeeping -----------------------------------------------------------------------------
 
@@ -362,36 +473,50 @@ class ClassifierWorker:
             job.error = "superseded by a newer study version"
             return True
 
-    def _commit(
-        self, job_id: int, outcome: StudyOutcome, classifier: Any, version: int, sr_uid: str | None,
-        series_uid: str | None, sr_relative: str | None,
-    ) -> None:
-        region, label, probs = outcome.summary()
-        status = StudyStatus.DONE if outcome.classified else StudyStatus.SKIPPED
+    def _commit(self, job_id: int, outcome: StudyOutcome, classifier: Any, version: int,
+                made: Sequence[MadeObject]) -> None:
+        assessment = outcome.assessment
+        study = assessment.study if assessment else None
+        status = StudyStatus.DONE if assessment else StudyStatus.SKIPPED
+        sr = next((m for m in made if m.kind == "sr"), None)
         with self.db.session() as session:
             job = session.get(Job, job_id)
             assert job is not None
             result = StudyResult(
-                study_id=job.study_id, job_id=job.id, version=version, status=status, region=region,
-                label=label, p_normal=probs["normal"] if probs else None,
-                p_osteopenia=probs["osteopenia"] if probs else None,
-                p_osteoporosis=probs["osteoporosis"] if probs else None,
+                study_id=job.study_id, job_id=job.id, version=version, status=status,
+                region=assessment.region if assessment else None,
+                assessed=study.assessed if study else None, reason=study.reason if study else None,
+                label=study.label if study else None,
+                probabilities=dict(study.probabilities) if study and study.probabilities else None,
+                t_score=study.t_score if study else None,
+                t_score_low=study.t_score_interval[0] if study and study.t_score_interval else None,
+                t_score_high=study.t_score_interval[1] if study and study.t_score_interval else None,
+                inputs_used=list(study.inputs_used) if study else None,
+                inputs_missing=list(study.inputs_missing) if study else None,
                 model_name=classifier.card.display_name[:128], model_version=classifier.card.version[:32],
                 model_sha256=classifier.sha256, backend=classifier.backend_name[:32],
                 timings={k: round(v, 2) for k, v in outcome.timings.items()},
-                sr_sop_instance_uid=sr_uid, sr_series_uid=series_uid, sr_path=sr_relative,
+                sr_sop_instance_uid=sr.sop_instance_uid if sr else None,
+                sr_series_uid=sr.series_uid if sr else None, sr_path=sr.path if sr else None,
             )
             session.add(result)
+            image_results = iter(assessment.images if assessment else ())
             for item in outcome.images:
-                p = item.probabilities or {}
+                reported = next(image_results).assessment if item.score is not None else None
                 result.images.append(ImageResult(
                     sop_instance_uid=item.instance.sop_instance_uid,
-                    status="classified" if item.probabilities else "skipped", reason=item.skip_reason,
-                    region=item.region, label=item.label, p_normal=p.get("normal"),
-                    p_osteopenia=p.get("osteopenia"), p_osteoporosis=p.get("osteoporosis"),
+                    status="classified" if reported else "skipped",
+                    assessed=reported.assessed if reported else None,
+                    reason=(reported.reason if reported else item.skip_reason),
+                    region=item.region, label=reported.label if reported else None,
+                    probabilities=dict(reported.probabilities) if reported and reported.probabilities else None,
                     decode_ms=item.decode_ms,
                 ))
-            for destination in self._destinations(session, job) if sr_uid else ():
+            for position, obj in enumerate(made):
+                result.objects.append(ResultObject(
+                    position=position, kind=obj.kind, sop_class_uid=obj.sop_class_uid,
+                    sop_instance_uid=obj.sop_instance_uid, series_uid=obj.series_uid, path=obj.path))
+            for destination in self._destinations(session, job) if made else ():
                 result.deliveries.append(Delivery(destination=destination, status=DeliveryStatus.PENDING))
             job.status = JobStatus.DONE
             job.finished_at = utcnow()
@@ -437,7 +562,11 @@ class ClassifierWorker:
 def _header_only(ds: Dataset) -> Dataset:
     """A copy without pixel data: the SR needs only the header, and big arrays should be freed."""
     header = Dataset()
-    header.update({elem.tag: elem for elem in ds if elem.tag.group != 0x7FE0})
+    # get_item: elements as read (raw), unconverted. Iterating the dataset would convert every value,
+    # and one malformed optional value (an IS of "1e400") would then cost the whole study.
+    for tag in ds.keys():  # noqa: SIM118 - iterating a Dataset yields converted elements
+        if tag.group != 0x7FE0:
+            header[tag] = ds.get_item(tag)
     header.file_meta = ds.file_meta
     return header
 

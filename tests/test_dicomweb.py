@@ -604,8 +604,8 @@ def test_resend_to_a_url_from_the_command_line(tmp_path: Path, web_pacs: Orthanc
     result = _osteogate("resend", study_uid, "--to", web_pacs.dicomweb_url, "--data-dir", str(store.data_dir))
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"-> {web_pacs.dicomweb_url}: sent" in result.stdout
-    [sr] = web_pacs.study_instances(study_uid)
-    assert web_pacs.instance_tags(sr["ID"])["Modality"] == SR_MODALITY
+    modalities = sorted(web_pacs.instance_tags(i["ID"])["Modality"] for i in web_pacs.study_instances(study_uid))
+    assert modalities == sorted([SR_MODALITY, "OT"])  # the SR and the result card (Secondary Capture)
 
 
 def test_dimse_only_commands_refuse_a_url() -> None:

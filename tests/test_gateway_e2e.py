@@ -33,6 +33,7 @@ from tests.helpers import (
 pytestmark = pytest.mark.skipif(not dcmtk_available("storescu", "storescp", "dsrdump"), reason="dcmtk missing")
 
 SR_PATTERN = "SR*.dcm"
+CARD_PATTERN = "SC*.dcm"  # storescp names files by SOP class: SC = Secondary Capture
 
 
 def source_studies(files: list[Path]) -> set[str]:
@@ -59,6 +60,7 @@ def _run_full_path(tmp_path: Path, pacs: StoreSCP, model: Path, database_url: st
         result = storescu(files, "127.0.0.1", gateway.port, "OSTEOGATE")
         assert result.returncode == 0, result.stdout + result.stderr
         received = pacs.wait_for_files(SR_PATTERN, count=len(in_scope), timeout=120)
+        cards = pacs.wait_for_files(CARD_PATTERN, count=len(in_scope), timeout=60)
 
         def all_finished() -> list[dict]:
             rows = gateway.studies()
@@ -77,16 +79,20 @@ def _run_full_path(tmp_path: Path, pacs: StoreSCP, model: Path, database_url: st
     assert statuses[chest_study] == "skipped"
     assert "skipped" in show_chest and "CHEST" in show_chest
 
-    for path in by_study.values():
-        dump = subprocess.run(["dsrdump", "+Pl", str(path)], capture_output=True, text=True, timeout=30).stdout
-        assert "not a diagnosis" in dump
-        assert "Probability" in dump
-        assert "Osteoporosis" in dump and "Osteopenia" in dump
-        assert "UNTRAINED" in dump  # the test model is untrained and the SR must say so
+    # Each in-scope study also got its result card (Secondary Capture), in the same study.
+    assert {str(pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID) for p in cards} == in_scope
+    for path in [*by_study.values(), *cards]:
         if shutil.which("dciodvfy"):
             check = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=30)
             errors = [line for line in (check.stdout + check.stderr).splitlines() if line.startswith("Error")]
             assert errors == [], errors
+    for path in by_study.values():
+        dump = subprocess.run(["dsrdump", "+Pl", str(path)], capture_output=True, text=True, timeout=30).stdout
+        assert "not a diagnosis" in dump and "not cleared for clinical use" in dump.lower()
+        # The test model is untrained: the SR says so, and never gives a label or a probability.
+        assert "UNTRAINED" in dump
+        assert "Not assessed: " in dump
+        assert "Detected" not in dump and "Probability" not in dump
 
 
 def test_samples_through_gateway_to_storescp_sqlite(tmp_path: Path, pacs: StoreSCP, tiny_model: Path) -> None:
@@ -263,5 +269,7 @@ def test_demo_prints_sr_summaries(tiny_model: Path) -> None:
                           capture_output=True, text=True, timeout=240)
     assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
     assert "PACS received 4 SR(s) for 4 of 5 studies" in demo.stdout
-    assert demo.stdout.count("Screening aid only") == 4
+    assert demo.stdout.count("Screening aid, not a diagnosis: it cannot rule out low bone density") == 4
+    # The demo's model is untrained: every SR says "not assessed", none claims a finding.
+    assert demo.stdout.count("Summary: Not assessed: ") == 4 and "Detected" not in demo.stdout
     assert "skipped, no SR sent" in demo.stdout and "CHEST" in demo.stdout

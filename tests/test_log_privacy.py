@@ -1,4 +1,5 @@
-"""The gateway's log never carries patient identifiers or raw UIDs, on any path.
+"""The gateway's log never carries patient identifiers, covariates (age, sex, weight, height) or raw UIDs,
+on any path.
 
 Studies with known, unique identifying strings go through every path we can provoke: classified
 and delivered, skipped (out of scope), refused (no pixel data), delivery retried (PACS down at
@@ -29,6 +30,10 @@ def secrets_for(n: int) -> dict[str, str]:
         "InstitutionName": f"Hospital{MARK}{n}",
         "ReferringPhysicianName": f"Referrer{MARK}{n}^Doc",
         "OtherPatientIDs": f"OPID{MARK}{n}",
+        # Covariates (issue #8): patient data too. Odd decimals, so a match cannot be a timing.
+        "PatientAge": f"0{71 + n}Y",
+        "PatientWeight": f"{58 + n}.4321",
+        "PatientSize": f"1.6{n}789",
     }
 
 
@@ -78,3 +83,9 @@ def test_log_has_no_identifiers(tmp_path: Path, tiny_model: Path) -> None:
         assert expected in events, f"path not exercised: {expected}"
     leaked = sorted(s for s in forbidden if s in log)
     assert leaked == [], f"identifiers in the log: {leaked}"
+    # Sex is one letter, so it is checked structurally: no event carries a covariate's value.
+    covariate_keys = {"age", "sex", "weight", "height", "age_years", "weight_kg", "height_m", "bmi", "covariates"}
+    for event in gw.events():
+        for key, value in event.items():
+            assert not (key in covariate_keys and not isinstance(value, list)), f"covariate in the log: {event}"
+            assert value not in ("F", "M", "female", "male"), f"a sex value in the log: {event}"

@@ -54,12 +54,17 @@ def test_create_all_database_is_stamped_at_matching_revision(tmp_path: Path) -> 
     current.migrate()
     _assert_at_head_matching_models(current)
 
-    old = Database(f"sqlite:///{tmp_path / 'old.db'}")
-    old.create_schema()
-    with old.engine.begin() as connection:  # the schema of the first release (no purged_at)
-        connection.execute(text("ALTER TABLE instances DROP COLUMN purged_at"))
-    old.migrate()  # stamped at 0001, then upgraded
-    _assert_at_head_matching_models(old)
+    # Releases before migrations made their schema with create_all: the schema of revision 0001 (or
+    # 0002) without an alembic_version table. It is recognised by its tables and columns, stamped at
+    # that revision and upgraded, its rows converted on the way.
+    for revision in (INITIAL_REVISION, "0002_purged_at"):
+        old = Database(f"sqlite:///{tmp_path / f'old-{revision}.db'}")
+        with old.engine.begin() as connection:
+            command.upgrade(alembic_config(connection), revision)
+        with old.engine.begin() as connection:
+            connection.execute(text("DROP TABLE alembic_version"))
+        assert old.migrate() == (None, head_revision())
+        _assert_at_head_matching_models(old)
 
 
 def test_unknown_schema_is_refused_not_altered(tmp_path: Path) -> None:

@@ -57,9 +57,8 @@ def osteogate_card(tags: dict[str, Any]) -> bool:
         tags.get("Manufacturer") == OWN_MANUFACTURER
 
 
-# Every kind of result the recipe must bring back into the study. The result card is built by
-# separate work; once it is merged, add osteogate_card here (one line).
-RETURNED: list[Callable[[dict[str, Any]], bool]] = [osteogate_sr]
+# Every kind of result the recipe must bring back into the study: the SR and the result card.
+RETURNED: list[Callable[[dict[str, Any]], bool]] = [osteogate_sr, osteogate_card]
 
 
 # -- configuration consistency (text checks, no Docker engine) ---------------------------------------

@@ -1,139 +1,71 @@
-"""Result SR (gateway/sr.py): built from hand-made DX/CR headers, checked by dciodvfy (dicom3tools),
-dsrdump (dcmtk) and highdicom's own TID 1500 parser."""
+"""Result SR (gateway/sr.py): built from hand-made DX/CR headers and StudyAssessment objects, checked by
+dciodvfy (dicom3tools), dsrdump and dsr2html (dcmtk) and read back through highdicom."""
 
 from __future__ import annotations
 
 import datetime
-import hashlib
-import shutil
+import re
 import subprocess
 from pathlib import Path
 
 import highdicom as hd
-import numpy as np
 import pydicom
 import pytest
+from osteogate.gateway import reporting
 from osteogate.gateway.sr import (
     DISCLAIMER,
+    PRIVATE_SCHEME,
     SERIES_DESCRIPTION,
-    AlgorithmInfo,
-    ImageFinding,
     SkippedImage,
+    StudyReport,
     build_result_sr,
+    read_result,
     sr_summary,
 )
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import UID, ExplicitVRLittleEndian
+from osteogate.model.assessment import Assessment, StudyAssessment
+from osteogate.model.covariates import Covariates
+from pydicom.dataset import Dataset
 
-DX = UID("1.2.840.10008.5.1.4.1.1.1.1")  # Digital X-Ray Image Storage - For Presentation
-CR = UID("1.2.840.10008.5.1.4.1.1.1")  # Computed Radiography Image Storage
-STUDY = "study-a"
-ALGORITHM = AlgorithmInfo(
-    name="OsteoGate EfficientNet-B0",
-    version="1.2.0",
-    checkpoint_sha256=hashlib.sha256(b"test checkpoint").hexdigest(),
+from tests.report_data import (
+    ALGORITHM,
+    ALL_INPUTS,
+    COVARIATES,
+    CR,
+    DX,
+    KNEE_P,
+    NO_COVARIATES,
+    OTHER_P,
+    STUDY_P,
+    UNDISCRIMINATING,
+    assessed,
+    dciodvfy_errors,
+    image_result,
+    knee_report,
+    make_image,
+    not_assessed,
+    require,
+    uid,
 )
-KNEE_P = {"normal": 0.125, "osteopenia": 0.25, "osteoporosis": 0.625}
-SPINE_P = {"normal": 0.5, "osteopenia": 0.375, "osteoporosis": 0.125}
-STUDY_P = {"normal": 0.25, "osteopenia": 0.5, "osteoporosis": 0.25}
+
+WHEN = datetime.datetime(2024, 1, 2, 11, 0, 0)
 
 
-def uid(label: str) -> UID:
-    digest = hashlib.sha256(f"osteogate-test-sr/{label}".encode()).digest()
-    return UID(f"2.25.{int.from_bytes(digest[:16], 'big')}")
-
-
-def make_image(
-    sop_class: UID,
-    study: str,
-    series: str,
-    instance: str,
-    body_part: str,
-    laterality: str = "",
-    *,
-    minimal: bool = False,
-) -> Dataset:
-    """A small radiograph with valid patient/study/series/image modules.
-
-    `minimal` drops Type 2 attributes (accession, referring physician, birth date...) and the
-    pixel module, as some modalities and header-only spool reads do.
-    """
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = sop_class
-    ds.file_meta.MediaStorageSOPInstanceUID = uid(instance)
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID = sop_class
-    ds.SOPInstanceUID = uid(instance)
-    ds.StudyInstanceUID = uid(study)
-    ds.SeriesInstanceUID = uid(series)
-    ds.Modality = "DX" if sop_class == DX else "CR"
-    ds.PatientName = "Test^Patient"
-    ds.PatientID = "TEST0001"
-    ds.StudyDate = "20240102"
-    ds.StudyTime = "101500"
-    ds.StudyID = "1"
-    ds.SeriesNumber = 1
-    ds.InstanceNumber = 1
-    ds.BodyPartExamined = body_part
-    if laterality:
-        ds.ImageLaterality = laterality
-    if minimal:
-        return ds
-    ds.PatientBirthDate = "19600101"
-    ds.PatientSex = "F"
-    ds.AccessionNumber = "ACC1"
-    ds.ReferringPhysicianName = ""
-    ds.StudyDescription = "XR test"
-    ds.Manufacturer = "Test"
-    ds.PatientOrientation = ["L", "F"]
-    ds.ImagerPixelSpacing = [0.2, 0.2]
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows = 8
-    ds.Columns = 6
-    ds.BitsAllocated = 16
-    ds.BitsStored = 12
-    ds.HighBit = 11
-    ds.PixelRepresentation = 0
-    ds.PixelData = np.arange(48, dtype=np.uint16).tobytes()
-    return ds
-
-
-@pytest.fixture
-def knee() -> Dataset:
-    return make_image(DX, STUDY, "series-dx", "knee", "KNEE", "R")
-
-
-@pytest.fixture
-def spine() -> Dataset:
-    # Same study, another series and SOP class: one SR must reference both.
-    return make_image(CR, STUDY, "series-cr", "spine", "LSPINE")
-
-
-@pytest.fixture
-def chest() -> Dataset:
-    return make_image(DX, STUDY, "series-dx", "chest", "CHEST")
-
-
-def build(knee: Dataset, spine: Dataset, chest: Dataset, **kwargs: object) -> hd.sr.Comprehensive3DSR:
-    findings = [
-        ImageFinding(source=knee, region="knee", probabilities=KNEE_P, label="osteoporosis"),
-        ImageFinding(source=spine, region="spine", probabilities=SPINE_P, label="normal"),
-    ]
+def build(report: StudyReport | None = None, **kwargs: object) -> hd.sr.Comprehensive3DSR:
     args: dict[str, object] = {
         "series_instance_uid": uid("sr-series"),
         "sop_instance_uid": uid("sr-1"),
         "instance_number": 1,
-        "skipped": [SkippedImage(source=chest, reason="out of scope: CHEST")],
-        "study_label": "osteopenia",
-        "study_probabilities": STUDY_P,
         "device_observer_uid": uid("device"),
         "institution_name": "Test Hospital",
-        "content_datetime": datetime.datetime(2024, 1, 2, 11, 0, 0),
+        "content_datetime": WHEN,
     }
     args.update(kwargs)
-    return build_result_sr(findings, ALGORITHM, **args)  # type: ignore[arg-type]
+    return build_result_sr(report or knee_report(), **args)  # type: ignore[arg-type]
+
+
+def with_chest() -> StudyReport:
+    chest = make_image(DX, "study-a", "series-dx", "chest", "CHEST")
+    return knee_report(skipped=(SkippedImage(chest, "out of scope: CHEST"),))
 
 
 def save(sr: Dataset, path: Path) -> Path:
@@ -141,160 +73,271 @@ def save(sr: Dataset, path: Path) -> Path:
     return path
 
 
-def require(*tools: str) -> None:
-    missing = [t for t in tools if shutil.which(t) is None]
-    if missing:
-        pytest.skip(f"not installed: {', '.join(missing)}")
+def dsrdump(path: Path) -> str:
+    require("dsrdump")
+    result = subprocess.run(["dsrdump", "+Pl", "+Pc", str(path)], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
 
 
-def dciodvfy(path: Path) -> list[str]:
-    result = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=30)
-    lines = (result.stdout + result.stderr).splitlines()
-    for line in lines:
-        print(line)  # warnings are informative; shown with pytest -s or on failure
-    return lines
+def dsr2html_text(path: Path) -> str:
+    require("dsr2html")
+    result = subprocess.run(["dsr2html", str(path)], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    return re.sub(r"<[^>]+>", " ", result.stdout)
 
 
-def test_sr_passes_dciodvfy(tmp_path: Path, knee: Dataset, spine: Dataset, chest: Dataset) -> None:
-    require("dciodvfy")
-    lines = dciodvfy(save(build(knee, spine, chest), tmp_path / "sr.dcm"))
-    assert not [line for line in lines if line.startswith("Error")]
+# -- validity ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["assessed", "not assessed", "no covariates", "cr minimal"])
+def test_sr_passes_dciodvfy(tmp_path: Path, case: str) -> None:
+    if case == "assessed":
+        report = with_chest()
+    elif case == "not assessed":
+        report = knee_report(study=not_assessed(), images=(image_result(not_assessed()),) * 2)
+    elif case == "no covariates":
+        report = knee_report(study=assessed("normal", OTHER_P, ("image",)), covariates=NO_COVARIATES)
+    else:
+        # CR without ImagerPixelSpacing / PatientOrientation / Type 2 attributes (issue #9).
+        source = make_image(CR, "study-a", "series-cr", "bare", "KNEE", minimal=True)
+        report = knee_report(sources=(source,), images=(image_result(not_assessed()),))
+    assert dciodvfy_errors(save(build(report), tmp_path / "sr.dcm")) == []
 
 
 def test_minimal_headers_still_valid(tmp_path: Path) -> None:
-    """Sources lacking Type 2 attributes and Rows/Columns: no image library, still valid."""
-    require("dciodvfy")
-    source = make_image(DX, STUDY, "series-dx", "bare", "KNEE", minimal=True)
-    sr = build_result_sr(
-        [ImageFinding(source, "knee", KNEE_P, "osteoporosis")],
-        ALGORITHM,
-        series_instance_uid=uid("sr-series"),
-        sop_instance_uid=uid("sr-min"),
-        instance_number=1,
-    )
+    """Sources lacking Type 2 attributes and Rows/Columns: no image library entry, still referenced."""
+    source = make_image(DX, "study-a", "series-dx", "bare", "KNEE", minimal=True)
+    sr = build(knee_report(sources=(source,)))
     assert "AccessionNumber" not in source  # the caller's header is not modified
-    lines = dciodvfy(save(sr, tmp_path / "sr.dcm"))
-    assert not [line for line in lines if line.startswith("Error")]
-    assert sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[
-        0
-    ].ReferencedSOPInstanceUID == uid("bare")
+    assert dciodvfy_errors(save(sr, tmp_path / "sr.dcm")) == []
+    evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+    assert evidence.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == uid("bare")
 
 
-def test_dsrdump_shows_findings(tmp_path: Path, knee: Dataset, spine: Dataset, chest: Dataset) -> None:
-    require("dsrdump")
-    path = save(build(knee, spine, chest), tmp_path / "sr.dcm")
-    result = subprocess.run(["dsrdump", "+Pl", str(path)], capture_output=True, text=True, timeout=30)
-    assert result.returncode == 0, result.stderr
-    dump = result.stdout
+# -- what a reader sees ---------------------------------------------------------------------------
+
+
+def test_dsrdump_reads_well(tmp_path: Path) -> None:
+    dump = dsrdump(save(build(with_chest()), tmp_path / "sr.dcm"))
     assert "Comprehensive 3D SR Document" in dump
     assert "Completion Flag     : COMPLETE" in dump
     assert "Verification Flag   : UNVERIFIED" in dump
     assert SERIES_DESCRIPTION in dump
-    for value in (*KNEE_P.values(), *SPINE_P.values(), *STUDY_P.values()):
-        assert f'"Probability")="{value}"' in dump
+    # The plain-language summary comes before the image library and the measurements.
+    summary = dump.index('"Summary")="Low bone density likely: osteopenia range (osteopenia 72 %')
+    assert summary < dump.index('"Image Library"') < dump.index('"Imaging Measurements"')
+    # Whole percentages that add up to 100, never long decimals.
+    assert '"Probability")="72" (%,UCUM,"%")' in dump
+    assert not re.search(r'="\d+\.\d{3,}"', dump), "unrounded numbers in the SR"
+    assert '"Associated finding")=(312894000,SCT,"Osteopenia")' in dump
+    assert '"Osteopenia")=(260373001,SCT,"Detected")' in dump
     assert '(72696002,SCT,"Knee")' in dump
-    assert '(24028007,SCT,"Right")' in dump
-    assert '(122496007,SCT,"Lumbar spine")' in dump
-    assert '"Associated finding")=(64859006,SCT,"Osteoporosis")' in dump
-    assert '"Osteoporosis")=(260373001,SCT,"Detected")' in dump
-    assert DISCLAIMER in dump
+    assert '(24028007,SCT,"Right")' in dump and '(7771000,SCT,"Left")' in dump
+    assert '(51440002,SCT,"Right and left")' in dump  # the study: both knees
+    # Inputs with standard codes and UCUM units.
+    assert '(121033,DCM,"Subject Age")="67.4" (a,UCUM,"year")' in dump
+    assert '(121032,DCM,"Subject Sex")=(F,DCM,"Female")' in dump
+    assert '(29463-7,LN,"Body weight")="58" (kg,UCUM,"kg")' in dump
+    assert '(8302-2,LN,"Body height")="1.62" (m,UCUM,"m")' in dump
+    # The estimated T-score with its 80 % prediction interval.
+    assert f'(T-SCORE-EST,{PRIVATE_SCHEME},"Estimated T-score")="-1.8"' in dump
+    assert '"+, range of upper measurement uncertainty")="0.8"' in dump
+    assert "80 % prediction interval -2.6 to -1.0" in dump
+    assert DISCLAIMER in dump and "not cleared for clinical use" in dump.lower()
     assert "Image not classified: out of scope: CHEST" in dump
     assert ALGORITHM.checkpoint_sha256 in dump
 
 
-def test_highdicom_round_trip(tmp_path: Path, knee: Dataset, spine: Dataset, chest: Dataset) -> None:
-    sr = hd.sr.srread(save(build(knee, spine, chest), tmp_path / "sr.dcm"))
-    assert isinstance(sr, hd.sr.Comprehensive3DSR)
-    assert sr.StudyInstanceUID == knee.StudyInstanceUID
-    assert sr.PatientID == knee.PatientID and sr.AccessionNumber == knee.AccessionNumber
-    assert sr.SeriesDescription == SERIES_DESCRIPTION
-    assert sr.Manufacturer == "OsteoGate"
-    assert sr.CompletionFlag == "COMPLETE" and sr.VerificationFlag == "UNVERIFIED"
+def test_dsr2html_shows_results_without_footnotes(tmp_path: Path) -> None:
+    text = dsr2html_text(save(build(with_chest()), tmp_path / "sr.dcm"))
+    assert "PRELIMINARY" in text
+    assert "Low bone density likely: osteopenia range (osteopenia 72 %" in text
+    assert "Result: osteopenia 72 % (normal 20 %, osteopenia 72 %, osteoporosis 8 %)" in text
+    assert "Result: osteoporosis 62 % (normal 13 %, osteopenia 25 %, osteoporosis 62 %)" in text
+    assert f"Not assessed: {UNDISCRIMINATING}" in text
+    # Long decimals other than UIDs (dotted digit runs) would be unrounded numbers.
+    assert not re.search(r"(?<![\d.])\d+\.\d{3,}(?![\d.])", text), "unrounded numbers"
+
+
+def test_header_dates_and_flags(tmp_path: Path) -> None:
+    sr = pydicom.dcmread(save(build(), tmp_path / "sr.dcm"))
+    assert (sr.SeriesDate, sr.SeriesTime) == ("20240102", "110000")
     assert (sr.ContentDate, sr.ContentTime) == ("20240102", "110000")
+    assert sr.PreliminaryFlag == "PRELIMINARY"
+    assert sr.CompletionFlag == "COMPLETE" and sr.VerificationFlag == "UNVERIFIED"
     assert sr.SeriesNumber == 9901 and sr.InstitutionName == "Test Hospital"
+    assert [item.CodingSchemeDesignator for item in sr.CodingSchemeIdentificationSequence] == [PRIVATE_SCHEME]
+
+
+def test_not_assessed_never_claims(tmp_path: Path) -> None:
+    report = knee_report(study=not_assessed(), images=(image_result(not_assessed()),) * 2, covariates=NO_COVARIATES)
+    path = save(build(report), tmp_path / "sr.dcm")
+    dump = dsrdump(path)
+    assert "Detected" not in dump and "Not detected" not in dump
+    assert "Probability" not in dump and "T-score" not in dump
+    assert f"Not assessed: {UNDISCRIMINATING}" in dump
+    assert '"Summary")="Not assessed: ' in dump
+    assert "missing: age, sex, weight, height" in dump
+    reading = read_result(pydicom.dcmread(path))
+    assert [g.assessed for g in reading.groups] == [False, False, False]
+    assert all(g.label is None and not g.percent for g in reading.groups)
+
+
+def test_inputs_differ_with_and_without_demographics(tmp_path: Path) -> None:
+    """Same images, with and without header covariates: the SRs differ in the inputs items."""
+    with_covariates = knee_report()
+    without = knee_report(study=assessed("normal", OTHER_P, ("image",)), covariates=NO_COVARIATES)
+    first = read_result(pydicom.dcmread(save(build(with_covariates), tmp_path / "a.dcm")))
+    second = read_result(pydicom.dcmread(save(build(without), tmp_path / "b.dcm")))
+    assert first.groups[0].inputs == {"age": "67.4 y", "weight": "58 kg", "height": "1.62 m", "sex": "female"}
+    assert second.groups[0].inputs == {}
+    assert "Inputs used: image, age, sex, weight, height" in first.groups[0].comments
+    assert "Inputs used: image; missing: age, sex, weight, height" in second.groups[0].comments
+    assert "PatientAge, PatientBirthDate absent" in second.groups[0].comments  # the covariates' note
+    assert "Inputs used: image; missing: age, sex, weight, height." in second.summary
+
+
+def test_covariate_items_only_for_inputs_used(tmp_path: Path) -> None:
+    """A result that used age and sex only records those two values, and says the rest is missing."""
+    report = knee_report(study=assessed("osteopenia", STUDY_P, ("image", "age", "sex")))
+    reading = read_result(pydicom.dcmread(save(build(report), tmp_path / "sr.dcm")))
+    assert reading.groups[0].inputs == {"age": "67.4 y", "sex": "female"}
+    assert "Inputs used: image, age, sex; missing: weight, height" in reading.groups[0].comments
+
+
+def test_highdicom_round_trip(tmp_path: Path) -> None:
+    report = with_chest()
+    sr = hd.sr.srread(save(build(report), tmp_path / "sr.dcm"))
+    knee_r, knee_l = report.sources
+    assert isinstance(sr, hd.sr.Comprehensive3DSR)
+    assert sr.StudyInstanceUID == knee_r.StudyInstanceUID
+    assert sr.PatientID == knee_r.PatientID and sr.AccessionNumber == knee_r.AccessionNumber
+    assert sr.SeriesDescription == SERIES_DESCRIPTION and sr.Manufacturer == "OsteoGate"
     assert "PredecessorDocumentsSequence" not in sr
 
-    report = hd.sr.MeasurementReport.from_sequence(sr.content)
-    groups = report.get_image_measurement_groups()
-    assert [g.tracking_identifier for g in groups] == ["image 1 (knee)", "image 2 (spine)", "study summary"]
-
-    for group, source, expected in zip(groups, (knee, spine), (KNEE_P, SPINE_P), strict=False):
-        [image] = group.source_images
-        assert image.referenced_sop_instance_uid == source.SOPInstanceUID
-        assert image.referenced_sop_class_uid == source.SOPClassUID
-        values = [
-            m.value for m in group.get_measurements(name=hd.sr.CodedConcept("122157", "DCM", "Probability"))
-        ]
-        assert values == pytest.approx(list(expected.values()))
-    assert groups[2].source_images == []  # study level: applies to all images
-
-    evaluations = {e.name.meaning: e.value.meaning for e in groups[0].get_qualitative_evaluations()}
+    measurement_report = hd.sr.MeasurementReport.from_sequence(sr.content)
+    groups = measurement_report.get_image_measurement_groups()
+    assert [g.tracking_identifier for g in groups] == ["study result", "image 1 (knee, right)", "image 2 (knee, left)"]
+    assert groups[0].source_images == []  # study level: applies to all images
+    assert [g.source_images[0].referenced_sop_instance_uid for g in groups[1:]] == [
+        knee_r.SOPInstanceUID, knee_l.SOPInstanceUID]
+    evaluations = {e.name.meaning: e.value.meaning for e in groups[1].get_qualitative_evaluations()}
     assert evaluations == {"Osteoporosis": "Detected", "Osteopenia": "Not detected"}
-    evaluations = {e.name.meaning: e.value.meaning for e in groups[2].get_qualitative_evaluations()}
-    assert evaluations == {"Osteoporosis": "Not detected", "Osteopenia": "Detected"}
-
-    [observer] = report.get_observer_contexts()
-    assert observer.observer_type.value == "121007"  # Device
+    assert groups[2].get_qualitative_evaluations() == []  # not assessed: no evaluation at all
+    [observer] = measurement_report.get_observer_contexts()
     assert observer.observer_identifying_attributes.uid == uid("device")
 
-    evidence = sr.CurrentRequestedProcedureEvidenceSequence[0]
-    assert evidence.StudyInstanceUID == knee.StudyInstanceUID
-    referenced = {
-        sop.ReferencedSOPInstanceUID
-        for series in evidence.ReferencedSeriesSequence
-        for sop in series.ReferencedSOPSequence
-    }
-    assert referenced == {knee.SOPInstanceUID, spine.SOPInstanceUID}
-    assert len(evidence.ReferencedSeriesSequence) == 2
+    reading = read_result(pydicom.dcmread(tmp_path / "sr.dcm"))
+    assert reading.groups[0].percent == {"normal": 20.0, "osteopenia": 72.0, "osteoporosis": 8.0}
+    assert reading.groups[0].t_score == pytest.approx(-1.8)
+    assert reading.groups[0].t_interval == pytest.approx((-2.6, -1.0))
+    assert reading.groups[1].label == "osteoporosis" and reading.groups[2].label is None
 
 
-def test_predecessor_referenced(tmp_path: Path, knee: Dataset, spine: Dataset, chest: Dataset) -> None:
-    first = build(knee, spine, chest)
-    second = build(knee, spine, chest, sop_instance_uid=uid("sr-2"), instance_number=2, predecessor=first)
+def test_stable_image_numbering(tmp_path: Path) -> None:
+    """Images are numbered by InstanceNumber, then SOPInstanceUID, whatever order they came in."""
+    a = make_image(DX, "study-a", "s", "a", "KNEE", "R", number=3)
+    b = make_image(DX, "study-a", "s", "b", "KNEE", "L", number=1)
+    c = make_image(DX, "study-a", "s", "c", "KNEE", number=3)
+    d = make_image(DX, "study-a", "s", "d", "KNEE")
+    del d.InstanceNumber
+    sources = (a, b, c, d)
+    results = tuple(image_result(assessed(label, KNEE_P, ("image",)))
+                    for label in ("osteoporosis", "normal", "osteopenia", "osteoporosis"))
+    report = knee_report(sources=sources, images=results)
+    reading = read_result(pydicom.dcmread(save(build(report), tmp_path / "sr.dcm")))
+    numbered = [g.identifier for g in reading.groups[1:]]
+    third = "a" if str(a.SOPInstanceUID) < str(c.SOPInstanceUID) else "c"
+    assert numbered[0] == "image 1 (knee, left)"  # b: InstanceNumber 1
+    assert reading.groups[1].label == "normal"
+    assert numbered[3] == "image 4 (knee)"  # d: no InstanceNumber, last
+    assert (reading.groups[2].label == "osteoporosis") == (third == "a")
+    # The same input in another order gives the same SR content.
+    again = knee_report(sources=tuple(reversed(sources)), images=tuple(reversed(results)))
+    assert [g.identifier for g in read_result(pydicom.dcmread(save(build(again), tmp_path / "b.dcm"))).groups] == \
+        [g.identifier for g in reading.groups]
+
+
+@pytest.mark.parametrize(
+    ("attributes", "expected"),
+    [
+        ({"ImageLaterality": "B"}, "Right and left"),
+        ({"Laterality": "L"}, "Left"),
+        ({"ImageLaterality": "R", "Laterality": "L"}, "Right"),  # the image's own side wins
+        ({"ImageLaterality": "U"}, None),
+        ({"ViewPosition": "LL"}, None),  # a projection, not a side: never guessed
+        ({}, None),
+    ],
+)
+def test_laterality_never_guessed(tmp_path: Path, attributes: dict[str, str], expected: str | None) -> None:
+    source = make_image(DX, "study-a", "s", "x", "KNEE")
+    for keyword, value in attributes.items():
+        setattr(source, keyword, value)
+    report = knee_report(sources=(source,), images=(image_result(assessed("normal", OTHER_P, ("image",))),))
+    reading = read_result(pydicom.dcmread(save(build(report), tmp_path / "sr.dcm")))
+    for group in reading.groups:
+        assert group.sites == ("Knee " + expected if expected else "Knee")
+
+
+def test_spine_segment_and_mixed_sides(tmp_path: Path) -> None:
+    spine = make_image(CR, "study-a", "s", "spine", "LSPINE")
+    report = StudyReport(
+        StudyAssessment("spine", assessed("normal", OTHER_P, ("age", "sex")),
+                        (image_result(not_assessed("the spine image head is untrained on real data"),
+                                      region="spine"),), COVARIATES),
+        (spine,), ALGORITHM)
+    path = save(build(report), tmp_path / "sr.dcm")
+    dump = dsrdump(path)
+    assert '(122496007,SCT,"Lumbar spine")' in dump
+    assert "the spine image head is untrained on real data" in dump
+    assert dciodvfy_errors(path) == []
+
+
+def test_predecessor_referenced(tmp_path: Path) -> None:
+    first = build()
+    second = build(sop_instance_uid=uid("sr-2"), instance_number=2, predecessor=first)
     reread = pydicom.dcmread(save(second, tmp_path / "sr2.dcm"))
     [study] = reread.PredecessorDocumentsSequence
-    assert study.StudyInstanceUID == knee.StudyInstanceUID
     [series] = study.ReferencedSeriesSequence
     assert series.SeriesInstanceUID == first.SeriesInstanceUID
     assert series.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == first.SOPInstanceUID
     assert reread.InstanceNumber == 2
 
 
-def test_findings_from_two_studies_rejected(knee: Dataset, chest: Dataset) -> None:
-    other = make_image(CR, "study-b", "series-b", "other", "LSPINE")
+def test_findings_from_two_studies_rejected() -> None:
+    other = make_image(CR, "study-b", "series-b", "other", "KNEE")
     with pytest.raises(ValueError, match="studies"):
-        build(knee, other, chest)
+        build(knee_report(sources=(knee_report().sources[0], other)))
     with pytest.raises(ValueError, match="studies"):
-        build(knee, knee, other)  # a skipped image of another study
+        build(knee_report(skipped=(SkippedImage(other, "out of scope"),)))
     with pytest.raises(ValueError, match="studies"):
-        build(knee, knee, chest, predecessor=build(other, other, other, skipped=[]))
+        build(predecessor=build(knee_report(sources=(other,), images=(image_result(not_assessed()),))))
 
 
-def test_invalid_inputs_rejected(knee: Dataset, spine: Dataset, chest: Dataset) -> None:
-    with pytest.raises(ValueError):
-        build_result_sr(
-            [], ALGORITHM, series_instance_uid=uid("s"), sop_instance_uid=uid("i"), instance_number=1
-        )
-    bad = {"normal": 0.5, "osteopenia": 0.5}
+def test_invalid_inputs_rejected() -> None:
+    with pytest.raises(ValueError, match="image result"):
+        build(StudyReport(StudyAssessment("knee", not_assessed(), (), COVARIATES), (), ALGORITHM))
     with pytest.raises(ValueError, match="keys"):
-        build(knee, spine, chest, study_probabilities=bad)
+        build(knee_report(study=Assessment(True, label="normal", probabilities={"normal": 1.0})))
     with pytest.raises(ValueError, match="label"):
-        build(knee, spine, chest, study_label="fracture")
-    with pytest.raises(ValueError, match="together"):
-        build(knee, spine, chest, study_label=None)
+        build(knee_report(study=Assessment(True, label="fracture", probabilities=KNEE_P)))
+    with pytest.raises(ValueError, match="aligned|source headers"):
+        StudyReport(StudyAssessment("knee", not_assessed(), (image_result(not_assessed()),), COVARIATES), (), ALGORITHM)
 
 
-def test_summary_text(tmp_path: Path, knee: Dataset, spine: Dataset, chest: Dataset) -> None:
-    text = sr_summary(pydicom.dcmread(save(build(knee, spine, chest), tmp_path / "sr.dcm")))
+def test_summary_text(tmp_path: Path) -> None:
+    text = sr_summary(pydicom.dcmread(save(build(with_chest()), tmp_path / "sr.dcm")))
     print(text)
     lines = text.splitlines()
-    assert any("OsteoGate EfficientNet-B0" in line and ALGORITHM.checkpoint_sha256 in line for line in lines)
-    [knee_line] = [line for line in lines if line.startswith("image 1 (knee)")]
-    assert "Knee Right" in knee_line and ": osteoporosis" in knee_line and "osteoporosis 0.625" in knee_line
-    [spine_line] = [line for line in lines if line.startswith("image 2 (spine)")]
-    assert "Lumbar spine" in spine_line and ": normal" in spine_line and "normal 0.500" in spine_line
-    [study_line] = [line for line in lines if line.startswith("study summary")]
-    assert ": osteopenia" in study_line
+    assert "PRELIMINARY" in lines[1]
+    assert lines[2].startswith("Summary: Low bone density likely: osteopenia range (osteopenia 72 %")
+    assert any("OsteoGate fused knee model" in line and ALGORITHM.checkpoint_sha256 in line for line in lines)
+    [study] = [line for line in lines if line.startswith("study result")]
+    assert "Knee Right and left" in study and ": osteopenia (normal 20 %, osteopenia 72 %, osteoporosis 8 %)" in study
+    assert "T-score -1.8 (80 % PI -2.6 to -1.0)" in study and "age 67.4 y" in study
+    [image_2] = [line for line in lines if line.startswith("image 2 (knee, left)")]
+    assert f"not assessed: {UNDISCRIMINATING}" in image_2
     assert "Skipped: out of scope: CHEST" in lines
     assert DISCLAIMER in lines
     assert "Test^Patient" not in text and "TEST0001" not in text
@@ -314,3 +357,35 @@ def test_summary_falls_back_for_other_sr() -> None:
         )
     ]
     assert "Comment: free text" in sr_summary(ds)
+
+
+# -- wording (pure) ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("probabilities", "expected"),
+    [
+        ({"normal": 1 / 3, "osteopenia": 1 / 3, "osteoporosis": 1 / 3}, {"normal": 34, "osteopenia": 33,
+                                                                        "osteoporosis": 33}),
+        (STUDY_P, {"normal": 20, "osteopenia": 72, "osteoporosis": 8}),
+        ({"normal": 0.995, "osteopenia": 0.004, "osteoporosis": 0.001}, {"normal": 100, "osteopenia": 0,
+                                                                         "osteoporosis": 0}),
+        ({"normal": 0.0, "osteopenia": 0.0, "osteoporosis": 0.0}, {"normal": 0, "osteopenia": 0, "osteoporosis": 0}),
+    ],
+)
+def test_percentages_add_up(probabilities: dict[str, float], expected: dict[str, int]) -> None:
+    rounded = reporting.percentages(probabilities)
+    assert rounded == expected
+    assert sum(rounded.values()) in (0, 100)
+    for name, value in rounded.items():
+        assert abs(value - 100 * probabilities[name]) < 1 or sum(probabilities.values()) == 0
+
+
+def test_headlines_never_reassure() -> None:
+    assert reporting.headline(assessed("normal", OTHER_P)) == "Low bone density not detected"
+    assert reporting.headline(assessed("osteoporosis", KNEE_P)).startswith("Low bone density likely")
+    assert reporting.headline(not_assessed()) == "Not assessed"
+    summary = reporting.summary_text(StudyAssessment("knee", not_assessed("x"), (), Covariates()))
+    assert summary.startswith("Not assessed: x.") and "not a diagnosis" in summary
+    assert reporting.inputs_phrase(assessed("normal", OTHER_P, ALL_INPUTS)) == \
+        "Inputs used: image, age, sex, weight, height"

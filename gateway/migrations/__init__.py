@@ -26,7 +26,7 @@ from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from osteogate.gateway.errors import ExitCode, OsteoGateError
 from osteogate.gateway.logs import get_logger
-from sqlalchemy import MetaData, inspect, text
+from sqlalchemy import MetaData, create_engine, inspect, text
 from sqlalchemy.engine import Connection, Engine
 
 log = get_logger("osteogate.gateway.migrations")
@@ -70,10 +70,31 @@ def schema_diffs(connection: Connection, metadata: MetaData) -> list[Any]:
     return list(compare_metadata(context, metadata))
 
 
-def _is_pre_purge_schema(diffs: list[Any]) -> bool:
-    """The schema of revision 0001: models minus ``instances.purged_at`` (added by 0002)."""
-    return len(diffs) == 1 and diffs[0][0] == "add_column" and diffs[0][2] == "instances" \
-        and diffs[0][3].name == "purged_at"
+def _columns(connection: Connection) -> dict[str, frozenset[str]]:
+    inspector = inspect(connection)
+    return {table: frozenset(c["name"] for c in inspector.get_columns(table))
+            for table in inspector.get_table_names() if table != "alembic_version"}
+
+
+def _revision_columns(revision: str) -> dict[str, frozenset[str]]:
+    """Tables and columns of the schema at ``revision``, made in a scratch in-memory SQLite."""
+    engine = create_engine("sqlite://")
+    try:
+        with engine.connect() as scratch:
+            command.upgrade(alembic_config(scratch), revision)
+            scratch.commit()
+            return _columns(scratch)
+    finally:
+        engine.dispose()
+
+
+def _matching_revision(connection: Connection) -> str | None:
+    """The newest revision whose tables and columns are exactly those of the live schema."""
+    live = _columns(connection)
+    for script in ScriptDirectory.from_config(alembic_config()).walk_revisions():  # head first
+        if _revision_columns(script.revision) == live:
+            return str(script.revision)
+    return None
 
 
 def _describe_diff(diff: Any) -> str:
@@ -116,13 +137,27 @@ def _locked(engine: Engine) -> Iterator[Connection]:
                 connection.commit()
 
 
+@contextmanager
+def _sqlite_foreign_keys_off(connection: Connection) -> Iterator[None]:
+    """SQLite batch migrations copy a table and drop the old one; with foreign keys on, that DROP
+    deletes the rows of every child table declared ON DELETE CASCADE (results lose their images and
+    deliveries). The pragma only takes effect outside a transaction, hence the commits."""
+    if connection.dialect.name != "sqlite":
+        yield
+        return
+    connection.commit()
+    connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+    try:
+        yield
+    finally:
+        connection.commit()
+        connection.exec_driver_sql("PRAGMA foreign_keys=ON")
+
+
 def _stamp_legacy(connection: Connection, config: Config, metadata: MetaData) -> str:
     diffs = schema_diffs(connection, metadata)
-    if not diffs:
-        target = head_revision()
-    elif _is_pre_purge_schema(diffs):
-        target = INITIAL_REVISION
-    else:
+    target = head_revision() if not diffs else _matching_revision(connection)
+    if target is None:
         raise MigrationError(
             "the database schema matches no known revision",
             f"it has gateway tables but no alembic_version, and {len(diffs)} difference(s) from any "
@@ -152,8 +187,9 @@ def upgrade(engine: Engine, metadata: MetaData) -> tuple[str | None, str]:
                 "it was upgraded by a newer release",
                 "Run the newer release, or restore a backup made before the upgrade",
             )
-        command.upgrade(config, "head")
-        connection.commit()
+        with _sqlite_foreign_keys_off(connection):
+            command.upgrade(config, "head")
+            connection.commit()
         after = current_revision(connection)
     if before != after:
         log.info("database_migrated", before=before, after=after)
