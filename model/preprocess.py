@@ -164,3 +164,10 @@ def prepare(image: np.ndarray, spec: InputSpec) -> np.ndarray:
     if spec.mode == "whole":
         return normalize(letterbox(resize_long_side(array, spec.size), spec.size), spec)
     return normalize(extract_patches(array, spec), spec)
+
+
+def needed_long_side(spec: InputSpec) -> int:
+    """The long side, in pixels, that preprocessing brings every image to: ``working_size`` in patches
+    mode, ``size`` in whole mode. Decoding more than this is wasted (model.pixels decodes JPEG 2000
+    and baseline JPEG at reduced resolution down to it)."""
+    return spec.working_size if spec.mode == "patches" else spec.size
