@@ -272,13 +272,10 @@ def _checked_first_frame(ds: Dataset) -> tuple[CodestreamInfo | None, bytes | No
     info = read_codestream_info(syntax, frame, bits_allocated)
     assert info is not None
     what = _HEADER_NAMES[info.kind]
-    if info.rows is not None and info.columns is not None:
-        if info.rows * info.columns > MAX_DECODED_PIXELS:
-            raise PixelDecodeError(f"{what} says {info.columns}x{info.rows}: exceeds the decoded-pixel budget "
-                                   f"({MAX_DECODED_PIXELS // 2**20} Mpx per frame)")
-        if (info.rows, info.columns) != (rows, columns):
-            raise PixelDecodeError(f"{what} says {info.columns}x{info.rows} but the header says "
-                                   f"{columns}x{rows} (Columns x Rows)")
+    # Rows x Columns are within the budget (checked above): a codestream that agrees is too.
+    if info.rows is not None and info.columns is not None and (info.rows, info.columns) != (rows, columns):
+        raise PixelDecodeError(f"{what} says {info.columns}x{info.rows} but the header says "
+                               f"{columns}x{rows} (Columns x Rows)")
     if info.components != samples:
         raise PixelDecodeError(f"{what} has {info.components} components but SamplesPerPixel is {samples}")
     if not 1 <= info.precision <= 16:
