@@ -167,6 +167,7 @@ def test_full_size_path_is_todays_path(encoded):
 def test_reduced_decode_within_tolerance(encoded, classifier, name, variant):
     result = parity(_file(encoded, "2048x2048", name), variant, 1024)
     assert result.reduced.shape == (1024, 1024)
+    assert not np.array_equal(result.reduced, result.reference)  # the reduced path really ran
     check(result, f"{name}, 2048x2048 -> 1024, {variant}")
     change = probability_change(classifier, result)
     print(f"  classifier probability change {change:.4f}")
@@ -214,3 +215,24 @@ def test_smaller_than_needed_is_not_enlarged(encoded):
     image = dataset_to_image(pydicom.dcmread(path), 4096)
     assert image.shape == (2048, 2048)
     np.testing.assert_array_equal(image, dataset_to_image(pydicom.dcmread(path)))
+
+
+@pytest.mark.parametrize(("bits", "signed"), [(8, False), (12, True), (16, False)])
+def test_reduced_jpeg2000_sample_formats(bits, signed):
+    """Pillow returns JPEG 2000 samples scaled to its 8/16-bit container and signed ones offset;
+    the reduced path undoes both (checked against the full pylibjpeg decode, on a small image)."""
+    from pydicom.uid import JPEG2000Lossless
+
+    ds = enlarged_sample("knee_dx", (512, 512), seed=4)
+    values = ds.pixel_array.astype(np.int32)  # 12-bit
+    values = {8: values >> 4, 12: values - 2048 if signed else values, 16: values << 4}[bits]
+    ds.BitsAllocated = 8 if bits == 8 else 16
+    ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, bits - 1, int(signed)
+    ds.PixelData = values.astype({8: np.uint8, 12: np.int16 if signed else np.uint16, 16: np.uint16}[bits]).tobytes()
+    del ds.WindowCenter, ds.WindowWidth
+    ds.compress(JPEG2000Lossless)
+    reduced = dataset_to_image(ds, 256)
+    reference = dataset_to_image(ds, 256, reduced=False)
+    assert reduced.shape == reference.shape == (256, 256)
+    assert not np.array_equal(reduced, reference)  # the reduced path really ran (no silent fallback)
+    assert np.abs(reduced - reference).mean() <= PARITY_MEAN
