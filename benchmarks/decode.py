@@ -7,8 +7,8 @@ encoded in each transfer syntax; then, per syntax, interleaved and repeated:
 
 * new:   pydicom.dcmread + model.pixels.dataset_to_image(ds, long_side): JPEG 2000 at a reduced
          resolution level, 8-bit JPEG with DCT scaling, the rest at full size; LUTs; resize.
-* today: pydicom.dcmread + dataset_to_image(ds) (full decode with pylibjpeg/pyjpegls, LUTs at full
-         size) + resize_long_side to long_side: the worker's path before this change.
+* today: pydicom.dcmread + dataset_to_image(ds) (full decode, pydicom's default plugins, LUTs at
+         full size) + resize_long_side to long_side: the worker's path before this change.
 * dcmtk: dcmdjpeg (JPEG), dcmdjpls (JPEG-LS), dcmdrle (RLE) decompressing the file to a file
          (process start and file write included, so it favours us slightly; no J2K codec in dcmtk).
 
@@ -29,9 +29,9 @@ import time
 from io import BytesIO
 from pathlib import Path
 
-import _common  # noqa: F401  (repo root on sys.path)
 import numpy as np
 import pydicom
+from _common import todays_decoders  # also puts the repo root on sys.path
 
 from tests.helpers.codecs import SYNTAXES, encode, encoder_available, enlarged_sample
 
@@ -73,7 +73,8 @@ def main() -> int:
                 return dataset_to_image(pydicom.dcmread(BytesIO(raw)), args.long_side)
 
             def today(raw: bytes = raw) -> np.ndarray:
-                return resize_long_side(dataset_to_image(pydicom.dcmread(BytesIO(raw))), args.long_side)
+                with todays_decoders():
+                    return resize_long_side(dataset_to_image(pydicom.dcmread(BytesIO(raw))), args.long_side)
 
             def dcmtk(path: Path = path, tool: str | None = tool) -> None:
                 subprocess.run([tool, str(path), str(work / "out.dcm")], check=True, capture_output=True)  # type: ignore[list-item]

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from _common import resolve_model
+from _common import resolve_model, todays_decoders
 
 from tests.helpers.codecs import SYNTAXES, encode, encoder_available, enlarged_sample
 
@@ -36,37 +36,27 @@ GOALS = {"JPEG 2000 lossless": 4.0, "JPEG 2000 lossy": 4.0, "JPEG baseline 8-bit
 
 
 def classify_before(worker, instances, classifier):  # noqa: ANN001, ANN201
-    """The worker's classify loop before issue #11 (baseline): every image decoded at full size and
-    kept until one predict() call at the end."""
+    """The worker's classify loop before issue #11 (baseline, kept here): every image decoded at full
+    size with pydicom's default plugins and kept until one predict() call at the end."""
     from osteogate.gateway.region import detect_region
     from osteogate.gateway.worker import CLASSIFIED_MODALITIES, _header_only
     from osteogate.model.pixels import PixelDecodeError, dataset_to_image
 
     pending = []
-    for instance in sorted(instances, key=lambda i: i.received_at):
-        ds = pydicom.dcmread(worker.spool.absolute(instance.path))
-        _header_only(ds)
-        if str(ds.get("Modality", "")).upper() not in CLASSIFIED_MODALITIES:
-            continue
-        decision = detect_region(ds)
-        try:
-            image = dataset_to_image(ds)
-        except PixelDecodeError:
-            continue
-        pending.append((decision.region, image))
+    with todays_decoders():
+        for instance in sorted(instances, key=lambda i: i.received_at):
+            ds = pydicom.dcmread(worker.spool.absolute(instance.path))
+            _header_only(ds)
+            if str(ds.get("Modality", "")).upper() not in CLASSIFIED_MODALITIES:
+                continue
+            decision = detect_region(ds)
+            try:
+                image = dataset_to_image(ds)
+            except PixelDecodeError:
+                continue
+            pending.append((decision.region, image))
     return classifier.predict([image for _, image in pending], [region for region, _ in pending],
                               batch_size=worker.settings.model.batch_size)
-
-
-def time_per_image(func: object, repeats: int) -> float:
-    """Median seconds of `func()` over `repeats` calls (after one warm-up call)."""
-    func()  # type: ignore[operator]
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        func()  # type: ignore[operator]
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
 
 
 def stage_files(work: Path, size: int, count: int) -> dict[str, list[Path]]:

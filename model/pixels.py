@@ -51,6 +51,13 @@ MAX_SIDE = 16384  # radiographs are at most ~4-5k px; anything bigger is corrupt
 # ~25 Mpx; 32 Mpx of 16-bit samples plus the float32 working copies is ~330 MB of transient memory,
 # which keeps `osteogate serve` well under its 1 GB goal. Anything above is refused, not decoded.
 MAX_DECODED_PIXELS = 32 * 1024 * 1024
+RLE_SYNTAX_UID = "1.2.840.10008.1.2.5"
+# Full-size decoders tried first where pydicom's default is slower. JPEG-LS and RLE decoding is
+# exactly defined, so the pixels are the same whichever plugin decodes: CharLS (pyjpegls) decodes a
+# 2048x2048 JPEG-LS image ~3x faster than libjpeg (benchmarks/decode.py). Empty it to measure
+# pydicom's default choice (the path before issue #11).
+PREFERRED_PLUGINS: dict[str, str] = {"1.2.840.10008.1.2.4.80": "pyjpegls", "1.2.840.10008.1.2.4.81": "pyjpegls",
+                                     RLE_SYNTAX_UID: "pylibjpeg"}
 MAX_REDUCTION_STEPS = 2  # deepest reduced decode: 1/4 (1/8 deviates more: tests/test_decode_parity.py)
 LOW_PERCENTILE, HIGH_PERCENTILE = 0.5, 99.5
 _PERCENTILE_SAMPLES = 1_000_000  # subsample big images for the percentiles: same result, 4x faster
@@ -80,7 +87,7 @@ JPEG_SYNTAXES = {"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10
 JPEG_LS_SYNTAXES = {"1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"}
 JPEG_2000_SYNTAXES = {"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.201",
                       "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203"}
-RLE_SYNTAX = "1.2.840.10008.1.2.5"
+RLE_SYNTAX = RLE_SYNTAX_UID
 
 # ITU-T T.81 Table B.1: SOFn markers (C4 DHT, C8 JPG and CC DAC share the range but are not SOFs).
 _JPEG_PROCESSES = {0xC0: "baseline", 0xC1: "extended", 0xC2: "progressive", 0xC3: "lossless",
@@ -304,6 +311,12 @@ def _decode_first_frame(ds: Dataset) -> np.ndarray:
         raise PixelDecodeError(f"unsupported transfer syntax {syntax} ({syntax.name})") from exc
     if not decoder.is_available:
         raise PixelDecodeError(f"no decoder plugin installed for {syntax.name}")
+    preferred = PREFERRED_PLUGINS.get(str(syntax))
+    if preferred in decoder.available_plugins:
+        try:  # the faster plugin first; any failure falls through to pydicom's own choice
+            return decoder.as_array(ds, index=0, as_rgb=True, transfer_syntax_uid=syntax, decoding_plugin=preferred)[0]
+        except Exception:
+            pass
     try:
         # index=0 decodes one frame only: a 100-frame file costs one frame of memory.
         # as_rgb converts YBR colour to RGB so the luminance formula below holds.
