@@ -33,6 +33,7 @@ The gateway also calls ``check_pixel_budget`` at C-STORE time (gateway/ingest.py
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import struct
 from dataclasses import dataclass
@@ -211,7 +212,7 @@ def _j2k_info(data: bytes) -> CodestreamInfo:
                           levels=levels or 0, reversible=reversible)
 
 
-def _rle_info(data: bytes, bits_allocated: int) -> CodestreamInfo:
+def _rle_info(data: bytes, bits_allocated: int, frame_length: int | None = None) -> CodestreamInfo:
     """RLE (PS3.5 Annex G): a 64-byte header, segment count then 15 offsets."""
     if len(data) < 64:
         raise PixelDecodeError("RLE frame shorter than its 64-byte header")
@@ -219,7 +220,8 @@ def _rle_info(data: bytes, bits_allocated: int) -> CodestreamInfo:
     if not 1 <= count <= 15:
         raise PixelDecodeError(f"RLE header gives {count} segments (1 to 15 allowed)")
     used = offsets[:count]
-    if used[0] != 64 or any(b <= a for a, b in zip(used, used[1:], strict=False)) or used[-1] >= len(data):
+    end = frame_length if frame_length is not None else len(data)
+    if used[0] != 64 or any(b <= a for a, b in zip(used, used[1:], strict=False)) or used[-1] >= end:
         raise PixelDecodeError("RLE segment offsets corrupt")
     per_sample = max(1, bits_allocated // 8)
     if count % per_sample:
@@ -228,9 +230,11 @@ def _rle_info(data: bytes, bits_allocated: int) -> CodestreamInfo:
     return CodestreamInfo("rle", None, None, count // per_sample, bits_allocated)
 
 
-def read_codestream_info(syntax: str, frame: bytes, bits_allocated: int = 16) -> CodestreamInfo | None:
+def read_codestream_info(syntax: str, frame: bytes, bits_allocated: int = 16,
+                         frame_length: int | None = None) -> CodestreamInfo | None:
     """Parse the header of one encapsulated frame; None for a syntax this module does not parse
-    (deflate, video, ...). Pure: reads at most the main header, never decodes."""
+    (deflate, video, ...). Pure: reads at most the main header, never decodes. ``frame`` may be the
+    frame's first bytes only; ``frame_length`` is then the whole frame's length (RLE offsets)."""
     syntax = str(syntax)
     if syntax in JPEG_2000_SYNTAXES:
         return _j2k_info(frame)
@@ -239,8 +243,32 @@ def read_codestream_info(syntax: str, frame: bytes, bits_allocated: int = 16) ->
     if syntax in JPEG_SYNTAXES:
         return _jpeg_info(frame, "jpeg")
     if syntax == RLE_SYNTAX:
-        return _rle_info(frame, bits_allocated)
+        return _rle_info(frame, bits_allocated, frame_length)
     return None
+
+
+_HEAD_BYTES = 65536  # main headers of real codestreams fit; if not, the whole frame is parsed
+
+
+def _frame_head(ds: Dataset) -> tuple[bytes, int] | None:
+    """First bytes and length of a single-frame dataset's only frame without copying the frame
+    (receiving a 4 MB JPEG 2000 file should not copy it again just to read 60 bytes of SIZ): the
+    Basic Offset Table item is skipped and the first fragment sliced. None when the layout is not
+    the plain one (several fragments or frames, odd items): the caller takes the whole frame."""
+    if int(ds.get("NumberOfFrames", 1) or 1) != 1:
+        return None
+    data = ds.PixelData
+    item = b"\xfe\xff\x00\xe0"
+    if len(data) < 16 or data[:4] != item:
+        return None
+    first = 8 + struct.unpack_from("<I", data, 4)[0]  # after the Basic Offset Table item
+    if first + 8 > len(data) or data[first:first + 4] != item:
+        return None
+    length = struct.unpack_from("<I", data, first + 4)[0]
+    start, end = first + 8, first + 8 + length
+    if end > len(data) or data[end:end + 4] == item:  # truncated, or a second fragment follows
+        return None
+    return data[start:min(end, start + _HEAD_BYTES)], length
 
 
 def _first_frame(ds: Dataset) -> bytes:
@@ -257,11 +285,12 @@ def check_pixel_budget(ds: Dataset) -> CodestreamInfo | None:
     codestream's own size or component count different from Rows/Columns/SamplesPerPixel; a
     precision over 16 bits; an RLE segment count that does not match SamplesPerPixel x bytes per
     sample. Returns the parsed codestream header (None for native pixel data)."""
-    return _checked_first_frame(ds)[0]
+    return _checked_first_frame(ds, whole_frame=False)[0]
 
 
-def _checked_first_frame(ds: Dataset) -> tuple[CodestreamInfo | None, bytes | None]:
-    """``check_pixel_budget`` that also hands back the first frame's bytes (for the reduced decode)."""
+def _checked_first_frame(ds: Dataset, whole_frame: bool = True) -> tuple[CodestreamInfo | None, bytes | None]:
+    """``check_pixel_budget`` that also hands back the first frame's bytes (for the reduced decode);
+    ``whole_frame=False``: only the frame's head is read where the layout allows (frame is None)."""
     try:
         rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
         samples = int(ds.get("SamplesPerPixel", 1) or 1)
@@ -275,8 +304,14 @@ def _checked_first_frame(ds: Dataset) -> tuple[CodestreamInfo | None, bytes | No
     parsed = JPEG_SYNTAXES | JPEG_LS_SYNTAXES | JPEG_2000_SYNTAXES | {RLE_SYNTAX}
     if syntax not in parsed or "PixelData" not in ds:
         return None, None  # native (Rows x Columns is the truth) or a syntax we do not decode
-    frame = _first_frame(ds)
-    info = read_codestream_info(syntax, frame, bits_allocated)
+    info, frame = None, None
+    head = None if whole_frame else _frame_head(ds)
+    if head is not None:
+        with contextlib.suppress(PixelDecodeError):  # headers beyond the head: parse the whole frame
+            info = read_codestream_info(syntax, head[0], bits_allocated, head[1])
+    if info is None:
+        frame = _first_frame(ds)
+        info = read_codestream_info(syntax, frame, bits_allocated)
     assert info is not None
     what = _HEADER_NAMES[info.kind]
     # Rows x Columns are within the budget (checked above): a codestream that agrees is too.

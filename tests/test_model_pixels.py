@@ -341,3 +341,25 @@ def test_reduction_steps_never_enlarge():
     assert reduction_steps(4096, 1024, 1) == 1  # capped by the codestream's levels
     assert reduction_steps(2048, 224, 5) == 3
     assert reduction_steps(1000, 1024, 5) == 0
+
+
+def test_header_beyond_the_head_or_in_split_fragments_still_read():
+    """check_pixel_budget reads only the frame's first 64 KB where it can (no copy of the frame);
+    a main header further in (a big APP/COM segment) or a frame split into fragments is parsed from
+    the whole frame instead, and a bomb hidden that way is still found."""
+    from pydicom.encaps import encapsulate
+
+    from tests.helpers.bombs import patch_jpeg_sof
+
+    ds = _compressed(JPEGLSLossless)
+    frame = pydicom.encaps.get_frame(ds.PixelData, 0, number_of_frames=1)
+    comment = b"\xff\xfe" + struct.pack(">H", 65535) + b"x" * 65533  # a 64 KB COM segment after SOI
+    padded = frame[:2] + comment + comment + frame[2:]
+    ds.PixelData = encapsulate([padded])
+    assert (check_pixel_budget(ds).rows, check_pixel_budget(ds).columns) == (64, 48)
+    ds.PixelData = encapsulate([patch_jpeg_sof(padded, 30000, 30000, {0xF7})])
+    with pytest.raises(PixelDecodeError, match="30000x30000"):
+        check_pixel_budget(ds)
+    ds.PixelData = encapsulate([patch_jpeg_sof(frame, 30000, 30000, {0xF7})], fragments_per_frame=3)
+    with pytest.raises(PixelDecodeError, match="30000x30000"):
+        check_pixel_budget(ds)
