@@ -8,7 +8,9 @@
    * before: the worker's loop as it was before issue #11 (``classify_before`` below, kept as the
      baseline): read, decode at full size, LUTs, keep every image, then one Classifier.predict;
    * after: ``ClassifierWorker.classify`` as it is now: decode at the model's size on a background
-     thread (gateway/prefetch.py) while the model scores the previous images in small batches.
+     thread (gateway/prefetch.py) while the model scores the previous images in small batches, with
+     the worker's ONNX Runtime thread count (gateway.prefetch.model_threads: one core left to the
+     decode thread; "before" uses ONNX Runtime's default, one thread per core, as the gateway did).
    Rounds alternate before/after; best-of-rounds images/s and their ratio are printed with the goals
    (JPEG 2000 >= 4x, JPEG baseline >= 2x, native not slower).
 2. Model part: model.inference.Classifier (ONNX backend) against InferenceSession.run on the same
@@ -91,6 +93,7 @@ def main() -> int:
 
     from osteogate.gateway.config import ModelConfig, Settings
     from osteogate.gateway.db import Instance
+    from osteogate.gateway.prefetch import model_threads
     from osteogate.gateway.spool import Spool
     from osteogate.gateway.worker import ClassifierWorker
     from osteogate.model.inference import INPUT_NAME, OUTPUT_NAME, Classifier
@@ -102,14 +105,18 @@ def main() -> int:
         work = Path(tmp)
         model_path = resolve_model(args.model, work)
         classifier = Classifier.load(model_path, backend="onnx", cache_dir=work / "onnx")
+        threads = model_threads(0)
+        worker_classifier = Classifier.load(model_path, backend="onnx", cache_dir=work / "onnx",
+                                            intra_op_threads=threads)
         card = classifier.card
         print(f"model {model_path.name} ({card.architecture}, input {card.input.mode}, long side "
               f"{needed_long_side(card.input)}), backend {classifier.backend_name}, batch size {batch_size}, "
-              f"{args.images} images of {args.size}x{args.size} per study")
+              f"{args.images} images of {args.size}x{args.size} per study; ONNX Runtime threads: before "
+              f"default, after {threads}")
 
         settings = Settings(model={"batch_size": batch_size})
         worker = ClassifierWorker(settings, None, Spool(work / "spool"), Spool(work / "reports"),  # type: ignore[arg-type]
-                                  lambda _: classifier)
+                                  lambda _: worker_classifier)
         files = stage_files(work, args.size, args.images)
         if args.only:
             files = {k: v for k, v in files.items() if k in args.only.split(",")}
@@ -121,14 +128,14 @@ def main() -> int:
                                   received_at=now + timedelta(seconds=i), purged_at=None)
                          for i, p in enumerate(paths)]
             classify_before(worker, instances[:1], classifier)  # warm-up of both paths
-            worker.classify(instances[:1], classifier)
+            worker.classify(instances[:1], worker_classifier)
             before, after = [], []
             for _ in range(args.rounds):
                 t0 = time.perf_counter()
                 classify_before(worker, instances, classifier)
                 before.append(len(paths) / (time.perf_counter() - t0))
                 t0 = time.perf_counter()
-                outcome = worker.classify(instances, classifier)
+                outcome = worker.classify(instances, worker_classifier)
                 after.append(len(paths) / (time.perf_counter() - t0))
                 assert len(outcome.classified) == len(paths), [i.skip_reason for i in outcome.images]
             ratio = max(after) / max(before)

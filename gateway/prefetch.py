@@ -14,6 +14,7 @@ images of memory, not 100.
 from __future__ import annotations
 
 import contextlib
+import os
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -112,3 +113,16 @@ def images_per_call(backend_name: str, inputs_per_image: int, batch_size: int) -
     inputs_per_image = max(1, inputs_per_image)
     budget = GPU_INPUTS_PER_CALL if "cuda" in backend_name else batch_size
     return max(1, budget // inputs_per_image)
+
+
+def model_threads(configured: int, cores: int | None = None) -> int:
+    """ONNX Runtime intra-op threads for the worker: ``configured`` when set (model.threads), else one
+    per usable core less one, left to the decode thread. Otherwise the decode thread and ONNX
+    Runtime's pool (one thread per core) oversubscribe the CPU and every parallel operator waits for
+    its descheduled thread: on 2 cores that made the pipeline slower than decoding then scoring
+    (benchmarks/inference.py)."""
+    if configured:
+        return configured
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores - 1)

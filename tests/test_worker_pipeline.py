@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from osteogate.gateway.prefetch import GPU_INPUTS_PER_CALL, Prefetcher, images_per_call
+from osteogate.gateway.prefetch import GPU_INPUTS_PER_CALL, Prefetcher, images_per_call, model_threads
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -79,6 +79,14 @@ def test_images_per_call_by_backend():
     assert images_per_call("onnxruntime-cpu", 1, 8) == 8  # whole mode: 8 images per batch
     assert images_per_call("torch-cpu", 16, 8) == 1  # never zero
     assert images_per_call("torch-cuda", 8, 8) == GPU_INPUTS_PER_CALL // 8
+
+
+def test_model_threads_leave_a_core_to_the_decode_thread():
+    assert model_threads(0, cores=2) == 1
+    assert model_threads(0, cores=16) == 15
+    assert model_threads(0, cores=1) == 1
+    assert model_threads(3, cores=16) == 3  # model.threads set: used as is
+    assert model_threads(0) >= 1
 
 
 # -- the worker itself: a study of many large images, peak RSS from /proc ----------------------------
