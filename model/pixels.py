@@ -16,13 +16,16 @@ distribution than it was trained on. Pipeline for DICOM:
 
 Decode only what the model needs: when ``long_side`` is given and the first frame is JPEG 2000
 (any of its transfer syntaxes) or 8-bit JPEG baseline/extended, monochrome, the codestream is
-decoded directly at the smallest power-of-two reduction whose long side is still >= ``long_side``
-(JPEG 2000 resolution levels through Pillow's OpenJPEG ``reduce``; libjpeg DCT scaling through
-Pillow ``draft``), then steps 3-5 run on the reduced image. Everything else (native, RLE, JPEG
-lossless, JPEG-LS, 12-bit JPEG, colour) is decoded at full size. Steps 3-4 act on values, so they
-commute with downscaling only approximately (clipping at the window edges, percentiles of a
-smoother image): the difference from "decode full, then resize" is measured per transfer syntax
-in tests/test_decode_parity.py (tolerance stated there, ``PARITY_*``) and benchmarks/decode.py.
+decoded directly at the smallest power-of-two reduction (down to 1/4) whose long side is still
+>= ``long_side`` (JPEG 2000 resolution levels through Pillow's OpenJPEG ``reduce``, then a 3-tap
+filter that makes the wavelet low-pass match a box average; libjpeg DCT scaling through Pillow
+``draft``), then steps 3-5 run on the reduced image. Everything else (native, RLE, JPEG lossless,
+JPEG-LS, 12-bit JPEG, colour) is decoded at full size. Steps 3-4 act on values, so they commute
+with downscaling only approximately (clipping at the window edges, non-linear LUTs): the
+difference from "decode full, then resize" is measured per transfer syntax in
+tests/test_decode_parity.py (tolerance stated there, ``PARITY_*``) and benchmarks/decode.py.
+Without VOI, the robust min-max percentiles are taken on the image at ``long_side`` (after the
+resize), so they do not depend on how it was decoded.
 
 Before anything is decoded, the codestream's OWN header (JPEG SOF, JPEG-LS SOF55, JPEG 2000 SIZ,
 RLE segment table) is parsed (``read_codestream_info``) and checked against the dataset's
@@ -413,8 +416,7 @@ def box_matching_filter(reversible: bool, levels: int) -> np.ndarray:
     return taps.astype(np.float32)
 
 
-def _decode_reduced(ds: Dataset, info: CodestreamInfo, frame: bytes, long_side: int,
-                    max_steps: int | None = None) -> np.ndarray | None:
+def _decode_reduced(ds: Dataset, info: CodestreamInfo, frame: bytes, long_side: int) -> np.ndarray | None:
     """The first frame decoded directly at a reduced size, or None when this codestream cannot be
     (then the caller decodes it at full size). Monochrome only: colour goes through pydicom."""
     from PIL import Image
@@ -425,7 +427,7 @@ def _decode_reduced(ds: Dataset, info: CodestreamInfo, frame: bytes, long_side: 
     signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
     try:
         if info.kind == "jpeg2000" and info.signed == signed:
-            steps = reduction_steps(long, long_side, min(info.levels, MAX_REDUCTION_STEPS if max_steps is None else max_steps))
+            steps = reduction_steps(long, long_side, min(info.levels, MAX_REDUCTION_STEPS))
             if steps == 0:
                 return None
             with Image.open(BytesIO(frame)) as opened:
@@ -444,8 +446,7 @@ def _decode_reduced(ds: Dataset, info: CodestreamInfo, frame: bytes, long_side: 
             return cv2.sepFilter2D(values.astype(np.float32), -1, kernel, kernel, borderType=cv2.BORDER_REPLICATE)
         if (info.kind == "jpeg" and info.precision == 8 and not signed
                 and info.process in ("baseline", "extended", "progressive")):
-            # libjpeg scales by 1/2, 1/4, 1/8
-            steps = reduction_steps(long, long_side, min(3, MAX_REDUCTION_STEPS if max_steps is None else max_steps))
+            steps = reduction_steps(long, long_side, min(3, MAX_REDUCTION_STEPS))  # libjpeg: 1/2, 1/4, 1/8
             if steps == 0:
                 return None
             with Image.open(BytesIO(frame)) as opened:
