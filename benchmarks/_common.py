@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,3 +61,16 @@ def maps_libraries(pid: int, needle: str) -> list[str]:
 
 def mb(n_bytes: float) -> float:
     return n_bytes / 1e6
+
+
+@contextmanager
+def todays_decoders() -> Iterator[None]:
+    """The decoder plugins as pydicom chooses them (the path before issue #11): "before" figures."""
+    from osteogate.model import pixels
+
+    saved = dict(pixels.PREFERRED_PLUGINS)
+    pixels.PREFERRED_PLUGINS.clear()
+    try:
+        yield
+    finally:
+        pixels.PREFERRED_PLUGINS.update(saved)

@@ -297,7 +297,7 @@ class ModelConfig(_Section):
     backend: Literal["auto", "onnx", "torch"] = "auto"
     device: str = "auto"
     batch_size: int = Field(8, ge=1)
-    threads: int = Field(0, ge=0)  # 0: let the runtime decide
+    threads: int = Field(0, ge=0)  # 0: one per core less one (the decode thread's), see gateway/prefetch.py
 
 
 class ReportConfig(_Section):

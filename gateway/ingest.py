@@ -15,6 +15,7 @@ from osteogate.gateway.db import Database, Instance, Series, Study, StudyStatus,
 from osteogate.gateway.logs import get_logger, study_key
 from osteogate.gateway.spool import Spool, SpoolError
 from osteogate.gateway.uids import InvalidUIDError, require_uid
+from osteogate.model.pixels import PixelDecodeError, check_pixel_budget
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
@@ -109,6 +110,10 @@ def validate(ds: Dataset, context_sop_class: str | None = None) -> tuple[str, st
             )
     elif not ds["PixelData"].value:
         raise RejectedInstance(DATASET_DOES_NOT_MATCH_SOP_CLASS, "Pixel Data is empty")
+    try:  # codestream's own size (JPEG SOF, J2K SIZ, JPEG-LS SOF55, RLE header) vs header and budget
+        check_pixel_budget(ds)
+    except PixelDecodeError as exc:
+        raise RejectedInstance(DATASET_DOES_NOT_MATCH_SOP_CLASS, str(exc)) from exc
     return study_uid, series_uid, sop_uid, sop_class
 
 

@@ -217,6 +217,7 @@ class ClassifierCache:
         return self._default in self._loaded
 
     def __call__(self, path: str | None = None) -> Any:
+        from osteogate.gateway.prefetch import model_threads
         from osteogate.model.inference import Classifier
 
         target = Path(path) if path else self._default
@@ -227,7 +228,7 @@ class ClassifierCache:
                 self._loaded[target] = Classifier.load(
                     target, backend=cfg.backend, device=cfg.device,
                     cache_dir=self.settings.storage.data_dir / "models" / "onnx",
-                    intra_op_threads=cfg.threads or None,
+                    intra_op_threads=model_threads(cfg.threads),  # leaves a core to the decode thread
                 )
                 classifier = self._loaded[target]
                 log.info("model_loaded", model=classifier.card.display_name, backend=classifier.backend_name,

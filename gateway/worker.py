@@ -15,6 +15,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Collection, Sequence
+from contextlib import closing
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from io import BytesIO
@@ -309,55 +310,67 @@ class ClassifierWorker:
             self.on_result()
 
     def classify(self, instances: Sequence[Instance], classifier: Any) -> StudyOutcome:
-        from osteogate.model.pixels import PixelDecodeError, dataset_to_image
+        from osteogate.gateway.prefetch import Prefetcher, images_per_call
+        from osteogate.model.preprocess import needed_long_side
 
         outcome = StudyOutcome()
-        pending: list[tuple[ImageOutcome, Any]] = []
-        decode_total = 0.0
-        for instance in sorted(instances, key=lambda i: i.received_at):
-            t0 = time.perf_counter()
-            if instance.purged_at is not None:
-                # Retention removed the file after an earlier result was delivered; that result
-                # stands for this image, and the new SR says why the image is not re-read.
-                outcome.images.append(ImageOutcome(instance, Dataset(), skip_reason="image purged by retention"))
-                continue
-            try:
-                ds = pydicom.dcmread(self.spool.absolute(instance.path))
-            except Exception as exc:
-                header = Dataset()
-                item = ImageOutcome(instance, header, skip_reason=f"spooled file unreadable: {type(exc).__name__}")
+        spec = classifier.card.input
+        long_side = needed_long_side(spec)
+        per_call = images_per_call(classifier.backend_name, spec.patches_per_image if spec.mode == "patches" else 1,
+                                   self.settings.model.batch_size)
+        # Decode of the next images (background thread, at most 2 ahead) overlaps scoring of these;
+        # only model-size images are held, never a study's worth of full-size decodes.
+        batch: list[tuple[ImageOutcome, Any]] = []
+        decoded = Prefetcher(lambda instance: self._decode_instance(instance, classifier, long_side))
+        with closing(decoded.map(sorted(instances, key=lambda i: i.received_at))) as stream:
+            for _, (item, image) in stream:
                 outcome.images.append(item)
-                continue
-            header = _header_only(ds)
-            item = ImageOutcome(instance, header)
-            outcome.images.append(item)
-            modality = str(ds.get("Modality", "")).upper()
-            if modality not in CLASSIFIED_MODALITIES:
-                item.skip_reason = f"out of scope: modality {modality or 'missing'}"
-                continue
-            decision = detect_region(ds)
-            if not decision.known:
-                item.skip_reason = f"region unknown ({decision.source})"
-                continue
-            if decision.region not in classifier.card.regions:
-                item.skip_reason = f"region {decision.region} not supported by the model"
-                continue
-            item.region = decision.region
-            try:
-                image = dataset_to_image(ds)
-            except PixelDecodeError as exc:
-                item.skip_reason = f"pixel data could not be decoded: {exc}"
-                continue
-            item.decode_ms = (time.perf_counter() - t0) * 1000
-            decode_total += item.decode_ms
-            pending.append((item, image))
-        outcome.timings["decode_ms"] = decode_total
-        batch_size = self.settings.model.batch_size
-        for start in range(0, len(pending), batch_size):
-            self.score_batch(pending[start:start + batch_size], classifier, outcome.timings)
-        pending.clear()
+                if image is not None:
+                    batch.append((item, image))
+                if len(batch) >= per_call:
+                    self.score_batch(batch, classifier, outcome.timings)
+                    batch = []
+        if batch:
+            self.score_batch(batch, classifier, outcome.timings)
+        outcome.timings["decode_ms"] = sum(i.decode_ms or 0.0 for i in outcome.images)
         self.assess(outcome, classifier)
         return outcome
+
+    def _decode_instance(self, instance: Instance, classifier: Any, long_side: int) -> tuple[ImageOutcome, Any]:
+        """Read one spooled instance and decode it at the model's size (runs on the decode thread):
+        (outcome with header or skip reason, image or None)."""
+        from osteogate.model.pixels import PixelDecodeError, dataset_to_image
+
+        t0 = time.perf_counter()
+        if instance.purged_at is not None:
+            # Retention removed the file after an earlier result was delivered; that result
+            # stands for this image, and the new SR says why the image is not re-read.
+            return ImageOutcome(instance, Dataset(), skip_reason="image purged by retention"), None
+        try:
+            ds = pydicom.dcmread(self.spool.absolute(instance.path))
+        except Exception as exc:
+            return ImageOutcome(instance, Dataset(), skip_reason=f"spooled file unreadable: {type(exc).__name__}"), None
+        item = ImageOutcome(instance, _header_only(ds))
+        modality = str(ds.get("Modality", "")).upper()
+        if modality not in CLASSIFIED_MODALITIES:
+            item.skip_reason = f"out of scope: modality {modality or 'missing'}"
+            return item, None
+        decision = detect_region(ds)
+        if not decision.known:
+            item.skip_reason = f"region unknown ({decision.source})"
+            return item, None
+        if decision.region not in classifier.card.regions:
+            item.skip_reason = f"region {decision.region} not supported by the model"
+            return item, None
+        item.region = decision.region
+        try:
+            # Codestream header checked first (bombs refused), then decoded at the model's size.
+            image = dataset_to_image(ds, long_side)
+        except PixelDecodeError as exc:
+            item.skip_reason = f"pixel data could not be decoded: {exc}"
+            return item, None
+        item.decode_ms = (time.perf_counter() - t0) * 1000
+        return item, image
 
     def score_batch(self, batch: Sequence[tuple[ImageOutcome, Any]], classifier: Any,
                     timings: dict[str, float]) -> None:

@@ -203,3 +203,8 @@ def prepare_with_boxes(image: np.ndarray, spec: InputSpec) -> tuple[np.ndarray, 
         return normalize(letterbox(resize_long_side(array, spec.size), spec.size), spec), [(0.0, 0.0, 1.0, 1.0)]
     patches, boxes = extract_patches_with_boxes(array, spec)
     return normalize(patches, spec), boxes
+def needed_long_side(spec: InputSpec) -> int:
+    """The long side, in pixels, that preprocessing brings every image to: ``working_size`` in patches
+    mode, ``size`` in whole mode. Decoding more than this is wasted (model.pixels decodes JPEG 2000
+    and baseline JPEG at reduced resolution down to it)."""
+    return spec.working_size if spec.mode == "patches" else spec.size

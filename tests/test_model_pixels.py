@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import shutil
+import struct
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
-from osteogate.model.pixels import PixelDecodeError, dataset_to_image, load_image_file
+from osteogate.model.pixels import (
+    PixelDecodeError,
+    check_pixel_budget,
+    dataset_to_image,
+    load_image_file,
+    read_codestream_info,
+    reduction_steps,
+)
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
@@ -210,3 +218,148 @@ def test_jpeg_baseline_and_lossless_via_dcmtk(tmp_path, option, bits, atol):
     assert compressed.file_meta.TransferSyntaxUID.is_compressed
     difference = np.abs(dataset_to_image(compressed) - dataset_to_image(ds))
     assert difference.mean() <= atol / 4 and difference.max() <= max(atol, 1e-6) * (4 if bits == 8 else 1)
+
+
+# -- codestream headers and the decoded-pixel budget (no decoding involved) ---------------------------
+
+
+def _compressed(syntax, rows: int = 64, cols: int = 48) -> Dataset:
+    ds = make_ds(ramp(rows, cols))
+    ds.compress(syntax)
+    return ds
+
+
+@pytest.mark.parametrize(("syntax", "kind"), [(JPEG2000Lossless, "jpeg2000"), (JPEGLSLossless, "jpeg-ls"),
+                                              (RLELossless, "rle")])
+def test_codestream_header_read_from_real_streams(syntax, kind):
+    ds = _compressed(syntax)
+    info = check_pixel_budget(ds)
+    assert info is not None and info.kind == kind
+    if kind == "rle":
+        assert (info.rows, info.columns, info.components, info.precision) == (None, None, 1, 16)
+    else:
+        assert (info.rows, info.columns, info.components) == (64, 48, 1)
+        assert info.precision in (12, 16)
+    if kind == "jpeg2000":
+        assert info.levels >= 1 and info.reversible
+
+
+@pytest.mark.skipif(shutil.which("dcmcjpeg") is None, reason="dcmtk not installed")
+@pytest.mark.parametrize(("option", "process", "precision"),
+                         [("+eb", "baseline", 8), ("+ee", "extended", 12), ("+e1", "lossless", 12)])
+def test_jpeg_sof_read(tmp_path, option, process, precision):
+    pixels = ramp()
+    ds = make_ds(pixels if precision > 8 else (pixels >> 4), bits_stored=precision)
+    if precision == 8:
+        ds.BitsAllocated = 8
+        ds.PixelData = (pixels >> 4).astype(np.uint8).tobytes()
+    ds.save_as(tmp_path / "in.dcm", enforce_file_format=True)
+    subprocess.run(["dcmcjpeg", option, str(tmp_path / "in.dcm"), str(tmp_path / "out.dcm")], check=True,
+                   capture_output=True, timeout=30)
+    info = check_pixel_budget(pydicom.dcmread(tmp_path / "out.dcm"))
+    assert info is not None and (info.kind, info.rows, info.columns, info.process) == ("jpeg", 64, 48, process)
+    assert info.precision == precision or (process == "lossless" and info.precision == 16)  # dcmcjpeg: 16
+
+
+def test_native_pixels_are_checked_against_the_budget_only():
+    assert check_pixel_budget(make_ds(ramp())) is None
+    ds = make_ds(ramp())
+    ds.Rows, ds.Columns = 8000, 8000  # 64 Mpx > 32 Mpx budget
+    with pytest.raises(PixelDecodeError, match="decoded-pixel budget"):
+        check_pixel_budget(ds)
+
+
+@pytest.mark.parametrize("name", ["JPEG SOF", "JPEG-LS SOF55", "JPEG 2000 SIZ", "RLE segments"])
+def test_dimension_bombs_refused_before_decoding(name):
+    import time
+
+    from tests.helpers.bombs import BOMBS
+
+    if name == "JPEG SOF" and shutil.which("dcmcjpeg") is None:
+        pytest.skip("dcmtk not installed")
+    bomb = BOMBS[name]()
+    assert (bomb.Rows, bomb.Columns) == (64, 64)
+    t0 = time.perf_counter()
+    with pytest.raises(PixelDecodeError) as info:
+        check_pixel_budget(bomb)
+    with pytest.raises(PixelDecodeError):
+        dataset_to_image(bomb, 1024)  # the decode path checks first
+    assert time.perf_counter() - t0 < 2
+    message = str(info.value)
+    assert name.split()[0] in message
+    if name != "RLE segments":
+        assert "30000x30000" in message and "64x64" in message, message
+    else:
+        assert "3 components but SamplesPerPixel is 1" in message, message
+
+
+def test_consistent_but_over_budget_codestream_is_refused():
+    from tests.helpers.bombs import j2k_bomb
+
+    bomb = j2k_bomb(8000, 8000)
+    bomb.Rows = bomb.Columns = 8000  # header and SIZ agree, but 64 Mpx is over the budget
+    with pytest.raises(PixelDecodeError, match="exceeds the decoded-pixel budget"):
+        check_pixel_budget(bomb)
+
+
+def test_corrupt_codestream_headers():
+    ds = _compressed(JPEG2000Lossless)
+    frame = pydicom.encaps.get_frame(ds.PixelData, 0, number_of_frames=1)
+    with pytest.raises(PixelDecodeError, match="SOC"):
+        read_codestream_info(JPEG2000Lossless, b"\x00" * 100)
+    with pytest.raises(PixelDecodeError, match="SOC"):
+        read_codestream_info(JPEG2000Lossless, frame[:20])  # truncated SIZ
+    with pytest.raises(PixelDecodeError, match="SOI"):
+        read_codestream_info(JPEGLSLossless, b"\x00\x00\xff\xf7")
+    with pytest.raises(PixelDecodeError, match="no frame header"):
+        read_codestream_info(JPEGLSLossless, b"\xff\xd8\xff\xda\x00\x08" + b"\x00" * 10)
+    with pytest.raises(PixelDecodeError, match="DNL"):  # height 0: defined later by a DNL marker
+        read_codestream_info(pydicom.uid.JPEGBaseline8Bit, b"\xff\xd8\xff\xc0\x00\x0b\x08\x00\x00\x00\x40\x01\x01\x11\x00")
+    with pytest.raises(PixelDecodeError, match="RLE"):
+        read_codestream_info(RLELossless, b"\x01\x00\x00\x00" + b"\x00" * 20, 16)
+    with pytest.raises(PixelDecodeError, match="segments"):
+        read_codestream_info(RLELossless, struct.pack("<16I", 0, *([0] * 15)), 16)
+    ds.PixelData = b"\xfe\xff\x00\xe0\x10\x00\x00\x00garbage"  # malformed item table
+    with pytest.raises(PixelDecodeError, match="encapsulated pixel data malformed"):
+        check_pixel_budget(ds)
+
+
+def test_jp2_wrapped_codestream_is_read():
+    ds = _compressed(JPEG2000Lossless)
+    frame = pydicom.encaps.get_frame(ds.PixelData, 0, number_of_frames=1)
+    jp2 = (b"\x00\x00\x00\x0cjP  \r\n\x87\n" + struct.pack(">I4s", 20, b"ftyp") + b"jp2 \x00\x00\x00\x00jp2 "
+           + struct.pack(">I4s", 8 + len(frame), b"jp2c") + frame)
+    info = read_codestream_info(JPEG2000Lossless, jp2)
+    assert info is not None and (info.rows, info.columns) == (64, 48)
+
+
+def test_reduction_steps_never_enlarge():
+    assert reduction_steps(2048, 1024, 5) == 1
+    assert reduction_steps(2047, 1024, 5) == 1  # ceil(2047 / 2) = 1024, as OpenJPEG and libjpeg round
+    assert reduction_steps(2046, 1024, 5) == 0
+    assert reduction_steps(4096, 1024, 5) == 2
+    assert reduction_steps(4096, 1024, 1) == 1  # capped by the codestream's levels
+    assert reduction_steps(2048, 224, 5) == 3
+    assert reduction_steps(1000, 1024, 5) == 0
+
+
+def test_header_beyond_the_head_or_in_split_fragments_still_read():
+    """check_pixel_budget reads only the frame's first 64 KB where it can (no copy of the frame);
+    a main header further in (a big APP/COM segment) or a frame split into fragments is parsed from
+    the whole frame instead, and a bomb hidden that way is still found."""
+    from pydicom.encaps import encapsulate
+
+    from tests.helpers.bombs import patch_jpeg_sof
+
+    ds = _compressed(JPEGLSLossless)
+    frame = pydicom.encaps.get_frame(ds.PixelData, 0, number_of_frames=1)
+    comment = b"\xff\xfe" + struct.pack(">H", 65535) + b"x" * 65533  # a 64 KB COM segment after SOI
+    padded = frame[:2] + comment + comment + frame[2:]
+    ds.PixelData = encapsulate([padded])
+    assert (check_pixel_budget(ds).rows, check_pixel_budget(ds).columns) == (64, 48)
+    ds.PixelData = encapsulate([patch_jpeg_sof(padded, 30000, 30000, {0xF7})])
+    with pytest.raises(PixelDecodeError, match="30000x30000"):
+        check_pixel_budget(ds)
+    ds.PixelData = encapsulate([patch_jpeg_sof(frame, 30000, 30000, {0xF7})], fragments_per_frame=3)
+    with pytest.raises(PixelDecodeError, match="30000x30000"):
+        check_pixel_budget(ds)

@@ -18,9 +18,10 @@ from osteogate.model.preprocess import resize_long_side
 DEFAULT_CACHE = Path(os.environ.get("OSTEOGATE_CACHE", "/tmp/osteogate-cache"))
 
 
-def decode(path: Path) -> np.ndarray:
-    """float32 HxW in [0, 1] via model/pixels.py: training and serving must see identical pixels."""
-    return np.asarray(load_image_file(Path(path)), dtype=np.float32)
+def decode(path: Path, long_side: int | None = None) -> np.ndarray:
+    """float32 HxW in [0, 1] via model/pixels.py: training and serving must see identical pixels
+    (with ``long_side``, DICOM is decoded at the model's size exactly as the worker does)."""
+    return np.asarray(load_image_file(Path(path), long_side), dtype=np.float32)
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:
@@ -37,7 +38,7 @@ class ImageCache:
 
     def _key(self, path: Path) -> Path:
         stat = Path(path).stat()
-        raw = f"{Path(path).resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{self.working_size}|serving-v1"
+        raw = f"{Path(path).resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{self.working_size}|serving-v2"
         return self.root / f"{hashlib.sha1(raw.encode()).hexdigest()}.npy"
 
     def get(self, path: Path) -> np.ndarray:
@@ -47,7 +48,7 @@ class ImageCache:
                 return np.load(key)
             except (OSError, ValueError):
                 key.unlink(missing_ok=True)  # half-written by a killed run: rebuild
-        image = decode(path)
+        image = decode(path, self.working_size)  # the worker's decode at the working size
         if max(image.shape[:2]) > self.working_size:
             image = resize_long_side(image, self.working_size)
         array = to_uint8(image)
