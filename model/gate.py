@@ -3,9 +3,9 @@
 Pure decision logic (no I/O, no numpy): every function returns ``None`` when the result may be
 reported, else the reason it is "not assessed". A result is reported only when its input situation
 showed discrimination in the card's grouped cross-validation (low-BMD ROC-AUC whose 95 % CI lower
-bound is above chance), its operating threshold did not flag (nearly) everyone there, and every
-part it relies on was trained on real data (an untrained region head, e.g. spine, never yields a
-label).
+bound is above chance), its operating threshold did not flag (nearly) everyone there (specificity
+CI reaching 0, or a positive likelihood ratio below 2), and every part it relies on was trained on
+real data (an untrained region head, e.g. spine, never yields a label).
 """
 
 from __future__ import annotations
@@ -17,6 +17,11 @@ from osteogate.model.covariates import Covariates
 
 # A lower 95 % CI bound at or below this is "no demonstrated discrimination" (0.5 = chance).
 CHANCE_AUC = 0.5
+# A low-BMD flag whose positive likelihood ratio, sensitivity / (1 - specificity), is below this barely
+# changes the odds: likelihood ratios of 1-2 alter the probability "to a small and rarely important
+# degree" (Jaeschke, Guyatt, Sackett, JAMA 1994). Such a flag calls most patients without low BMD
+# "low BMD": as useless as one that flags everyone.
+MIN_POSITIVE_LR = 2.0
 # Covariate names as the card's validated ranges know them (Covariates attribute names).
 _RANGE_ATTRIBUTES = {"age": "age_years", "weight": "weight_kg", "height": "height_m"}
 
@@ -47,14 +52,28 @@ def operating_point_reason(validation: Mapping[str, Any], what: str) -> str | No
     """None unless the situation's operating threshold flagged (nearly) everyone in validation.
 
     A weak head at a high target sensitivity can put its threshold below every case: it then calls
-    every study "low BMD", which says nothing about the patient. Figures absent (older cards): no
-    objection here; the discrimination rule still applies."""
+    every study "low BMD", which says nothing about the patient. That is the case when the low-BMD
+    specificity's 95 % CI reaches 0, or when the flag's positive likelihood ratio is below
+    ``MIN_POSITIVE_LR`` (it flags most patients without low BMD too). Figures absent (older cards):
+    no objection here; the discrimination rule still applies."""
     specificity = _figure(validation, "specificity_low_bmd")
-    if specificity is None or float(specificity["ci_low"]) > 0.0:
+    if specificity is None:
         return None
-    return (f"no useful operating point for {what}: at the validated threshold it flags nearly every study "
-            f"(low-BMD specificity {float(specificity['value']):.2f}, 95 % CI "
-            f"{float(specificity['ci_low']):.2f}-{float(specificity['ci_high']):.2f})")
+    spec = float(specificity["value"])
+    if float(specificity["ci_low"]) <= 0.0:
+        return (f"no useful operating point for {what}: at the validated threshold it flags nearly every study "
+                f"(low-BMD specificity {spec:.2f}, 95 % CI "
+                f"{float(specificity['ci_low']):.2f}-{float(specificity['ci_high']):.2f})")
+    sensitivity = _figure(validation, "sensitivity_low_bmd")
+    if sensitivity is None:
+        return None
+    sens = float(sensitivity["value"])
+    ratio = sens / (1.0 - spec) if spec < 1.0 else float("inf")
+    if ratio < MIN_POSITIVE_LR:
+        return (f"no useful operating point for {what}: at the validated threshold it flags most studies without "
+                f"low BMD too (low-BMD sensitivity {sens:.2f}, specificity {spec:.2f}: positive likelihood ratio "
+                f"{ratio:.1f}, below {MIN_POSITIVE_LR:g})")
+    return None
 
 
 def trained_regions(card: Any) -> tuple[str, ...]:

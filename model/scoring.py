@@ -28,27 +28,34 @@ from osteogate.model.gate import (
 from osteogate.model.taxonomy import CLASSES, COVARIATES, LOW_BMD_CLASSES
 
 # Validation figures copied onto an Assessment (and from there to the SR and the result card).
+# ``operating_points`` states each threshold's rule with its cross-validated sensitivity and
+# specificity; ``label_*`` are the 3-class figures of the reported (thresholded) label, beside the
+# most-probable-class ``f1_macro``.
 VALIDATION_KEYS = ("auc_low_bmd", "auc_osteoporosis", "f1_macro", "ece", "t_score_mae", "t_score_pearson_r",
                    "pi80_coverage", "sensitivity_low_bmd", "specificity_low_bmd", "sensitivity_osteoporosis",
-                   "specificity_osteoporosis", "n_images", "target_sensitivity", "evaluated_on")
+                   "specificity_osteoporosis", "operating_points", "label_accuracy", "label_precision_macro",
+                   "label_recall_macro", "label_f1_macro", "n_images", "target_sensitivity", "evaluated_on")
 
 
 def decide_label(probabilities: Mapping[str, float], thresholds: Mapping[str, float]) -> str:
     """The class reported for one image (or a study), from calibrated probabilities.
 
-    With operating thresholds (chosen on validation for a stated sensitivity): osteoporosis when
-    P(osteoporosis) >= thresholds.osteoporosis, else osteopenia when P(osteopenia) + P(osteoporosis)
-    >= thresholds.low_bmd, else normal. Without thresholds: the most probable class.
+    With operating thresholds (chosen on validation by the card's stated rules): low BMD when
+    P(osteopenia) + P(osteoporosis) >= thresholds.low_bmd (the screening prompt); within that flag,
+    osteoporosis when P(osteoporosis) >= thresholds.osteoporosis (a severity grade), else osteopenia;
+    normal when low BMD is not flagged. The grade never overrides the screening threshold, so the
+    low-BMD label keeps exactly the sensitivity and specificity the card states for it. Without
+    thresholds: the most probable class.
     """
     low_bmd = thresholds.get("low_bmd")
     osteoporosis = thresholds.get("osteoporosis")
     if low_bmd is None or not set(CLASSES) <= probabilities.keys():
         return max(probabilities, key=probabilities.__getitem__)
+    if sum(probabilities[c] for c in LOW_BMD_CLASSES) < low_bmd:
+        return "normal"
     if osteoporosis is not None and probabilities["osteoporosis"] >= osteoporosis:
         return "osteoporosis"
-    if sum(probabilities[c] for c in LOW_BMD_CLASSES) >= low_bmd:
-        return "osteopenia"
-    return "normal"
+    return "osteopenia"
 
 
 def load_fusion_heads(card: ModelCard) -> dict[str, FusionHead]:

@@ -80,6 +80,24 @@ def test_operating_point_that_flags_everyone_is_not_assessed():
     assert "no useful operating point for the knee image alone" in image_path_reason(card, "knee")
 
 
+@pytest.mark.parametrize(("sensitivity", "specificity", "reported"), [
+    (0.91, 0.17, False),  # flags 83 % of patients without low BMD: positive likelihood ratio 1.1
+    (0.93, 0.42, False),  # 1.6
+    (0.90, 0.56, True),  # 2.05: just above the floor
+    (0.90, 0.71, True),  # 3.1
+    (0.92, 1.00, True),  # no false positive at all
+])
+def test_operating_point_that_barely_changes_the_odds_is_not_assessed(sensitivity, specificity, reported):
+    entry = {"inputs": ["sex", "weight"], "validation": {
+        "auc_low_bmd": auc(0.64, 0.53, 0.77), "sensitivity_low_bmd": auc(sensitivity, sensitivity - 0.05, 1.0),
+        "specificity_low_bmd": auc(specificity, max(specificity - 0.12, 0.01), min(specificity + 0.14, 1.0))}}
+    reason = situation_reason(entry, ("sex", "weight"))
+    assert (reason is None) is reported
+    if not reported:
+        assert reason.startswith("no useful operating point for the inputs sex, weight")
+        assert "positive likelihood ratio" in reason and "below 2" in reason
+
+
 def test_situation_reason():
     good = {"inputs": ["age"], "validation": {"auc_low_bmd": auc(0.93, 0.89, 0.96)}}
     assert situation_reason(good, ("age",)) is None
@@ -109,6 +127,11 @@ def test_decide_label():
     assert decide_label(probs, {"low_bmd": 0.4}) == "osteopenia"
     assert decide_label(probs, {"low_bmd": 0.4, "osteoporosis": 0.15}) == "osteoporosis"
     assert decide_label(probs, {"low_bmd": 0.6, "osteoporosis": 0.25}) == "normal"
+    # Osteoporosis is a grade within the low-BMD flag: a P(osteoporosis) above its threshold does not
+    # override a negative screen (the low-BMD point keeps the sensitivity/specificity the card states).
+    assert decide_label(probs, {"low_bmd": 0.6, "osteoporosis": 0.15}) == "normal"
+    assert decide_label(probs, {"low_bmd": 0.5, "osteoporosis": 0.2}) == "osteoporosis"  # thresholds inclusive
+    assert decide_label(probs, {"low_bmd": 0.5, "osteoporosis": 0.21}) == "osteopenia"
 
 
 def test_situation_keys_and_features():

@@ -55,6 +55,36 @@ def test_card_lists_every_input_situation_with_figures():
     assert "none" not in situations
 
 
+def test_card_states_both_operating_points_and_the_grade_does_not_over_call():
+    card = read_card(SHIPPED)
+    rules = card.fusion["operating_rules"]
+    assert rules["low_bmd"]["target"] == {"sensitivity": 0.9}
+    assert rules["osteoporosis"]["target"] == {"max": "label_f1_macro", "min_specificity": 0.8}
+    reported = set()
+    for key, entry in card.fusion["situations"].items():
+        v = entry["validation"]
+        points = v["operating_points"]
+        for name in ("low_bmd", "osteoporosis"):
+            assert points[name]["rule"] == rules[name]["rule"] and points[name]["threshold"] == entry["thresholds"][name]
+            assert points[name]["sensitivity"] == v[f"sensitivity_{name}"]
+            assert points[name]["specificity"] == v[f"specificity_{name}"]
+        for figure in ("f1_macro", "label_f1_macro", "label_accuracy", "label_precision_macro", "label_recall_macro"):
+            assert {"value", "ci_low", "ci_high"} <= set(v[figure])  # reported label beside the most probable class
+        if situation_reason(entry, key.split("+")) is None:
+            reported.add(key)
+            # What may be reported: the screening point keeps its sensitivity, and the osteoporosis
+            # grade no longer labels half of the patients without osteoporosis (1.1.0: specificity 0.52).
+            assert v["sensitivity_low_bmd"]["value"] >= 0.85
+            assert v["specificity_osteoporosis"]["value"] >= 0.8
+            assert v["sensitivity_osteoporosis"]["value"] >= 0.6
+    # Every situation with the age is reported; without it, none is (the image adds nothing, and the
+    # other covariates alone flag most patients without low BMD too).
+    assert reported == {key for key in card.fusion["situations"] if "age" in key.split("+")}
+    full = card.fusion["situations"]["age+sex+weight+height"]["validation"]
+    assert full["label_f1_macro"]["value"] >= 0.72  # the goal, met by the reported label (point estimate)
+    assert full["label_f1_macro"]["value"] > full["f1_macro"]["value"]
+
+
 def study(classifier: Classifier, *names: str):
     datasets = [pydicom.dcmread(SAMPLES / name) for name in names]
     region = "spine" if "spine" in names[0] else "knee"
@@ -71,7 +101,25 @@ def test_knee_with_demographics_is_assessed(classifier):
     assert result.study.inputs_used == tuple(entry["inputs"]) and result.study.inputs_missing == ()
     low, high = result.study.t_score_interval
     assert low < result.study.t_score < high
+    # The SR and result card can state the operating points behind the label.
+    points = result.study.validation["operating_points"]
+    assert {"sensitivity", "specificity", "rule"} <= set(points["low_bmd"]) and "osteoporosis" in points
+    assert "label_f1_macro" in result.study.validation
     assert len(result.images) == 2 and all(len(i.score.boxes) == card.input.patches_per_image for i in result.images)
+
+
+@pytest.mark.parametrize(("names", "label"), [
+    (("knee_dx.dcm", "knee_dx_2.dcm"), "normal"),  # 40 y man; densitometry T-score -0.61
+    # 64 y man, densitometry T-score -1.81 (osteopenia): estimated -2.26 [-2.71, -1.68], P(osteoporosis)
+    # 0.43 just above the grade's threshold 0.42. One of the ~9 % over-calls the card states.
+    (("knee_j2k.dcm",), "osteoporosis"),
+    (("spine_cr.dcm",), "osteoporosis"),  # invented demographics: 68 y woman, 61 kg
+])
+def test_sample_study_labels(classifier, names, label):
+    result = study(classifier, *names)
+    assert result.study.assessed and result.study.label == label
+    # The image path is not assessed (knee: no discrimination; spine: untrained): all covariates.
+    assert result.study.situation == "age+sex+weight+height"
 
 
 def test_knee_without_demographics_gets_only_the_image_path(classifier):

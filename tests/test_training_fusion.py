@@ -20,7 +20,7 @@ from osteogate.training.fusion import (
     group_bootstrap_indices,
     row_metrics,
 )
-from osteogate.training.metrics import expected_calibration_error
+from osteogate.training.metrics import OperatingRule, expected_calibration_error
 from sklearn.metrics import precision_recall_fscore_support, roc_auc_score
 
 CLASS_INDEX = {"normal": 0, "osteopenia": 1, "osteoporosis": 2}
@@ -126,6 +126,11 @@ def test_row_metrics_operating_point():
     assert m["sensitivity_low_bmd"] == 1.0 and m["specificity_low_bmd"] == 0.5
     assert m["sensitivity_osteoporosis"] == 0.5 and m["specificity_osteoporosis"] == 1.0
     assert m["auc_low_bmd"] == 1.0
+    # 3-class figures of the reported label: 3 of 5 right; per class F1 0.67, 0.5, 0.67.
+    assert m["label_accuracy"] == pytest.approx(0.6)
+    assert m["label_f1_macro"] == pytest.approx((2 / 3 + 0.5 + 2 / 3) / 3)
+    assert m["label_precision_macro"] == pytest.approx((1 + 1 / 3 + 1) / 3)
+    assert m["label_recall_macro"] == pytest.approx((0.5 + 1 + 0.5) / 3)
 
 
 @pytest.mark.parametrize(("signal", "used"), [(0.0, False), (3.0, True)])
@@ -143,3 +148,38 @@ def test_image_is_shipped_only_where_it_adds_something(signal, used):
     assert len(fusion["situations"]) == 31  # 15 covariate sets, with and without the image, and the image alone
     for entry in fusion["situations"].values():
         FusionHead(entry)  # every shipped head loads in serving
+
+
+def test_card_states_each_operating_point_with_its_rule_and_figures():
+    data = synthetic(200)
+    rule = OperatingRule(0.9, "specificity", 0.8)
+    fusion, _, _ = build_fusion(data, ["knee"], rule, n_boot=100, log=lambda _m: None)
+    assert fusion["target_sensitivity"] == 0.9 and fusion["operating_rules"] == rule.describe()
+    entry = fusion["situations"]["age+sex+weight+height"]
+    points = entry["validation"]["operating_points"]
+    assert set(points) == {"low_bmd", "osteoporosis"}
+    for name in points:
+        assert points[name]["threshold"] == entry["thresholds"][name]  # the shipped head's own threshold
+        assert points[name]["rule"] == rule.describe()[name]["rule"]
+        for figure in ("sensitivity", "specificity"):
+            assert points[name][figure] == entry["validation"][f"{figure}_{name}"]
+            assert {"value", "ci_low", "ci_high"} <= set(points[name][figure])
+    assert points["osteoporosis"]["target"] == {"specificity": 0.8}
+    # Out of fold, the grade keeps (about) its stated specificity; the label figures sit beside argmax's.
+    assert entry["validation"]["specificity_osteoporosis"]["value"] >= 0.7
+    for key in ("label_accuracy", "label_precision_macro", "label_recall_macro", "label_f1_macro", "f1_macro"):
+        assert {"value", "ci_low", "ci_high"} <= set(entry["validation"][key])
+
+
+def test_outer_labels_use_only_training_fold_thresholds():
+    """The nested label rule is chosen on the outer training folds: scrambling one outer test fold's
+    labels leaves that fold's reported labels unchanged."""
+    data = synthetic(150)
+    rule = OperatingRule(0.9, "label_f1", 0.8)
+    before = cross_validate_head(data, ("age", "sex"), rule)
+    fold0 = np.nonzero(data.folds == 0)[0]
+    data.y[fold0] = np.random.default_rng(2).permutation(data.y[fold0])
+    data.t[fold0] = data.t[fold0] - 2.0
+    after = cross_validate_head(data, ("age", "sex"), rule)
+    rows = np.isin(before.rows, fold0)
+    np.testing.assert_array_equal(before.labels[rows], after.labels[rows])

@@ -38,7 +38,12 @@ def _train_flags(parser: argparse.ArgumentParser) -> None:
     add("--seed", type=int)
     add("--threads", type=int)
     add("--balance", choices=("loss", "sampler", "none"))
-    add("--target-sensitivity", type=float, dest="target_sensitivity")
+    add("--target-sensitivity", type=float, dest="target_sensitivity", help="low-BMD operating point (default 0.90)")
+    add("--osteoporosis-rule", choices=("label_f1", "specificity", "sensitivity"), dest="osteoporosis_rule",
+        help="osteoporosis grade threshold: label_f1 (default: best reported-label macro-F1 at specificity >= "
+             "--osteoporosis-specificity), specificity (that specificity as target), sensitivity (1.1.0 rule)")
+    add("--osteoporosis-specificity", type=float, dest="osteoporosis_specificity",
+        help="osteoporosis specificity floor/target (default 0.80)")
     add("--pretrained", action="store_true", default=None, help="timm hub weights (needs network access)")
     add("--init-from", dest="init_from", help="local backbone weights (.safetensors or .pth state dict)")
     add("--bootstrap", type=int, help="bootstrap resamples for CIs (default 1000)")

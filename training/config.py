@@ -38,7 +38,12 @@ class TrainConfig:
     amp: bool = True  # only on CUDA
     balance: str = "loss"  # "loss" (class-balanced weights) | "sampler" | "none"
     val_fraction: float = 0.2
-    target_sensitivity: float = 0.90
+    target_sensitivity: float = 0.90  # low-BMD operating point
+    # The osteoporosis grade's operating point (training/metrics.OperatingRule): "label_f1" maximises
+    # the reported label's macro-F1 with specificity >= osteoporosis_specificity; "specificity" takes
+    # that specificity as its target; "sensitivity" is the 1.1.0 rule (over-calls; comparison only).
+    osteoporosis_rule: str = "label_f1"
+    osteoporosis_specificity: float = 0.80
     folds: int = 5
     phash_distance: int = 4
     conflict_policy: str = "resolve"
@@ -65,6 +70,11 @@ class TrainConfig:
             pooling="mean",
         )
 
+    def operating_rule(self) -> Any:
+        from osteogate.training.metrics import OperatingRule
+
+        return OperatingRule(self.target_sensitivity, self.osteoporosis_rule, self.osteoporosis_specificity)
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -89,6 +99,7 @@ class TrainConfig:
         if self.pretrained and self.init_from:
             raise ValueError("--pretrained and --init-from are mutually exclusive")
         self.input_spec()  # InputSpec validates sizes
+        self.operating_rule()  # OperatingRule validates the rule and its targets
 
 
 def load_config(path: Path | None, overrides: dict[str, Any]) -> TrainConfig:

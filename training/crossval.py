@@ -14,6 +14,7 @@ from typing import Protocol
 
 import numpy as np
 from osteogate.training.metrics import (
+    OperatingRule,
     bootstrap,
     fit_temperature,
     fold_spread,
@@ -77,7 +78,7 @@ def cross_validate(
     n_folds: int = 5,
     seed: int = 0,
     val_fraction: float = 0.2,
-    target_sensitivity: float = 0.9,
+    operating: OperatingRule | float = 0.9,
     only_folds: int | None = None,
     log: Callable[[str], None] = print,
 ) -> CVResult:
@@ -97,7 +98,7 @@ def cross_validate(
         test_eval = pool.evaluable(test)
         val_logits = method.predict_logits(pool, val_eval)
         temperature = fit_temperature(val_logits, labels[val_eval])
-        thresholds.append(operating_thresholds(labels[val_eval], pooled_probs(val_logits, temperature), target_sensitivity))
+        thresholds.append(operating_thresholds(labels[val_eval], pooled_probs(val_logits, temperature), operating))
         logits = method.predict_logits(pool, test_eval)
         parts["idx"].append(test_eval)
         parts["logits"].append(logits)

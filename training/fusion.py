@@ -11,7 +11,8 @@ Protocol (everything chosen on training folds only):
 * inside each outer training fold, an inner grouped CV chooses the ridge penalty of the T-score
   regression (squared error) and the 3-class head (multinomial logistic at a few penalties, or
   the T-score read through the WHO cut-offs, "ordinal_t") by log-loss; its out-of-fold
-  predictions give the operating thresholds (stated sensitivity), the residual SD and the 80 %
+  predictions give the operating thresholds (training/metrics.OperatingRule: low BMD at a stated
+  sensitivity, the osteoporosis grade at a stated specificity), the residual SD and the 80 %
   prediction interval quantiles; the chosen head is refitted on the whole training fold and
   predicts the outer test fold once;
 * the shipped head of a situation is the same procedure run on all data, and its card entry
@@ -25,7 +26,7 @@ what serving computes.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import combinations
 from typing import Any
@@ -43,7 +44,7 @@ from osteogate.model.fusion import (
 )
 from osteogate.model.scoring import decide_label
 from osteogate.model.taxonomy import CLASSES, COVARIATES
-from osteogate.training.metrics import operating_thresholds
+from osteogate.training.metrics import OperatingRule, operating_thresholds
 from osteogate.training.splits import grouped_folds
 
 RIDGE_ALPHAS = (0.3, 3.0, 30.0)  # on standardised features, ~130 training images
@@ -220,9 +221,14 @@ def _predict(params: dict[str, Any], names: Sequence[str], x: np.ndarray) -> tup
 
 def fit_head(
     x: np.ndarray, y: np.ndarray, t: np.ndarray, groups: np.ndarray, names: Sequence[str], inputs: Sequence[str],
-    target_sensitivity: float, seed: int = 0, fixed: Candidate | None = None, fixed_alpha: float | None = None,
+    operating: OperatingRule | float, seed: int = 0, fixed: Candidate | None = None,
+    fixed_alpha: float | None = None,
 ) -> dict[str, Any]:
-    """Choose (inner grouped CV) and fit one head; returns its card entry (without validation)."""
+    """Choose (inner grouped CV) and fit one head; returns its card entry (without validation).
+
+    ``operating``: the rule of the operating thresholds (a bare number = the low-BMD target
+    sensitivity, osteoporosis by the default rule); they are chosen on the inner out-of-fold
+    predictions, never on the rows this head will be evaluated on."""
     w = group_weights(groups)
     n_inner = max(2, min(INNER_FOLDS, len(np.unique(groups))))
     inner = grouped_folds(_strata(y), groups, n_inner, seed)
@@ -268,7 +274,7 @@ def fit_head(
     params["regression"]["residual_quantiles"] = [round(q_low, 4), round(q_high, 4)]
     return {
         "inputs": list(inputs), "features": list(names), **params,
-        "thresholds": operating_thresholds(y, probs_oof, target_sensitivity),
+        "thresholds": operating_thresholds(y, probs_oof, operating),
         "selection": {"ridge_alpha": alpha, "classifier": candidate.kind, "C": candidate.c,
                       "inner_log_loss": None if math.isnan(loss) else round(loss, 4), "inner_folds": n_inner},
     }
@@ -291,17 +297,17 @@ class HeadCV:
     selections: list[dict[str, Any]]
 
 
-def cross_validate_head(data: FusionData, inputs: Sequence[str], target_sensitivity: float, seed: int = 0,
+def cross_validate_head(data: FusionData, inputs: Sequence[str], operating: OperatingRule | float, seed: int = 0,
                         names: Sequence[str] | None = None, fixed: Candidate | None = None,
                         fixed_alpha: float | None = None) -> HeadCV | None:
     from threadpoolctl import threadpool_limits
 
     # Thousands of tiny fits: multithreaded BLAS only adds overhead (6x slower on a shared 2-core box).
     with threadpool_limits(1):
-        return _cross_validate_head(data, inputs, target_sensitivity, seed, names, fixed, fixed_alpha)
+        return _cross_validate_head(data, inputs, OperatingRule.of(operating), seed, names, fixed, fixed_alpha)
 
 
-def _cross_validate_head(data: FusionData, inputs: Sequence[str], target_sensitivity: float, seed: int,
+def _cross_validate_head(data: FusionData, inputs: Sequence[str], operating: OperatingRule, seed: int,
                          names: Sequence[str] | None, fixed: Candidate | None, fixed_alpha: float | None
                          ) -> HeadCV | None:
     names = tuple(names) if names is not None else features_for(inputs)
@@ -318,7 +324,7 @@ def _cross_validate_head(data: FusionData, inputs: Sequence[str], target_sensiti
         train = rows[data.folds[rows] != fold]
         test = rows[data.folds[rows] == fold]
         entry = fit_head(x[train], data.y[train], data.t[train], data.groups[train], names, inputs,
-                         target_sensitivity, seed + int(fold), fixed, fixed_alpha)
+                         operating, seed + int(fold), fixed, fixed_alpha)
         head = FusionHead(entry)
         p, m = head.predict_raw(x[test])
         at = [position[r] for r in test]
@@ -411,7 +417,10 @@ def row_metrics(y: np.ndarray, t: np.ndarray, p: Predictions) -> dict[str, float
         out["specificity_low_bmd"] = _rate(~flagged_low, ~y_low)
         out["sensitivity_osteoporosis"] = _rate(flagged_op, y_op)
         out["specificity_osteoporosis"] = _rate(~flagged_op, ~y_op)
-        out["label_f1_macro"] = _macro_prf(y, p.labels)[2]
+        # The 3-class figures of the label the gateway reports (the thresholded one), beside those
+        # of the most probable class above.
+        out["label_accuracy"] = float((p.labels == y).mean())
+        out["label_precision_macro"], out["label_recall_macro"], out["label_f1_macro"] = _macro_prf(y, p.labels)
     return out
 
 
@@ -475,23 +484,41 @@ def covariate_ranges(data: FusionData) -> dict[str, list[float]]:
     return ranges
 
 
+def operating_points(operating: OperatingRule, figures: Mapping[str, Any],
+                     thresholds: Mapping[str, float] | None = None) -> dict[str, Any]:
+    """Each operating point's rule with its cross-validated sensitivity and specificity (95 % CIs):
+    what the SR and the result card state beside a label. ``thresholds``: the shipped head's."""
+    out: dict[str, Any] = {}
+    for name, rule in operating.describe().items():
+        point: dict[str, Any] = dict(rule)
+        if thresholds is not None and name in thresholds:
+            point["threshold"] = thresholds[name]
+        for figure in ("sensitivity", "specificity"):
+            if f"{figure}_{name}" in figures:
+                point[figure] = figures[f"{figure}_{name}"]
+        out[name] = point
+    return out
+
+
 def validation_figures(data: FusionData, cv: HeadCV, draws_for: Callable[[np.ndarray], list[np.ndarray]],
-                       target_sensitivity: float) -> dict[str, Any]:
+                       operating: OperatingRule) -> dict[str, Any]:
     rows = cv.rows
     p = Predictions(probs=cv.probs, labels=cv.labels, mu=cv.mu, low=cv.low, high=cv.high)
     figures: dict[str, Any] = with_ci(data.y[rows], data.t[rows], p, draws_for(rows))
+    figures["operating_points"] = operating_points(operating, figures)
     figures["n_images"] = len(rows)
-    figures["target_sensitivity"] = target_sensitivity
+    figures["target_sensitivity"] = operating.target_sensitivity
     figures["evaluated_on"] = "grouped 5-fold CV, nested selection, out-of-fold"
     figures["selections"] = cv.selections
     return figures
 
 
 def build_fusion(
-    data: FusionData, image_regions: Sequence[str], target_sensitivity: float, seed: int = 0, n_boot: int = 1000,
-    log: Callable[[str], None] = print,
+    data: FusionData, image_regions: Sequence[str], operating: OperatingRule | float, seed: int = 0,
+    n_boot: int = 1000, log: Callable[[str], None] = print,
 ) -> tuple[dict[str, Any], dict[str, HeadCV], dict[str, Any]]:
     """(card.fusion, out-of-fold results by situation key, image decisions) for every situation."""
+    operating = OperatingRule.of(operating)
     all_draws = group_bootstrap_indices(data.groups, n_boot, seed)
     position_cache: dict[bytes, list[np.ndarray]] = {}
 
@@ -512,11 +539,11 @@ def build_fusion(
             key = situation_key(inputs)
             if key in cvs or key == "none":
                 continue
-            result = cross_validate_head(data, inputs, target_sensitivity, seed)
+            result = cross_validate_head(data, inputs, operating, seed)
             if result is None:
                 continue
             cvs[key] = result
-            figures[key] = validation_figures(data, result, draws_for, target_sensitivity)
+            figures[key] = validation_figures(data, result, draws_for, operating)
     # Does the image add anything? Per covariate set: paired bootstrap of the low-BMD AUC.
     decisions: dict[str, Any] = {}
     for covs in covariate_situations():
@@ -546,9 +573,10 @@ def build_fusion(
         if use_key not in final:
             rows = use.rows
             final[use_key] = fit_head(data.matrix(features_for(use.inputs))[rows], data.y[rows], data.t[rows],
-                                      data.groups[rows], features_for(use.inputs), use.inputs, target_sensitivity, seed)
+                                      data.groups[rows], features_for(use.inputs), use.inputs, operating, seed)
         entry = dict(final[use_key])
-        entry["validation"] = figures[use_key]
+        entry["validation"] = dict(figures[use_key])
+        entry["validation"]["operating_points"] = operating_points(operating, figures[use_key], entry["thresholds"])
         if note:
             entry["note"] = note
         situations[key] = entry
@@ -561,7 +589,8 @@ def build_fusion(
                    "network's calibrated low-BMD / osteoporosis logits; chosen and thresholded by inner grouped CV"),
         "image_regions": list(image_regions) if has_image else [],
         "covariate_ranges": covariate_ranges(data),
-        "target_sensitivity": target_sensitivity,
+        "target_sensitivity": operating.target_sensitivity,
+        "operating_rules": operating.describe(),
         "pi_quantiles": list(PI_QUANTILES),
         "image_decisions": decisions,
         "situations": situations,

@@ -9,6 +9,11 @@ of the fused minus the covariates-only low-BMD AUC says whether the image adds a
 Refit the fusion only, from saved out-of-fold image predictions (minutes instead of a full run):
 
     python -m osteogate.training.fusion_report DATA --image-cv CV.npz --out DIR [--checkpoint IN.safetensors]
+
+Operating thresholds (training/metrics.OperatingRule): low BMD at ``--target-sensitivity``; the
+osteoporosis grade by ``--osteoporosis-rule`` (``label_f1``: maximise the reported label's macro-F1
+with specificity >= ``--osteoporosis-specificity``; ``specificity``: that specificity as the target;
+``sensitivity``: the 1.1.0 rule, for comparison).
 """
 
 from __future__ import annotations
@@ -34,12 +39,14 @@ from osteogate.training.fusion import (
     paired_delta,
     with_ci,
 )
+from osteogate.training.metrics import OperatingRule
 from osteogate.training.pool import Pool
 
 ALL_COVARIATES = ("age", "sex", "weight", "height")
 TABLE_COLUMNS = (("accuracy", "Acc"), ("precision_macro", "Prec (macro)"), ("recall_macro", "Rec (macro)"),
                  ("f1_macro", "F1 (macro)"), ("auc_low_bmd", "AUC low BMD"), ("auc_osteoporosis", "AUC osteoporosis"),
-                 ("ece", "ECE"), ("t_score_mae", "T-score MAE"), ("t_score_pearson_r", "Pearson r"))
+                 ("label_f1_macro", "F1 (macro), reported label"), ("ece", "ECE"), ("t_score_mae", "T-score MAE"),
+                 ("t_score_pearson_r", "Pearson r"))
 # OST (Koh et al. 2001): 0.2 x (weight kg - age years); risk high < -4, moderate -4..-1, low > -1.
 OST_CUTS = (-4.0, -1.0)
 FIXED_LOGISTIC = Candidate("multinomial", 1.0)
@@ -73,7 +80,7 @@ def _head_predictions(cv: Any) -> Predictions:
     return Predictions(probs=cv.probs, labels=cv.labels, mu=cv.mu, low=cv.low, high=cv.high)
 
 
-def comparison(data: FusionData, target_sensitivity: float, seed: int, n_boot: int, fusion_cvs: dict[str, Any],
+def comparison(data: FusionData, operating: OperatingRule, seed: int, n_boot: int, fusion_cvs: dict[str, Any],
                log: Callable[[str], None] = print) -> dict[str, Any]:
     """The table rows (metrics with CIs) and the paired image-contribution test."""
     draws = group_bootstrap_indices(data.groups, n_boot, seed)
@@ -90,10 +97,10 @@ def comparison(data: FusionData, target_sensitivity: float, seed: int, n_boot: i
     def full_rows(cv: Any) -> Predictions | None:
         return None if cv is None or not np.array_equal(cv.rows, everything) else _head_predictions(cv)
 
-    age = cross_validate_head(data, ("age",), target_sensitivity, seed, names=("age",), fixed=FIXED_LOGISTIC,
+    age = cross_validate_head(data, ("age",), operating, seed, names=("age",), fixed=FIXED_LOGISTIC,
                               fixed_alpha=1e-6)
     add("age alone (logistic; linear T-score)", full_rows(age))
-    asb = cross_validate_head(data, ("age", "sex", "weight", "height"), target_sensitivity, seed,
+    asb = cross_validate_head(data, ("age", "sex", "weight", "height"), operating, seed,
                               names=("age", "female", "bmi"), fixed=FIXED_LOGISTIC, fixed_alpha=1e-6)
     add("age + sex + BMI (logistic; linear T-score)", full_rows(asb))
     add("OST index as published, 0.2 x (weight - age)", ost_predictions(data),
@@ -138,7 +145,7 @@ def markdown_table(table: dict[str, Any]) -> str:
 
 
 def plot_figures(out_dir: Path, data: FusionData, table: dict[str, Any]) -> list[Path]:
-    from osteogate.training.reports import plot_reliability, plot_roc, plot_t_scores
+    from osteogate.training.reports import plot_label_confusion, plot_reliability, plot_roc, plot_t_scores
 
     predictions: dict[str, Predictions] = table["predictions"]
     curves = {name[:44]: (data.y, p.probs) for name, p in predictions.items() if p.probs is not None}
@@ -146,7 +153,21 @@ def plot_figures(out_dir: Path, data: FusionData, table: dict[str, Any]) -> list
         if p.probs is None and p.low_bmd_score is not None:  # OST: a rank-equivalent stand-in for probabilities
             s = 1.0 / (1.0 + np.exp(-p.low_bmd_score))
             curves[name[:44]] = (data.y, np.stack([1 - s, np.zeros_like(s), s], axis=1))
-    paths = [plot_roc(out_dir / "fusion_roc.png", curves, "grouped 5-fold CV, out-of-fold")]
+    labelled = {name: p for name, p in predictions.items() if p.probs is not None and p.labels is not None}
+    shown = next((name for name in labelled if name.startswith("covariates only")), None)
+    points = {}
+    if shown is not None:
+        flags = labelled[shown].labels
+        y_low, y_op = data.y >= 1, data.y == 2
+        points["covariates-only head"] = ((float((flags >= 1)[y_low].mean()), float((flags < 1)[~y_low].mean())),
+                              (float((flags == 2)[y_op].mean()), float((flags != 2)[~y_op].mean())))
+    paths = [plot_roc(out_dir / "fusion_roc.png", curves, "grouped 5-fold CV, out-of-fold", points)]
+    if shown is not None:
+        paths.append(plot_label_confusion(
+            out_dir / "fusion_labels.png", data.y,
+            {"most probable class": labelled[shown].probs.argmax(axis=1),
+             "reported label (operating thresholds)": labelled[shown].labels},
+            f"{shown}: grouped 5-fold CV, out-of-fold"))
     calibrated = {name[:44]: p.probs for name, p in predictions.items()
                   if p.probs is not None and not name.startswith("age")}
     paths.append(plot_reliability(out_dir / "fusion_reliability.png", data.y, calibrated))
@@ -158,7 +179,7 @@ def plot_figures(out_dir: Path, data: FusionData, table: dict[str, Any]) -> list
 
 def fusion_stage(
     pool: Pool, indices: np.ndarray, y: np.ndarray, probs: np.ndarray | None, folds: np.ndarray,
-    target_sensitivity: float, seed: int, n_boot: int, report_dir: Path | None,
+    operating: OperatingRule | float, seed: int, n_boot: int, report_dir: Path | None,
     log: Callable[[str], None] = print,
 ) -> tuple[dict[str, Any], dict[str, Any]] | None:
     """(card.fusion, report) or None when the data has too few images with covariates and T-scores."""
@@ -172,8 +193,9 @@ def fusion_stage(
     regions = sorted({pool.samples[i].region for i in indices})
     # Thousands of tiny fits: multithreaded BLAS only adds overhead (6x slower on a shared 2-core box).
     with threadpool_limits(1):
-        fusion, cvs, decisions = build_fusion(data, regions, target_sensitivity, seed, n_boot, log)
-        table = comparison(data, target_sensitivity, seed, n_boot, cvs, log)
+        operating = OperatingRule.of(operating)
+        fusion, cvs, decisions = build_fusion(data, regions, operating, seed, n_boot, log)
+        table = comparison(data, operating, seed, n_boot, cvs, log)
     report: dict[str, Any] = {"table": [{k: v for k, v in row.items()} for row in table["rows"]],
                               "paired_deltas": table["paired_deltas"], "n_images": table["n_images"],
                               "n_groups": table["n_groups"], "markdown": markdown_table(table)}
@@ -182,30 +204,81 @@ def fusion_stage(
     return fusion, report
 
 
+def _fmt(validation: dict[str, Any], name: str) -> str:
+    m = validation.get(name)
+    return "n/a" if not m else f"{m['value']:.2f} [{m['ci_low']:.2f}, {m['ci_high']:.2f}]"
+
+
+def _pair(validation: dict[str, Any], a: str, b: str) -> str:
+    first, second = validation.get(a), validation.get(b)
+    return "n/a" if not first or not second else f"{first['value']:.2f} / {second['value']:.2f}"
+
+
 def situation_summary(fusion: dict[str, Any], keys: Sequence[str]) -> str:
     """Markdown: the shipped head per input situation with its figures (for REPORT.md and the card)."""
-    lines = ["| inputs available | head uses | low-BMD AUC | osteoporosis AUC | T-score MAE | PI80 coverage | "
-             f"sens / spec low BMD at sens target {fusion.get('target_sensitivity')} | reported? |",
-             "|---|---|---|---|---|---|---|---|"]
     from osteogate.model.gate import situation_reason
 
+    rules = fusion.get("operating_rules") or {}
+    low_rule = (rules.get("low_bmd") or {}).get("target") or {"sensitivity": fusion.get("target_sensitivity")}
+    op_rule = (rules.get("osteoporosis") or {}).get("target") or {}
+    lines = ["| inputs available | head uses | low-BMD AUC | osteoporosis AUC | T-score MAE | PI80 coverage | "
+             f"low BMD sens / spec ({', '.join(f'{k} {v}' for k, v in low_rule.items())}) | "
+             f"osteoporosis sens / spec ({', '.join(f'{k} {v}' for k, v in op_rule.items())}) | "
+             "macro-F1 most probable / reported label | reported? |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for key in keys:
         entry = fusion["situations"].get(key)
         if entry is None:
             continue
         v = entry["validation"]
-
-        def fmt(name: str, v: dict[str, Any] = v) -> str:
-            m = v.get(name)
-            return "n/a" if not m else f"{m['value']:.2f} [{m['ci_low']:.2f}, {m['ci_high']:.2f}]"
-
         reason = situation_reason(entry, key.split("+"))
-        sens, spec = v.get("sensitivity_low_bmd"), v.get("specificity_low_bmd")
-        operating = "n/a" if not sens else f"{sens['value']:.2f} / {spec['value']:.2f}"
-        lines.append(f"| {key} | {'+'.join(entry['inputs'])} | {fmt('auc_low_bmd')} | {fmt('auc_osteoporosis')} | "
-                     f"{fmt('t_score_mae')} | {fmt('pi80_coverage')} | {operating} | "
+        lines.append(f"| {key} | {'+'.join(entry['inputs'])} | {_fmt(v, 'auc_low_bmd')} | {_fmt(v, 'auc_osteoporosis')} | "
+                     f"{_fmt(v, 't_score_mae')} | {_fmt(v, 'pi80_coverage')} | "
+                     f"{_pair(v, 'sensitivity_low_bmd', 'specificity_low_bmd')} | "
+                     f"{_pair(v, 'sensitivity_osteoporosis', 'specificity_osteoporosis')} | "
+                     f"{_pair(v, 'f1_macro', 'label_f1_macro')} | "
                      f"{'yes' if reason is None else 'no: ' + reason.split(':')[0]} |")
     return "\n".join(lines)
+
+
+def label_summary(fusion: dict[str, Any], keys: Sequence[str]) -> str:
+    """Markdown: 3-class figures of the most probable class beside those of the reported label
+    (model/scoring.decide_label at the situation's operating thresholds), per input situation."""
+    lines = ["| inputs available | label | Acc | Prec (macro) | Rec (macro) | F1 (macro) |", "|---|---|---|---|---|---|"]
+    for key in keys:
+        entry = fusion["situations"].get(key)
+        if entry is None:
+            continue
+        v = entry["validation"]
+        for label, prefix in (("most probable class", ""), ("reported (thresholded)", "label_")):
+            names = ("label_accuracy" if prefix else "accuracy", f"{prefix}precision_macro", f"{prefix}recall_macro",
+                     f"{prefix}f1_macro")
+            lines.append(f"| {key} | {label} | " + " | ".join(_fmt(v, n) for n in names) + " |")
+    return "\n".join(lines)
+
+
+def operating_summary(fusion: dict[str, Any], keys: Sequence[str]) -> str:
+    """Markdown: each situation's operating points (rule, shipped threshold, CV sensitivity and
+    specificity with 95 % CIs), as the card states them for the SR and the result card."""
+    lines = ["| inputs available | operating point | rule target | threshold | sensitivity | specificity |",
+             "|---|---|---|---|---|---|"]
+    for key in keys:
+        entry = fusion["situations"].get(key)
+        if entry is None:
+            continue
+        for name, point in (entry["validation"].get("operating_points") or {}).items():
+            target = ", ".join(f"{k} {v}" for k, v in (point.get("target") or {}).items())
+            threshold = point.get("threshold")
+            lines.append(f"| {key} | {name.replace('_', '-')} | {target} | "
+                         f"{'n/a' if threshold is None else f'{threshold:.3f}'} | {_fmt(point, 'sensitivity')} | "
+                         f"{_fmt(point, 'specificity')} |")
+    return "\n".join(lines)
+
+
+def summaries(fusion: dict[str, Any]) -> str:
+    """Every per-situation table (fusion_table.md)."""
+    keys = sorted(fusion["situations"], key=lambda k: (len(k.split("+")), k))
+    return "\n\n".join((situation_summary(fusion, keys), label_summary(fusion, keys), operating_summary(fusion, keys)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -215,7 +288,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--checkpoint", type=Path, help="write a copy of this checkpoint with the new fusion")
     parser.add_argument("--working-size", type=int, default=1024)
-    parser.add_argument("--target-sensitivity", type=float, default=0.9)
+    parser.add_argument("--target-sensitivity", type=float, default=0.9, help="low-BMD operating point")
+    parser.add_argument("--osteoporosis-rule", choices=("label_f1", "specificity", "sensitivity"), default="label_f1",
+                        help="how the osteoporosis grade's threshold is chosen (see the module docstring)")
+    parser.add_argument("--osteoporosis-specificity", type=float, default=0.80,
+                        help="osteoporosis specificity: the floor (label_f1) or the target (specificity)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bootstrap", type=int, default=1000)
     parser.add_argument("--cache-dir", type=Path)
@@ -232,15 +309,15 @@ def main(argv: list[str] | None = None) -> int:
     logits = saved["logits"] if saved["logits"].ndim == 3 else saved["logits"][:, None]
     probs = softmax(logits / saved["temperatures"][:, None, None], axis=-1).mean(axis=1)
     args.out.mkdir(parents=True, exist_ok=True)
-    result = fusion_stage(pool, saved["indices"], saved["y_true"], probs, saved["folds"], args.target_sensitivity,
+    operating = OperatingRule(args.target_sensitivity, args.osteoporosis_rule, args.osteoporosis_specificity)
+    result = fusion_stage(pool, saved["indices"], saved["y_true"], probs, saved["folds"], operating,
                           args.seed, args.bootstrap, args.out)
     if result is None:
         return 1
     fusion, report = result
     write_json(args.out / "fusion.json", fusion)
     write_json(args.out / "fusion_table.json", report)
-    (args.out / "fusion_table.md").write_text(report["markdown"] + "\n\n" + situation_summary(
-        fusion, sorted(fusion["situations"], key=lambda k: (len(k.split("+")), k))) + "\n")
+    (args.out / "fusion_table.md").write_text(report["markdown"] + "\n\n" + summaries(fusion) + "\n")
     print(report["markdown"])
     seconds = round(time.perf_counter() - started, 1)
     print(f"fusion stage: {seconds:.0f} s")
@@ -258,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         out = args.out / args.checkpoint.name
         card = card.with_updates(
             version=args.version or card.version, fusion=fusion, metrics=metrics, training=training,
-            intended_use=INTENDED_USE, limitations=fusion_statement(fusion) + signal_warning(metrics) + LIMITATIONS)
+            intended_use=INTENDED_USE, limitations=fusion_statement(fusion) + signal_warning(metrics, fusion) + LIMITATIONS)
         sha = save_checkpoint(out, state, card)
         out.with_name(out.name.replace(".safetensors", "") + ".card.json").write_text(card.to_json(indent=2) + "\n")
         print(f"wrote {out} (sha256 {sha[:12]}) and its card JSON")

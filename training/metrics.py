@@ -7,6 +7,8 @@ standard top-label binned ECE (Guo et al. 2017) and is written out below.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from osteogate.model.taxonomy import CLASSES
@@ -157,13 +159,119 @@ def confusion(y_true: np.ndarray, probs: np.ndarray) -> np.ndarray:
     return confusion_matrix(y_true, probs.argmax(axis=1), labels=list(range(len(CLASSES))))
 
 
-def operating_thresholds(y_true: np.ndarray, probs: np.ndarray, target_sensitivity: float) -> dict[str, float]:
-    """Thresholds on validation data for the stated target sensitivity (stored in the card)."""
+@dataclass(frozen=True)
+class OperatingRule:
+    """How a head's two operating thresholds are chosen on validation predictions.
+
+    * low BMD (the screening prompt, "refer to DXA"): the highest threshold on
+      P(osteopenia) + P(osteoporosis) whose sensitivity reaches ``target_sensitivity``;
+    * osteoporosis (a severity grade *within* the low-BMD flag, model/scoring.decide_label):
+      ``"specificity"``: the lowest threshold on P(osteoporosis) whose specificity (among patients
+      without osteoporosis) reaches ``osteoporosis_specificity``, i.e. the best sensitivity that
+      keeps over-calling at or below 1 - specificity; ``"label_f1"``: the threshold that maximises
+      the macro-F1 of the reported 3-class label, among those whose specificity still reaches
+      ``osteoporosis_specificity`` (a floor, not a target); ``"sensitivity"``: the 1.1.0 rule
+      (sensitivity >= ``target_sensitivity``, which over-calls: kept for comparison only).
+    """
+
+    target_sensitivity: float = 0.90
+    osteoporosis: str = "label_f1"  # the shipped rule (model/shipped/REPORT.md says why)
+    osteoporosis_specificity: float = 0.80
+
+    def __post_init__(self) -> None:
+        if self.osteoporosis not in OSTEOPOROSIS_RULES:
+            raise ValueError(f"osteoporosis rule {self.osteoporosis!r} is not one of {OSTEOPOROSIS_RULES}")
+        for name in ("target_sensitivity", "osteoporosis_specificity"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in (0, 1]")
+
+    @classmethod
+    def of(cls, value: OperatingRule | float) -> OperatingRule:
+        """A rule from a rule or a bare target sensitivity (then the default osteoporosis rule)."""
+        return value if isinstance(value, OperatingRule) else cls(target_sensitivity=float(value))
+
+    def describe(self) -> dict[str, dict[str, Any]]:
+        """The card's statement of both rules (the SR and result card quote ``rule``)."""
+        low = {"rule": f"sensitivity >= {self.target_sensitivity:g} for low BMD on validation predictions: low BMD "
+                       "when P(osteopenia) + P(osteoporosis) >= thresholds.low_bmd",
+               "target": {"sensitivity": self.target_sensitivity}}
+        grade = "osteoporosis when low BMD is flagged and P(osteoporosis) >= thresholds.osteoporosis"
+        if self.osteoporosis == "specificity":
+            op = {"rule": f"specificity >= {self.osteoporosis_specificity:g} for osteoporosis on validation "
+                          f"predictions (best sensitivity at that specificity): {grade}",
+                  "target": {"specificity": self.osteoporosis_specificity}}
+        elif self.osteoporosis == "label_f1":
+            op = {"rule": "the threshold maximising the macro-F1 of the reported 3-class label on validation "
+                          f"predictions, with osteoporosis specificity >= {self.osteoporosis_specificity:g}: {grade}",
+                  "target": {"max": "label_f1_macro", "min_specificity": self.osteoporosis_specificity}}
+        else:
+            op = {"rule": f"sensitivity >= {self.target_sensitivity:g} for osteoporosis on validation predictions: "
+                          f"{grade}",
+                  "target": {"sensitivity": self.target_sensitivity}}
+        return {"low_bmd": low, "osteoporosis": op}
+
+
+OSTEOPOROSIS_RULES = ("specificity", "label_f1", "sensitivity")
+
+
+def threshold_for_specificity(y_binary: np.ndarray, score: np.ndarray, specificity: float) -> float:
+    """Lowest score threshold (predict positive when score >= t) whose specificity reaches the target.
+
+    Lowest, because among thresholds meeting the specificity target it gives the best sensitivity.
+    Returns a value above every score (nobody flagged) when only that meets the target."""
+    score = np.asarray(score, dtype=np.float64)
+    negatives = np.sort(score[~np.asarray(y_binary, dtype=bool)])
+    candidates = np.unique(score)  # ascending: the first that meets the target is the lowest
+    for t in candidates:
+        flagged = len(negatives) - np.searchsorted(negatives, t, side="left")  # negatives with score >= t
+        if len(negatives) == 0 or 1.0 - flagged / len(negatives) >= specificity - 1e-12:
+            return float(t)
+    return float(candidates[-1]) + 1e-6 if len(candidates) else 1.0  # survives rounding to 6 decimals
+
+
+def label_macro_f1(y_true: np.ndarray, labels: np.ndarray) -> float:
+    """Macro-F1 over the 3 classes (scikit-learn's, zero_division=0), in numpy: it runs for every
+    candidate threshold of every fitted head."""
+    k = len(CLASSES)
+    matrix = np.bincount(np.asarray(y_true) * k + np.asarray(labels), minlength=k * k).reshape(k, k)
+    tp = np.diag(matrix).astype(float)
+    denominator = matrix.sum(axis=0) + matrix.sum(axis=1)  # predicted + actual = 2 TP + FP + FN
+    return float(np.divide(2 * tp, denominator, out=np.zeros(k), where=denominator > 0).mean())
+
+
+def osteoporosis_threshold(y_true: np.ndarray, probs: np.ndarray, low_bmd: float, rule: OperatingRule) -> float:
+    """The osteoporosis threshold of ``rule``, given the low-BMD threshold (the grade applies within
+    the low-BMD flag, exactly as model/scoring.decide_label reports it)."""
+    y_op = np.asarray(y_true) == 2
+    flagged = low_bmd_score(probs) >= low_bmd
+    # Outside the low-BMD flag nobody is graded osteoporosis, whatever P(osteoporosis) says.
+    graded = np.where(flagged, probs[:, 2], -1.0)
+    if rule.osteoporosis == "sensitivity":
+        return max(0.0, threshold_for_sensitivity(y_op.astype(int), graded, rule.target_sensitivity))
+    floor = max(0.0, threshold_for_specificity(y_op, graded, rule.osteoporosis_specificity))
+    if rule.osteoporosis == "specificity":
+        return floor
+    candidates = np.unique(np.r_[probs[:, 2][flagged & (probs[:, 2] >= floor)], 1.0 + 1e-6])
+    base = np.where(flagged, 1, 0)
+    best_t, best_f1 = float(candidates[-1]), -1.0
+    for t in candidates:  # ascending: ties keep the lowest threshold (more sensitive at equal F1)
+        f1 = label_macro_f1(np.asarray(y_true), np.where(flagged & (probs[:, 2] >= t), 2, base))
+        if f1 > best_f1 + 1e-12:
+            best_t, best_f1 = float(t), f1
+    return best_t
+
+
+def operating_thresholds(y_true: np.ndarray, probs: np.ndarray, rule: OperatingRule | float) -> dict[str, float]:
+    """Thresholds on validation data by the stated rule (stored in the card).
+
+    ``rule`` may be a bare target sensitivity (the low-BMD target; osteoporosis by the default
+    specificity rule)."""
+    rule = OperatingRule.of(rule)
     out: dict[str, float] = {}
     y_low = (y_true >= 1).astype(int)
     if 0 < y_low.sum() < len(y_low):
-        out["low_bmd"] = round(threshold_for_sensitivity(y_low, low_bmd_score(probs), target_sensitivity), 6)
+        out["low_bmd"] = round(threshold_for_sensitivity(y_low, low_bmd_score(probs), rule.target_sensitivity), 6)
     y_op = (y_true == 2).astype(int)
-    if 0 < y_op.sum() < len(y_op):
-        out["osteoporosis"] = round(threshold_for_sensitivity(y_op, probs[:, 2], target_sensitivity), 6)
+    if "low_bmd" in out and 0 < y_op.sum() < len(y_op):
+        out["osteoporosis"] = round(osteoporosis_threshold(y_true, probs, out["low_bmd"], rule), 6)
     return out

@@ -37,20 +37,22 @@ LIMITATIONS = (
 )
 
 
-def signal_warning(metrics: dict[str, Any]) -> str:
-    """A loud first sentence for the card when cross-validation shows no discrimination.
+def signal_warning(metrics: dict[str, Any], fusion: dict[str, Any] | None = None) -> str:
+    """A loud first sentence for the card when the image network's cross-validation shows no discrimination.
 
     Readers of a card (and of the SR that cites it) must not mistake a chance-level model for a
-    screening tool; the rule is mechanical so nobody has to remember to write it.
+    screening tool; the rule is mechanical so nobody has to remember to write it. With fusion heads
+    the warning is about the image network alone (the covariate heads have their own figures).
     """
     auc = metrics.get("cross_validation", {}).get("pooled_out_of_fold", {}).get("auc_low_bmd")
     if not auc or auc["ci_low"] > 0.5:
         return ""
-    return (
-        f"NO DEMONSTRATED DISCRIMINATION: cross-validated low-BMD ROC-AUC {auc['value']:.2f} "
-        f"(95 % CI {auc['ci_low']:.2f}-{auc['ci_high']:.2f}, includes 0.5 = chance); outputs carry no reliable "
-        "information about bone density. "
-    )
+    figures = (f"cross-validated low-BMD ROC-AUC {auc['value']:.2f} "
+               f"(95 % CI {auc['ci_low']:.2f}-{auc['ci_high']:.2f}, includes 0.5 = chance)")
+    if fusion and fusion.get("situations"):
+        return (f"IMAGE NETWORK: NO DEMONSTRATED DISCRIMINATION: {figures}; the image network's own outputs carry no "
+                "reliable information about bone density and are never reported alone. ")
+    return f"NO DEMONSTRATED DISCRIMINATION: {figures}; outputs carry no reliable information about bone density. "
 
 
 def fusion_statement(fusion: dict[str, Any]) -> str:
@@ -59,12 +61,27 @@ def fusion_statement(fusion: dict[str, Any]) -> str:
         return ""
     decisions = fusion.get("image_decisions") or {}
     full = decisions.get("image+age+sex+weight+height")
+    statement = ""
     if full is not None and not full["image_used"]:
         d = full["delta_auc_low_bmd"]
-        return (f"COVARIATES FIRST: the reported estimates rest on the patient's age, sex, weight and height from the "
-                f"header; the image added nothing measurable in grouped validation (low-BMD AUC with minus without "
-                f"the image {d['value']:+.3f}, 95 % CI {d['ci_low']:+.3f} to {d['ci_high']:+.3f}). ")
-    return ""
+        statement = (f"COVARIATES FIRST: the reported estimates rest on the patient's age, sex, weight and height from "
+                     f"the header; the image added nothing measurable in grouped validation (low-BMD AUC with minus "
+                     f"without the image {d['value']:+.3f}, 95 % CI {d['ci_low']:+.3f} to {d['ci_high']:+.3f}). ")
+    return statement + labels_statement(fusion)
+
+
+def labels_statement(fusion: dict[str, Any]) -> str:
+    """What a label means at the operating points of the all-covariates situation (card limitations)."""
+    situations = fusion.get("situations") or {}
+    entry = situations.get("image+age+sex+weight+height") or situations.get("age+sex+weight+height")
+    points = ((entry or {}).get("validation") or {}).get("operating_points") or {}
+    low, grade = points.get("low_bmd") or {}, points.get("osteoporosis") or {}
+    if not all(isinstance(p.get(k), dict) for p in (low, grade) for k in ("sensitivity", "specificity")):
+        return ""
+    return (f"LABELS (all covariates, grouped CV): low BMD (osteopenia or osteoporosis) is flagged at sensitivity "
+            f"{low['sensitivity']['value']:.2f} / specificity {low['specificity']['value']:.2f}, a prompt for DXA; "
+            f"'osteoporosis' is a severity grade within that flag at sensitivity {grade['sensitivity']['value']:.2f} / "
+            f"specificity {grade['specificity']['value']:.2f}. ")
 
 
 def base_card(config: TrainConfig, name: str = "osteogate-knee") -> ModelCard:
@@ -86,7 +103,7 @@ def run_training(
     from osteogate.model.checkpoint import save_checkpoint
     from osteogate.training.crossval import cross_validate
     from osteogate.training.engine import NetworkMethod, device_for, predict_logits, train_network
-    from osteogate.training.fusion_report import fusion_stage, situation_summary
+    from osteogate.training.fusion_report import fusion_stage, summaries
     from osteogate.training.metrics import fit_temperature, operating_thresholds, pooled_probs
     from osteogate.training.networks import create_network
     from osteogate.training.pool import build_pool
@@ -113,7 +130,7 @@ def run_training(
     histories: list[dict[str, list[float]]] = []
     if config.folds >= 2:
         cv = cross_validate(pool, lambda: NetworkMethod(config, card, log), config.architecture, config.folds,
-                            config.seed, config.val_fraction, config.target_sensitivity, log=log)
+                            config.seed, config.val_fraction, config.operating_rule(), log=log)
         metrics = {"cross_validation": cv.summary(n_boot=config.bootstrap), "evaluated_on": "out-of-fold predictions, 3-class-labelled images"}
         plots += [
             plot_confusion(report_dir / "cv_confusion.png", cv.y_true, cv.probs, f"{config.folds}-fold CV (calibrated)"),
@@ -122,14 +139,14 @@ def run_training(
         ]
         histories = list(cv.history)
         if config.fusion:
-            fused = fusion_stage(pool, cv.indices, cv.y_true, cv.probs, cv.folds, config.target_sensitivity,
+            fused = fusion_stage(pool, cv.indices, cv.y_true, cv.probs, cv.folds, config.operating_rule(),
                                  config.seed, config.bootstrap, report_dir, log)
             if fused is not None:
                 fusion, fusion_report = fused
                 metrics["fusion_comparison"] = {key: fusion_report[key] for key in
                                                 ("table", "paired_deltas", "n_images", "n_groups")}
-                (report_dir / "fusion_table.md").write_text(fusion_report["markdown"] + "\n\n" + situation_summary(
-                    fusion, sorted(fusion["situations"], key=lambda k: (len(k.split("+")), k))) + "\n")
+                (report_dir / "fusion_table.md").write_text(fusion_report["markdown"] + "\n\n" + summaries(fusion)
+                                                            + "\n")
                 plots += [Path(p) for p in fusion_report.get("plots", [])]
         if save_predictions:
             np.savez(save_predictions, indices=cv.indices, y_true=cv.y_true, logits=cv.logits,
@@ -150,7 +167,7 @@ def run_training(
     val_logits = predict_logits(result.net, [pool.images[i] for i in val_eval], [pool.samples[i].region for i in val_eval],
                                 card.input, device_for(config))
     temperature = fit_temperature(val_logits, y_val) if len(val_eval) else 1.0
-    thresholds = operating_thresholds(y_val, pooled_probs(val_logits, temperature), config.target_sensitivity)
+    thresholds = operating_thresholds(y_val, pooled_probs(val_logits, temperature), config.operating_rule())
     training_info = {
         "data": pool.summary(),
         "config": config.to_dict(),
@@ -163,9 +180,8 @@ def run_training(
                    f"{'CUDA ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'CPU only'}",
         "history": result.history,
         "thresholds_rule": (
-            f"chosen on the final model's validation split for sensitivity >= {config.target_sensitivity}: "
-            "flag low BMD when P(osteopenia)+P(osteoporosis) >= thresholds.low_bmd, osteoporosis when "
-            "P(osteoporosis) >= thresholds.osteoporosis (temperature-scaled, patch-pooled probabilities)"
+            "chosen on the final model's validation split (temperature-scaled, patch-pooled probabilities): "
+            + "; ".join(rule["rule"] for rule in config.operating_rule().describe().values())
         ),
         "labels_rule": "binary-source 'osteoporosis' trains as the set {osteopenia, osteoporosis}; "
                        "duplicate groups resolved to 3-class labels, else dropped",
@@ -173,7 +189,7 @@ def run_training(
     card = card.with_updates(
         temperature=round(float(temperature), 6), thresholds=thresholds, trained=True,
         weights_source=result.weights_source, training=training_info, metrics=metrics, fusion=fusion,
-        intended_use=INTENDED_USE, limitations=fusion_statement(fusion) + signal_warning(metrics) + LIMITATIONS,
+        intended_use=INTENDED_USE, limitations=fusion_statement(fusion) + signal_warning(metrics, fusion) + LIMITATIONS,
     )
     sha = save_checkpoint(out, {k: v.cpu() for k, v in result.net.state_dict().items()}, card)
     card_path = out.with_name(out.name.replace(".safetensors", "") + ".card.json")

@@ -31,9 +31,27 @@ def plot_confusion(path: Path, y_true: np.ndarray, probs: np.ndarray, title: str
     return _save(fig, path)
 
 
-def plot_roc(path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray]], title: str = "") -> Path:
-    """curves: name -> (y_true 3-class, probs); draws low-BMD and osteoporosis ROC for each."""
+def plot_label_confusion(path: Path, y_true: np.ndarray, panels: dict[str, np.ndarray], title: str = "") -> Path:
+    """panels: name -> predicted class indices (e.g. most probable class and reported label), side by side."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 4.2), squeeze=False)
+    for ax, (name, predicted) in zip(axes[0], panels.items(), strict=True):
+        matrix = confusion_matrix(y_true, predicted, labels=list(range(len(CLASSES))))
+        ConfusionMatrixDisplay(matrix, display_labels=list(CLASSES)).plot(ax=ax, colorbar=False, cmap="Blues")
+        ax.set_title(name, fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def plot_roc(path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray]], title: str = "",
+             points: dict[str, tuple[tuple[float, float], tuple[float, float]]] | None = None) -> Path:
+    """curves: name -> (y_true 3-class, probs); draws low-BMD and osteoporosis ROC for each.
+    points: name -> ((sensitivity, specificity) of the low-BMD label, (same) of the osteoporosis
+    label): the operating points actually reported, marked on both panels."""
     fig, axes = plt.subplots(1, 2, figsize=(9, 4.2))
+    for name, pair in (points or {}).items():
+        for ax, (sensitivity, specificity) in zip(axes, pair, strict=True):
+            ax.plot([1 - specificity], [sensitivity], "k*", markersize=11, zorder=5,
+                    label=f"operating point, {name}: sens {sensitivity:.2f} / spec {specificity:.2f}")
     for name, (y, probs) in curves.items():
         for ax, (target, y_bin, score) in zip(axes, (
             ("low BMD (osteopenia+osteoporosis)", (y >= 1).astype(int), low_bmd_score(probs)),
