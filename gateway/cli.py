@@ -65,19 +65,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_echo(args: argparse.Namespace) -> int:
-    from pynetdicom import AE
+    from osteogate.gateway.dicomnet import (
+        AssociationError,
+        association,
+        client_ae,
+        response_status,
+        response_text,
+    )
     from pynetdicom.sop_class import Verification
 
-    ae = AE(ae_title=args.calling_aet)
+    ae = client_ae(args.calling_aet, 30)
     ae.add_requested_context(Verification)
-    assoc = ae.associate(args.peer.host, args.peer.port, ae_title=args.peer.ae_title)
-    if not assoc.is_established:
-        print(f"echo to {args.peer}: association failed", file=sys.stderr)
+    try:
+        with association(ae, args.peer) as assoc:
+            response = assoc.send_c_echo()
+    except AssociationError as exc:
+        print(f"echo to {args.peer}: {exc.detail}", file=sys.stderr)
         return 2
-    status = assoc.send_c_echo()
-    assoc.release()
-    code = int(status.Status) if status and "Status" in status else -1
-    print(f"echo to {args.peer}: status 0x{code:04X}" if code >= 0 else f"echo to {args.peer}: no response")
+    code = response_status(response)
+    print(f"echo to {args.peer}: status 0x{code:04X}" if code is not None else
+          f"echo to {args.peer}: {response_text(response)}")
     return 0 if code == 0 else 1
 
 
@@ -106,40 +113,62 @@ def _dicom_files(paths: Sequence[Path]) -> tuple[list[Path], list[Path]]:
 
 def cmd_send(args: argparse.Namespace) -> int:
     import pydicom
-    from pynetdicom import AE
+    from osteogate.gateway.dicomnet import (
+        AssociationError,
+        association,
+        client_ae,
+        response_status,
+        response_text,
+        status_outcome,
+    )
+    from pydicom.uid import UID
 
     files, bad = _dicom_files(args.paths)
     for path in bad:
         print(f"skip {path}: not a DICOM file (no DICM preamble) or unreadable", file=sys.stderr)
-    if not files:
+    # Headers only: the pixel data is streamed from the file by pynetdicom, never held in memory.
+    headers = {}
+    for path in files:
+        try:
+            header = pydicom.dcmread(path, stop_before_pixels=True)
+            headers[path] = (UID(str(header.SOPClassUID)), UID(str(header.file_meta.TransferSyntaxUID)))
+        except Exception as exc:  # noqa: BLE001 - one unreadable file must not stop the others
+            print(f"skip {path}: unreadable DICOM header ({type(exc).__name__})", file=sys.stderr)
+            bad.append(path)
+    if not headers:
         print("nothing to send", file=sys.stderr)
         return 1
-    # Headers only: the pixel data is streamed from the file by pynetdicom, never held in memory.
-    headers = {p: pydicom.dcmread(p, stop_before_pixels=True) for p in files}
-    ae = AE(ae_title=args.calling_aet)
+    ae = client_ae(args.calling_aet, 60)
     # Propose each file's own transfer syntax so compressed images travel untouched.
-    contexts = sorted({(str(h.SOPClassUID), str(h.file_meta.TransferSyntaxUID)) for h in headers.values()})
+    contexts = sorted(set(headers.values()))
     if len(contexts) > 128:
         print(f"{len(contexts)} SOP class/transfer syntax pairs: more than one association allows (128); "
               "send in smaller groups", file=sys.stderr)
         return 2
     for sop_class, syntax in contexts:
         ae.add_requested_context(sop_class, syntax)
-    assoc = ae.associate(args.to.host, args.to.port, ae_title=args.to.ae_title)
-    if not assoc.is_established:
-        print(f"send to {args.to}: association failed", file=sys.stderr)
-        return 2
     failures = 0
     try:
-        for path in files:
-            status = assoc.send_c_store(path)
-            code = int(status.Status) if status and "Status" in status else -1
-            ok = code == 0 or (code & 0xF000) == 0xB000
-            failures += not ok
-            print(f"{'ok  ' if ok else 'FAIL'} 0x{code & 0xFFFF:04X} {path}")
-    finally:
-        assoc.release()
-    print(f"sent {len(files) - failures} of {len(files)} DICOM file(s) to {args.to}")
+        with association(ae, args.to) as assoc:
+            accepted = {(cx.abstract_syntax, cx.transfer_syntax[0]) for cx in assoc.accepted_contexts}
+            for done, (path, (sop_class, syntax)) in enumerate(headers.items()):
+                if not assoc.is_established:  # the peer aborted: the rest was not sent
+                    failures += len(headers) - done
+                    print(f"FAIL association ended by {args.to.ae_title}: {len(headers) - done} file(s) not sent")
+                    break
+                if (sop_class, syntax) not in accepted:
+                    failures += 1
+                    print(f"FAIL not sent {path}: {args.to.ae_title} does not accept {sop_class.name} "
+                          f"in {syntax.name}")
+                    continue
+                response = assoc.send_c_store(path)
+                ok = status_outcome(response_status(response)).ok
+                failures += not ok
+                print(f"{'ok  ' if ok else 'FAIL'} {response_text(response)} {path}")
+    except AssociationError as exc:
+        print(f"send to {args.to}: {exc.detail}", file=sys.stderr)
+        return 2
+    print(f"sent {len(headers) - failures} of {len(headers)} DICOM file(s) to {args.to}")
     return 0 if failures == 0 and not bad else 1
 
 

@@ -98,8 +98,8 @@ class Gateway:
                              on_result=lambda: self.scheduler.trigger("delivery"))
             if self.classifiers else None
         )
-        self.scp = StorageSCP(settings.dicom, Ingestor(self.db, self.spool), accepting=self.refusal_reason,
-                              on_stored=self._instance_stored)
+        ingestor = Ingestor(self.db, self.spool, max_instance_bytes=settings.dicom.max_instance_mb * 2**20)
+        self.scp = StorageSCP(settings.dicom, ingestor, accepting=self.refusal_reason, on_stored=self._instance_stored)
         self._stopped = threading.Event()
         self.http: HealthServer | None = None
         self._collector = StoreCollector(self.db, self.spool.free_bytes)
@@ -145,11 +145,14 @@ class Gateway:
         return self.scp.port
 
     def start(self) -> None:
+        remove_orphans(self.spool, self.reports)
         if self.classifiers:
             self.classifiers()  # load the model before accepting work: fail fast on a bad checkpoint
         self.scheduler.add("study_completion", self.tracker.queue_stable_studies,
                            self.settings.study.check_interval_seconds)
-        self.scheduler.add("delivery", self.delivery.run_due, self.settings.delivery.check_interval_seconds)
+        # Lanes run in their own threads: a tick never waits for a slow destination.
+        self.scheduler.add("delivery", lambda: self.delivery.run_due(wait=False),
+                           self.settings.delivery.check_interval_seconds)
         add_maintenance_jobs(self.scheduler, self.settings, self.db, self.spool)
         self.scheduler.start()
         if self.worker:
@@ -175,11 +178,34 @@ class Gateway:
             self.worker.stop()
         self.scheduler.stop()
         self.db.dispose()
+        self.spool.release_incoming()
+        self.reports.release_incoming()
         log.info("gateway_stopped")
 
     def serve_forever(self) -> None:
         """Run until SIGINT/SIGTERM, then stop cleanly."""
         run_until_signal(self.start, self.stop)
+
+
+def remove_orphans(*stores: Spool) -> None:
+    """Temporary files of processes that died mid-write (their own per-process folders) go at once;
+    a scan for stray temporaries of older releases runs in the background (a big spool takes a while)."""
+    for store in stores:
+        removed = store.remove_orphans(legacy_scan=False)
+        if removed:
+            log.warning("orphans_removed", count=removed, store=store.root.name)
+
+    def scan() -> None:
+        for store in stores:
+            try:
+                removed = store.remove_legacy_temporaries()
+            except OSError:
+                log.warning("orphan_scan_failed", store=store.root.name)
+                continue
+            if removed:
+                log.warning("orphans_removed", count=removed, store=store.root.name, legacy=True)
+
+    threading.Thread(target=scan, name="osteogate-orphan-scan", daemon=True).start()
 
 
 def run_until_signal(start: Callable[[], None], stop: Callable[[], None]) -> None:
@@ -222,8 +248,10 @@ class WorkerService:
                                        on_result=lambda: self.scheduler.trigger("delivery"))
 
     def start(self) -> None:
+        remove_orphans(self.reports)
         self.classifiers()  # fail fast on a bad checkpoint
-        self.scheduler.add("delivery", self.delivery.run_due, self.settings.delivery.check_interval_seconds)
+        self.scheduler.add("delivery", lambda: self.delivery.run_due(wait=False),
+                           self.settings.delivery.check_interval_seconds)
         add_maintenance_jobs(self.scheduler, self.settings, self.db, self.spool)
         self.scheduler.start()
         self.worker.start()
@@ -234,6 +262,7 @@ class WorkerService:
         self.worker.stop()
         self.scheduler.stop()
         self.db.dispose()
+        self.reports.release_incoming()
         log.info("worker_stopped", worker=self.worker.id)
 
     def serve_forever(self) -> None:

@@ -136,10 +136,15 @@ def build_corpus(work: Path) -> list[Case]:
     cases.append(Case("SOP class differs from context", _raw_file(
         mismatch.file_meta, _explicit_le_body(mismatch), work / "mismatch.dcm"), "refused",
         contexts=((CR, str(ExplicitVRLittleEndian)),)))
-    # A SOP class the gateway does not support at all (CT): refused at negotiation.
+    # A standard storage SOP class the gateway does not process (CT): acknowledged, not stored, so
+    # a PACS routing a whole study never fails on it.
     ct = make_dataset(modality="CT", SOPClassUID="1.2.840.10008.5.1.4.1.1.2")
-    cases.append(Case("CT image (unsupported SOP class)", write_dataset(ct, work / "ct.dcm"), "refused",
-                      contexts=(("1.2.840.10008.5.1.4.1.1.2", str(ExplicitVRLittleEndian)),)))
+    cases.append(Case("CT image (stored by PACS, out of scope here)", write_dataset(ct, work / "ct.dcm"),
+                      "acknowledged", contexts=(("1.2.840.10008.5.1.4.1.1.2", str(ExplicitVRLittleEndian)),)))
+    # A private SOP class no standard names: refused at negotiation.
+    private = make_dataset(SOPClassUID="1.2.826.0.1.3680043.9999.1")
+    cases.append(Case("private SOP class", write_dataset(private, work / "private.dcm"), "refused",
+                      contexts=(("1.2.826.0.1.3680043.9999.1", str(ExplicitVRLittleEndian)),)))
 
     # Acceptable but unusual: must be stored and classified (or skipped with a reason).
     utf8 = make_dataset(study_uid=generate_uid(), SpecificCharacterSet="ISO_IR 192",
@@ -207,7 +212,7 @@ def test_fuzzed_corpus_never_crashes_hangs_or_escapes(tmp_path: Path, dcmtk_pacs
             code = statuses[case.name]
             if case.expect == "refused" and code not in FAILURE_STATUSES | {NOT_SENT}:
                 problems.append(f"{case.name}: expected a refusal, got 0x{code:04X}")
-            if case.expect.startswith("accepted") and code != SUCCESS:
+            if (case.expect.startswith("accepted") or case.expect == "acknowledged") and code != SUCCESS:
                 problems.append(f"{case.name}: expected success, got {code:#06x}")
             if case.expect == "refused_or_skipped" and code not in FAILURE_STATUSES | {SUCCESS}:
                 problems.append(f"{case.name}: expected refusal or success, got {code:#06x}")
