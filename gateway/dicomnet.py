@@ -225,12 +225,11 @@ def open_association(ae: AE, peer: Peer | Destination, tls: TlsConfig | None = N
         primitive = assoc.acceptor.primitive
         raise AssociationError(f"association {describe_rejection(primitive)}",
                                rejection_outcome(getattr(primitive, "result", None)))
-    if assoc.is_aborted:
-        raise AssociationError("association aborted by the peer", Outcome.TRANSIENT)
+    # pynetdicom reports a refused connection, a failed TLS handshake and an A-ABORT alike.
     timeout = ae.connection_timeout
     raise AssociationError(
-        f"no association with {peer}: connection refused, TLS handshake failed, or no answer within "
-        f"{timeout:g} s (is the peer up, and are host, port and TLS right?)", Outcome.TRANSIENT)
+        f"no association with {peer}: connection refused or aborted, TLS handshake failed, or no "
+        f"answer within {timeout:g} s (is the peer up, and are host, port and TLS right?)", Outcome.TRANSIENT)
 
 
 @contextmanager

@@ -30,6 +30,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pydicom
 from osteogate.gateway.db import Database, Instance, Series, Study, StudyResult, StudyStatus, utcnow
 from osteogate.gateway.logs import get_logger, hashed, study_key
@@ -300,7 +301,9 @@ def pixel_digest(source: Dataset | Path) -> str | None:
 
     digest = hashlib.sha256()
     try:
-        for frame in iter_pixels(source):
+        for decoded in iter_pixels(source):
+            # Native byte order: big endian data decodes to the same values in a ">u2" array.
+            frame = np.ascontiguousarray(decoded, dtype=decoded.dtype.newbyteorder("="))
             digest.update(f"{frame.shape}{frame.dtype.str}".encode())
             digest.update(frame.tobytes())
     except Exception:  # noqa: BLE001 - undecodable: the caller treats the pixels as different

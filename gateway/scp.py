@@ -465,7 +465,9 @@ class AssociationListener(ThreadedAssociationServer):
             self._handshake_failed(conn_key, request, host, f"TLS handshake failed: {exc.reason or type(exc).__name__}")
             return None
         except OSError:
-            self._handshake_failed(conn_key, request, host, "connection closed during the TLS handshake")
+            # What a load balancer's TCP health check does: not worth a warning.
+            self._handshake_failed(conn_key, request, host, "connection closed during the TLS handshake",
+                                   quiet=True)
             return None
         with self._lock:
             conn = self._handoffs.pop(conn_key, None)
@@ -473,15 +475,16 @@ class AssociationListener(ThreadedAssociationServer):
                 self._handoffs[id(wrapped)] = conn
         return wrapped
 
-    def _handshake_failed(self, key: int, request: socket.socket, host: str, reason: str) -> None:
+    def _handshake_failed(self, key: int, request: socket.socket, host: str, reason: str,
+                          quiet: bool = False) -> None:
         with self._lock:
             conn = self._handoffs.pop(key, None)
         if conn is not None:
             conn.closed = True
         CONNECTIONS_REFUSED.labels(reason="tls_handshake").inc()
-        suppressed = self._quiet(f"tls:{host}")
+        suppressed = self._quiet(f"{reason}:{host}")
         if suppressed is not None:
-            log.warning("connection_closed", reason=reason, peer=hashed(host),
+            (log.debug if quiet else log.warning)("connection_closed", reason=reason, peer=hashed(host),
                         **({"suppressed": suppressed} if suppressed else {}))
         with contextlib.suppress(OSError):
             request.close()

@@ -35,7 +35,7 @@ from osteogate.gateway.db import (
     StudyStatus,
     utcnow,
 )
-from osteogate.gateway.logs import get_logger
+from osteogate.gateway.logs import get_logger, scrub
 from osteogate.gateway.metrics import INFERENCE_SECONDS, STUDIES_PROCESSED, STUDY_PROCESSING_SECONDS
 from osteogate.gateway.region import detect_region
 from osteogate.gateway.spool import Spool
@@ -445,8 +445,9 @@ class ClassifierWorker:
         job.error = error[:2000]
         if job.study.version == job.study_version:
             job.study.status = StudyStatus.FAILED
+        # The error may quote a value from the header (an exception message): scrubbed for the log.
         log.error("job_failed_for_good", job=job.id, study_key=job.study.study_key, attempts=job.attempts,
-                  reason=error[:200])
+                  reason=scrub(error[:200]))
 
     @staticmethod
     def _read_header(store: Spool, relative: str) -> Dataset | None:

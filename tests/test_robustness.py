@@ -9,7 +9,9 @@ spool, and have sent only well-formed SRs (each parses and passes dciodvfy witho
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,6 +24,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filewriter import write_dataset as pydicom_write_dataset
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     JPEG2000Lossless,
     generate_uid,
@@ -281,3 +284,121 @@ def test_rows_with_wrong_vr_is_refused_as_malformed(tmp_path: Path, tiny_model: 
     # and it must be an anticipated refusal, not an exception caught by the listener's last resort.
     assert code in FAILURE_STATUSES, f"0x{code:04X}"
     assert failures == []
+
+
+# -- memory bombs ------------------------------------------------------------------------------------------
+
+
+def peak_rss_mb(pid: int) -> float:
+    """VmHWM: the most resident memory the process ever had, from /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM in /proc")
+
+
+def big_native_file(path: Path, pixel_bytes: int) -> Path:
+    """A DX instance with ``pixel_bytes`` of zero pixels, written without holding them in memory."""
+    ds = make_dataset()
+    del ds.PixelData
+    side = int((pixel_bytes // 2) ** 0.5)
+    ds.Rows = ds.Columns = side
+    with path.open("wb") as handle:
+        handle.write(b"\0" * 128 + b"DICM")
+        write_file_meta_info(handle, ds.file_meta, enforce_standard=True)
+        handle.write(_explicit_le_body(ds))
+        handle.write(b"\xe0\x7f\x10\x00OW\0\0" + pixel_bytes.to_bytes(4, "little"))
+        chunk = bytes(1 << 20)
+        for _ in range(pixel_bytes // len(chunk)):
+            handle.write(chunk)
+        handle.write(bytes(pixel_bytes % len(chunk)))
+    return path
+
+
+def deflate_bomb(path: Path, inflated_bytes: int, **attrs: object) -> Path:
+    from tests.test_ingest_integrity import deflated
+
+    path.write_bytes(deflated(make_dataset(**attrs), extra_zeros=inflated_bytes))
+    return path
+
+
+def store_on_one_association(port: int, paths: list[Path], contexts: tuple[tuple[str, str], ...]) -> list[object]:
+    """Statuses (the response datasets) of C-STOREs of raw files on one association, in order."""
+    with association(port, contexts) as assoc:
+        assert assoc.is_established
+        return [assoc.send_c_store(path) for path in paths]
+
+
+def test_bombs_are_refused_with_bounded_memory(tmp_path: Path, tiny_model: Path) -> None:
+    """max_instance_mb = 2: a deflate bomb (300 MB inflated from ~0.3 MB), a 64 MB instance, a
+    corrupt deflate stream, sequences nested 300 deep and a PDU header claiming 4 GB are each
+    refused with the right status class, the association (or listener) goes on serving, and the
+    serve process never holds more than 600 MB."""
+    from tests.test_ingest_integrity import deflated, nested_sequences
+
+    work = tmp_path / "bombs"
+    work.mkdir()
+    bomb = deflate_bomb(work / "bomb.dcm", 300 * 2**20)
+    assert bomb.stat().st_size < 2 * 2**20
+    big = big_native_file(work / "big.dcm", 64 * 2**20)
+    good = write_dataset(make_dataset(study_uid=generate_uid()), work / "good.dcm")
+    corrupt_bytes = bytearray(deflated(make_dataset()))
+    corrupt_bytes[144 + int(pydicom.dcmread(good, stop_before_pixels=True).file_meta.FileMetaInformationGroupLength)
+                  + 2] ^= 0xFF
+    corrupt = work / "corrupt.dcm"
+    corrupt.write_bytes(bytes(corrupt_bytes))
+    nested = work / "nested.dcm"
+    nested.write_bytes(nested_sequences(300))
+    deflate_cx = (DX, str(DeflatedExplicitVRLittleEndian))
+    native_cx = (DX, str(ExplicitVRLittleEndian))
+
+    env = {"OSTEOGATE_DICOM_MAX_INSTANCE_MB": "2"}
+    with GatewayProcess(tmp_path / "gw", model=tiny_model, env=env, stable_seconds=30) as gw:
+        assert gw.proc is not None
+        baseline = peak_rss_mb(gw.proc.pid)
+        started = time.monotonic()
+        responses = store_on_one_association(gw.port, [bomb, big, good], (deflate_cx, native_cx))
+        codes = [int(r.Status) for r in responses]
+        assert codes == [0xA700, 0xA700, 0x0000], [hex(c) for c in codes]
+        assert "inflates to more than 2 MB" in responses[0].ErrorComment
+        assert "larger than dicom.max_instance_mb" in responses[1].ErrorComment
+        # Malformed is permanent (0xCxxx), never "out of resources" (the sender would retry forever).
+        for path, cx in ((corrupt, deflate_cx), (nested, native_cx)):
+            [response] = store_on_one_association(gw.port, [path], (cx,))
+            assert int(response.Status) & 0xF000 == 0xC000, (path.name, hex(int(response.Status)))
+        # A PDU header that announces 4 GB: the connection is closed, nothing is allocated.
+        with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as raw:
+            raw.sendall(b"\x01\x00" + (0xFFFFFFF0).to_bytes(4, "big") + b"\0" * 64)
+            assert raw.recv(16) == b""
+        elapsed = time.monotonic() - started
+        assert echoscu("127.0.0.1", gw.port, "OSTEOGATE").returncode == 0
+        peak = peak_rss_mb(gw.proc.pid)
+        events = gw.events()
+    print(f"serve peak RSS {peak:.0f} MB (at start {baseline:.0f} MB); bombs handled in {elapsed:.1f} s")
+    assert peak < 600, f"peak RSS {peak:.0f} MB"
+    assert not [e for e in events if e.get("event") in ("instance_store_failed", "thread_crashed")]
+    spooled = list((tmp_path / "gw" / "spool").rglob("*.dcm"))
+    assert [p.stem for p in spooled] == [str(pydicom.dcmread(good, stop_before_pixels=True).SOPInstanceUID)]
+    assert not [p for p in (tmp_path / "gw" / "spool" / ".incoming").rglob("*") if p.is_file()]
+
+
+@pytest.mark.slow
+def test_gigabyte_bombs_in_one_study_keep_memory_bounded(tmp_path: Path, tiny_model: Path) -> None:
+    """The issue's figures: three 1.1 GB deflate bombs in one study, and a 288 MB instance, against
+    max_instance_mb = 2 (they reached 6.5 GB and +490 MB of RSS before)."""
+    work = tmp_path / "bombs"
+    work.mkdir()
+    study_uid = generate_uid()
+    bombs = [deflate_bomb(work / f"bomb{i}.dcm", 1100 * 2**20, study_uid=study_uid) for i in range(3)]
+    big = big_native_file(work / "big.dcm", 288 * 2**20)
+    env = {"OSTEOGATE_DICOM_MAX_INSTANCE_MB": "2"}
+    with GatewayProcess(tmp_path / "gw", model=tiny_model, env=env, stable_seconds=2) as gw:
+        assert gw.proc is not None
+        responses = store_on_one_association(
+            gw.port, [*bombs, big], ((DX, str(DeflatedExplicitVRLittleEndian)), (DX, str(ExplicitVRLittleEndian))))
+        assert [int(r.Status) for r in responses] == [0xA700] * 4
+        time.sleep(4)  # nothing was stored, so nothing reaches the worker either
+        assert gw.studies() == []
+        peak = peak_rss_mb(gw.proc.pid)
+    print(f"serve peak RSS {peak:.0f} MB")
+    assert peak < 600
