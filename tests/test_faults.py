@@ -126,11 +126,12 @@ def test_pacs_rejecting_association_is_marked_rejected_not_retried(tmp_path: Pat
         time.sleep(4)
         assert len(rejected()) == 1, rejected()
         assert not [e for e in gw.events() if e.get("event") == "sr_delivery_retry"]
-        assert "called AE" in events[0]["detail"] or "reason 7" in events[0]["detail"], events[0]
+        words = "association rejected permanently by the called AE: called AE title not recognised"
+        assert events[0]["detail"] == words, events[0]
         rows = gw.studies()
         assert len(rows) == 1 and rows[0]["status"] == "done" and rows[0]["delivered"] == "0/1"
         show = gw.cli("show", rows[0]["study_uid"]).stdout
-        assert "rejected attempts 1" in show, show
+        assert "rejected attempts 1" in show and words in show, show
 
 
 @pytest.mark.slow
