@@ -358,7 +358,8 @@ class Ingestor:
     def store_file(self, path: Path, *, calling_ae: str | None = None,
                    context_sop_class: str | None = None) -> StoredInstance:
         """Validate and store the received file at ``path`` (it is moved into the spool)."""
-        if path.stat().st_size > self.max_instance_bytes + 4096:
+        size = path.stat().st_size
+        if size > self.max_instance_bytes + 4096:
             raise RejectedInstance(OUT_OF_RESOURCES, f"instance larger than {self.max_instance_bytes // 2**20} MB")
         ds = read_received(path, self.max_instance_bytes)
         ident = identify(ds, context_sop_class)
@@ -386,7 +387,6 @@ class Ingestor:
             raise RejectedInstance(OUT_OF_RESOURCES, str(exc)) from exc
 
         tsyntax = str(ds.file_meta.TransferSyntaxUID)
-        size = self.spool.absolute(relative).stat().st_size
         # Two associations may create the same study at once: on a unique-key race, retry.
         for attempt in range(5):
             try:
@@ -404,6 +404,9 @@ class Ingestor:
         """Why this object is one of the gateway's own results (SR or result card), or None."""
         if str(ds.get("Manufacturer", "") or "").strip() == OWN_MANUFACTURER:
             return f"made by {OWN_MANUFACTURER}"
+        if ident.sop_class in ACCEPTED_SOP_CLASSES:
+            # Our result card says "OsteoGate"; an image class needs no lookup on every instance.
+            return None
         with self.db.session() as session:
             row = session.execute(
                 select(StudyResult.id).where(or_(StudyResult.sr_sop_instance_uid == ident.sop_uid,
