@@ -169,20 +169,6 @@ def read_received(path: Path, max_bytes: int = DEFAULT_MAX_INSTANCE_BYTES) -> Da
     return ds
 
 
-def parse_encoded(encoded: bytes) -> Dataset:
-    """Decode and fully parse an encoded Part 10 instance held in memory (tests, tools)."""
-    from io import BytesIO
-
-    try:
-        ds = pydicom.dcmread(BytesIO(encoded), force=False)
-        _touch(ds)
-    except RecursionError as exc:
-        raise RejectedInstance(CANNOT_UNDERSTAND, "sequences nested too deeply") from exc
-    except Exception as exc:  # noqa: BLE001
-        raise RejectedInstance(CANNOT_UNDERSTAND, f"data set cannot be parsed ({type(exc).__name__})") from exc
-    return ds
-
-
 def _touch(ds: Dataset) -> None:
     """Convert every element now (pixel data excepted), so a truncated or malformed element is
     found while the sender can still be told, not later in the worker."""

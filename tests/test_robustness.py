@@ -402,3 +402,45 @@ def test_gigabyte_bombs_in_one_study_keep_memory_bounded(tmp_path: Path, tiny_mo
         peak = peak_rss_mb(gw.proc.pid)
     print(f"serve peak RSS {peak:.0f} MB")
     assert peak < 600
+
+
+# -- integrity over the network --------------------------------------------------------------------------------
+
+
+def test_uid_conflicts_refused_and_transfer_syntax_duplicates_ignored(tmp_path: Path, dcmtk_pacs: StoreSCP,
+                                                                    tiny_model: Path) -> None:
+    """The issue's two cases end to end: a SOP Instance UID re-sent under another patient's study
+    used to be accepted (and broke `replay` of the first study); the same instance in another
+    transfer syntax used to make a new version and a second SR."""
+    from pydicom.uid import RLELossless
+
+    original = make_dataset(study_uid=generate_uid(), PatientID="PAT-A")
+    first = write_dataset(original, tmp_path / "original.dcm")
+    with GatewayProcess(tmp_path / "gw", model=tiny_model, destinations=[f"PACS@127.0.0.1:{dcmtk_pacs.port}"]) as gw:
+        assert send_raw(gw.port, Case("original", first, "accepted")) == SUCCESS
+        dcmtk_pacs.wait_for_files("SR*.dcm", count=1, timeout=60)
+        wait_until(lambda: gw.studies()[0]["delivered"] == "1/1", 30)
+
+        # The same image, RLE Lossless (as a router might forward it): success, a duplicate.
+        again = pydicom.dcmread(first)
+        again.compress(RLELossless, generate_instance_uid=False)
+        rle = write_dataset(again, tmp_path / "rle.dcm")
+        assert send_raw(gw.port, Case("rle", rle, "accepted", contexts=((DX, str(RLELossless)),))) == SUCCESS
+
+        # The same SOP Instance UID in another patient's study: refused, permanently, with the reason.
+        thief = make_dataset(sop_uid=original.SOPInstanceUID, PatientID="PAT-B")
+        with association(gw.port, ((DX, str(ExplicitVRLittleEndian)),)) as assoc:
+            response = assoc.send_c_store(thief)
+        assert int(response.Status) == 0xC001
+        assert "already stored for another study" in response.ErrorComment
+
+        time.sleep(3)  # stable_seconds is 1: a new version would be queued by now
+        [row] = gw.studies()
+        assert row["version"] == 1 and row["sr_versions"] == 1 and row["study_uid"] == original.StudyInstanceUID
+        assert len(dcmtk_pacs.files("SR*.dcm")) == 1
+        events = gw.events()
+        assert [e for e in events if e.get("event") == "instance_uid_conflict"]
+        assert original.SOPInstanceUID not in gw.log()
+        # The first study is intact: it can be replayed from its own file.
+        replay = gw.cli("replay", original.StudyInstanceUID, "--timeout", "60")
+        assert "replayed 1 of 1" in replay.stdout, replay.stdout
