@@ -157,11 +157,12 @@ class Gateway:
         self.scheduler.start()
         if self.worker:
             self.worker.start()
-        self.scp.start()
         if self.settings.http.enabled:
+            # Before the listener: once the DICOM port answers, so does the health check.
             REGISTRY.register(self._collector)
             self.http = HealthServer(self.settings.http.bind, self.settings.http.port, self.health)
             self.http.start()
+        self.scp.start()
         log.info("gateway_started", ae_title=self.settings.dicom.ae_title, port=self.port,
                  destinations=[str(d) for d in self.settings.delivery.destinations],
                  stable_seconds=self.settings.study.stable_seconds)
