@@ -348,22 +348,27 @@ def recover_stale_jobs(db: Database, max_attempts: int) -> dict[str, int]:
     """Running jobs whose lease expired (worker died or hung): back to pending, or failed if spent.
 
     Workers would take expired jobs anyway; doing it here makes them visible (logged, counted)
-    and stops a job that kills its worker every time (e.g. out of memory) from looping forever.
+    and stops a job that kills its worker every time (e.g. out of memory) from looping forever:
+    attempts count every claim, so a job whose worker died ``max_attempts`` times is failed with
+    "worker died N times", and so is a pending job left with its attempts spent.
     """
     now = utcnow()
     counts = {"requeued": 0, "failed": 0}
+    expired = (Job.status == JobStatus.RUNNING) & (Job.lease_until < now)
+    spent_pending = (Job.status == JobStatus.PENDING) & (Job.attempts >= max_attempts)
     with db.session() as session:
-        query = select(Job).where(Job.status == JobStatus.RUNNING, Job.lease_until < now)
+        query = select(Job).where(expired | spent_pending)
         if db.is_postgres:
             query = query.with_for_update(skip_locked=True)
         for job in session.execute(query).scalars():
             spent = job.attempts >= max_attempts
-            values = {"lease_until": None, "status": JobStatus.FAILED if spent else JobStatus.PENDING}
+            values: dict[str, object] = {"lease_until": None,
+                                         "status": JobStatus.FAILED if spent else JobStatus.PENDING}
             if spent:
-                values |= {"finished_at": now, "error": f"lease expired {job.attempts} times (worker died or hung)"}
-            # Conditional on the lease still being expired, so a worker renewing it right now wins.
-            changed = session.execute(update(Job).where(Job.id == job.id, Job.status == JobStatus.RUNNING,
-                                                        Job.lease_until < now).values(**values)
+                values |= {"finished_at": now,
+                           "error": f"worker died {job.attempts} times (lease expired: the worker died or hung)"}
+            # Conditional on the row still matching, so a worker renewing its lease right now wins.
+            changed = session.execute(update(Job).where(Job.id == job.id, expired | spent_pending).values(**values)
                                       .execution_options(synchronize_session=False)).rowcount
             if changed and job.study.version == job.study_version:
                 # The study's status follows its job, so `studies` does not show a dead run as live.

@@ -151,18 +151,25 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_echo(args: argparse.Namespace) -> int:
-    from pynetdicom import AE
+    from osteogate.gateway.dicomnet import (
+        AssociationError,
+        association,
+        client_ae,
+        response_status,
+        response_text,
+    )
     from pynetdicom.sop_class import Verification
 
-    ae = AE(ae_title=args.calling_aet)
+    ae = client_ae(args.calling_aet, 30)
     ae.add_requested_context(Verification)
-    assoc = ae.associate(args.peer.host, args.peer.port, ae_title=args.peer.ae_title)
-    if not assoc.is_established:
-        raise PeerUnavailable(f"echo to {args.peer}: association {'rejected' if assoc.is_rejected else 'failed'}")
-    status = assoc.send_c_echo()
-    assoc.release()
-    code = int(status.Status) if status and "Status" in status else -1
-    print(f"echo to {args.peer}: status 0x{code:04X}" if code >= 0 else f"echo to {args.peer}: no response")
+    try:
+        with association(ae, args.peer) as assoc:
+            response = assoc.send_c_echo()
+    except AssociationError as exc:
+        raise PeerUnavailable(f"echo to {args.peer}: {exc.detail}") from None
+    code = response_status(response)
+    print(f"echo to {args.peer}: status 0x{code:04X}" if code is not None else
+          f"echo to {args.peer}: {response_text(response)}")
     return 0 if code == 0 else 1
 
 
@@ -191,7 +198,15 @@ def _dicom_files(paths: Sequence[Path]) -> tuple[list[Path], list[Path]]:
 
 def cmd_send(args: argparse.Namespace) -> int:
     import pydicom
-    from pynetdicom import AE
+    from osteogate.gateway.dicomnet import (
+        AssociationError,
+        association,
+        client_ae,
+        response_status,
+        response_text,
+        status_outcome,
+    )
+    from pydicom.uid import UID
 
     files, bad = _dicom_files(args.paths)
     for path in bad:
@@ -201,46 +216,44 @@ def cmd_send(args: argparse.Namespace) -> int:
     for path in files:
         try:
             header = pydicom.dcmread(path, stop_before_pixels=True)
-            header.SOPClassUID, header.file_meta.TransferSyntaxUID  # noqa: B018 - what the association needs
-            headers[path] = header
-        except Exception as exc:  # one unreadable file must not stop the others
-            print(f"skip {path}: unreadable DICOM ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})",
-                  file=sys.stderr)
+            headers[path] = (UID(str(header.SOPClassUID)), UID(str(header.file_meta.TransferSyntaxUID)))
+        except Exception as exc:  # noqa: BLE001 - one unreadable file must not stop the others
+            print(f"skip {path}: unreadable DICOM header ({type(exc).__name__})", file=sys.stderr)
             bad.append(path)
-    files = list(headers)
-    if not files:
+    if not headers:
         print("nothing to send", file=sys.stderr)
         return ExitCode.NOINPUT
-    ae = AE(ae_title=args.calling_aet)
+    ae = client_ae(args.calling_aet, 60)
     # Propose each file's own transfer syntax so compressed images travel untouched.
-    contexts = sorted({(str(h.SOPClassUID), str(h.file_meta.TransferSyntaxUID)) for h in headers.values()})
+    contexts = sorted(set(headers.values()))
     if len(contexts) > 128:
         print(f"{len(contexts)} SOP class/transfer syntax pairs: more than one association allows (128); "
               "send in smaller groups", file=sys.stderr)
         return ExitCode.USAGE
     for sop_class, syntax in contexts:
         ae.add_requested_context(sop_class, syntax)
-    assoc = ae.associate(args.to.host, args.to.port, ae_title=args.to.ae_title)
-    if not assoc.is_established:
-        raise PeerUnavailable(f"send to {args.to}: association {'rejected' if assoc.is_rejected else 'failed'}")
     failures = 0
     try:
-        for path in files:
-            try:
-                status = assoc.send_c_store(path)
-            except (ValueError, OSError) as exc:  # e.g. no accepted context for this file's SOP class
-                failures += 1
-                print(f"FAIL ------ {path}: {str(exc).splitlines()[0][:160]}")
-                continue
-            code = int(status.Status) if status and "Status" in status else -1
-            ok = code == 0 or (code & 0xF000) == 0xB000
-            failures += not ok
-            print(f"{'ok  ' if ok else 'FAIL'} 0x{code & 0xFFFF:04X} {path}")
-    finally:
-        assoc.release()
-    print(f"sent {len(files) - failures} of {len(files)} DICOM file(s) to {args.to}")
+        with association(ae, args.to) as assoc:
+            accepted = {(cx.abstract_syntax, cx.transfer_syntax[0]) for cx in assoc.accepted_contexts}
+            for done, (path, (sop_class, syntax)) in enumerate(headers.items()):
+                if not assoc.is_established:  # the peer aborted: the rest was not sent
+                    failures += len(headers) - done
+                    print(f"FAIL association ended by {args.to.ae_title}: {len(headers) - done} file(s) not sent")
+                    break
+                if (sop_class, syntax) not in accepted:
+                    failures += 1
+                    print(f"FAIL not sent {path}: {args.to.ae_title} does not accept {sop_class.name} "
+                          f"in {syntax.name}")
+                    continue
+                response = assoc.send_c_store(path)
+                ok = status_outcome(response_status(response)).ok
+                failures += not ok
+                print(f"{'ok  ' if ok else 'FAIL'} {response_text(response)} {path}")
+    except AssociationError as exc:
+        raise PeerUnavailable(f"send to {args.to}: {exc.detail}") from None
+    print(f"sent {len(headers) - failures} of {len(headers)} DICOM file(s) to {args.to}")
     return ExitCode.OK if failures == 0 and not bad else ExitCode.PARTIAL
-
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

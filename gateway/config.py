@@ -238,6 +238,9 @@ class DicomConfig(_Section):
     # Largest instance accepted, in MB; bigger ones are refused with 0xA700.
     max_instance_mb: int = Field(512, ge=1)
     network_timeout_seconds: float = Field(60, gt=0)
+    # A new connection must finish its TLS handshake and send its A-ASSOCIATE-RQ within this
+    # long, or it is closed; until then it holds no association slot.
+    handshake_timeout_seconds: float = Field(5, gt=0)
     tls: TlsConfig = Field(default_factory=lambda: TlsConfig())
 
     @model_validator(mode="after")

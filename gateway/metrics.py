@@ -8,8 +8,9 @@ several gateway processes sharing one database all report the same truth.
 from __future__ import annotations
 
 import json
+import socketserver
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -24,12 +25,32 @@ log = get_logger("osteogate.gateway.metrics")
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
+# Label values come from peers: an AE title is a label only when it is on the calling-AE
+# allow-list (a fixed, configured set), otherwise "other"; 200 callers must not make 200 series.
+OTHER = "other"
+
+
+def ae_label(calling_ae: str | None, allowed: Collection[str]) -> str:
+    title = (calling_ae or "").strip()
+    return title if title and title in allowed else OTHER
+
+
 INSTANCES_RECEIVED = Counter(
     "osteogate_instances_received", "Instances stored (acknowledged with success)", ["calling_ae"],
     registry=REGISTRY,
 )
 INSTANCES_REFUSED = Counter(
     "osteogate_instances_refused", "Instances refused with a failure status", ["status"], registry=REGISTRY
+)
+INSTANCES_NOT_STORED = Counter(
+    "osteogate_instances_not_stored",
+    "Objects acknowledged but not stored: out-of-scope SOP classes, the gateway's own results", ["outcome"],
+    registry=REGISTRY,
+)
+CONNECTIONS_REFUSED = Counter(
+    "osteogate_connections_refused",
+    "DICOM connections closed before association (host not allowed, too many waiting, TLS handshake)",
+    ["reason"], registry=REGISTRY,
 )
 STUDIES_PROCESSED = Counter(
     "osteogate_studies_processed", "Processing runs finished", ["outcome"], registry=REGISTRY
@@ -75,9 +96,27 @@ class StoreCollector(Collector):
         yield GaugeMetricFamily("osteogate_spool_free_bytes", "Free bytes on the spool's disk", value=self.free_bytes())
 
 
+# A request must arrive whole within this many seconds; a half-open one then loses its thread.
+REQUEST_TIMEOUT_SECONDS = 5.0
+
+
 class _QuietHandler(WSGIRequestHandler):
+    # socketserver applies this to the connection: every read and write is bounded.
+    timeout = REQUEST_TIMEOUT_SECONDS
+
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
         pass  # scrapes every few seconds would flood the log
+
+
+class _ThreadingWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
+    """One thread per request: a slow or half-open client never blinds the health check."""
+
+    daemon_threads = True
+    block_on_close = False
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that timed out or went away: its problem, not a traceback on our stderr.
+        log.debug("http_request_failed")
 
 
 class HealthServer:
@@ -86,7 +125,8 @@ class HealthServer:
     def __init__(self, host: str, port: int, health: Callable[[], dict[str, Any]]) -> None:
         self.health = health
         self._metrics_app = make_wsgi_app(REGISTRY)
-        self._server: WSGIServer = make_server(host, port, self._app, handler_class=_QuietHandler)
+        self._server: WSGIServer = make_server(host, port, self._app, server_class=_ThreadingWSGIServer,
+                                               handler_class=_QuietHandler)
         self._thread = threading.Thread(target=self._server.serve_forever, name="osteogate-http", daemon=True)
 
     @property

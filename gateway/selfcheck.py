@@ -42,27 +42,25 @@ def check_database(db: Database) -> Finding:
 
 
 def check_echo(destination: Destination, calling_aet: str, timeout: float, tls: Any = None) -> Finding:
-    from pynetdicom import AE
+    from osteogate.gateway.dicomnet import (
+        AssociationError,
+        association,
+        client_ae,
+        response_status,
+        response_text,
+    )
     from pynetdicom.sop_class import Verification
 
-    ae = AE(ae_title=calling_aet)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
+    ae = client_ae(calling_aet, timeout)
     ae.add_requested_context(Verification)
     name = f"echo {destination}"
-    tls_args = None
-    if getattr(destination, "tls", False):  # the same TLS client setup delivery uses
-        from osteogate.gateway.scp import client_tls_context
-
-        tls_args = (client_tls_context(tls), destination.host)
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args)
-    if not assoc.is_established:
-        return Finding(name, False, "association rejected" if assoc.is_rejected else "peer unreachable")
     try:
-        status = assoc.send_c_echo()
-    finally:
-        assoc.release()
-    code = int(status.Status) if status and "Status" in status else -1
-    return Finding(name, code == 0, f"status 0x{code:04X}" if code >= 0 else "no response")
+        with association(ae, destination, tls) as assoc:
+            response = assoc.send_c_echo()
+    except AssociationError as exc:
+        return Finding(name, False, exc.detail)
+    code = response_status(response)
+    return Finding(name, code == 0, f"status 0x{code:04X}" if code == 0 else response_text(response))
 
 
 def run_selfcheck(settings: Settings, db: Database) -> list[Finding]:

@@ -22,6 +22,7 @@ from osteogate.gateway.logs import get_logger, study_key
 from osteogate.gateway.metrics import REGISTRY, HealthServer, StoreCollector
 from osteogate.gateway.scheduler import GatewayScheduler, add_maintenance_jobs
 from osteogate.gateway.scp import StorageSCP
+from osteogate.gateway.spool import Spool
 from osteogate.gateway.store import open_store
 from osteogate.gateway.tracker import StudyTracker
 from osteogate.gateway.worker import ClassifierWorker
@@ -163,7 +164,7 @@ def _model_problems(settings: Settings, thorough: bool) -> list[str]:
 
 
 def _tls_problems(settings: Settings) -> list[str]:
-    from osteogate.gateway.scp import client_tls_context, server_tls_context
+    from osteogate.gateway.dicomnet import client_tls_context, server_tls_context
 
     problems = []
     if settings.dicom.tls.enabled:
@@ -251,8 +252,8 @@ class Gateway:
                              on_result=lambda: self.scheduler.trigger("delivery"))
             if self.classifiers else None
         )
-        self.scp = StorageSCP(settings.dicom, Ingestor(self.db, self.spool), accepting=self.refusal_reason,
-                              on_stored=self._instance_stored)
+        ingestor = Ingestor(self.db, self.spool, max_instance_bytes=settings.dicom.max_instance_mb * 2**20)
+        self.scp = StorageSCP(settings.dicom, ingestor, accepting=self.refusal_reason, on_stored=self._instance_stored)
         self._stopped = threading.Event()
         self.http: HealthServer | None = None
         self._collector = StoreCollector(self.db, self.spool.free_bytes)
@@ -310,20 +311,24 @@ class Gateway:
         return self.scp.port
 
     def start(self) -> None:
+        remove_orphans(self.spool, self.reports)
         if self.classifiers:
             self.classifiers()  # load the model before accepting work: fail fast on a bad checkpoint
         self.scheduler.add("study_completion", self.tracker.queue_stable_studies,
                            self.settings.study.check_interval_seconds)
-        self.scheduler.add("delivery", self.delivery.run_due, self.settings.delivery.check_interval_seconds)
+        # Lanes run in their own threads: a tick never waits for a slow destination.
+        self.scheduler.add("delivery", lambda: self.delivery.run_due(wait=False),
+                           self.settings.delivery.check_interval_seconds)
         add_maintenance_jobs(self.scheduler, self.settings, self.db, self.spool)
         self.scheduler.start()
         if self.worker:
             self.worker.start()
-        self.scp.start()
         if self.settings.http.enabled:
+            # Before the listener: once the DICOM port answers, so does the health check.
             REGISTRY.register(self._collector)
             self.http = HealthServer(self.settings.http.bind, self.settings.http.port, self.health)
             self.http.start()
+        self.scp.start()
         log.info("gateway_started", ae_title=self.settings.dicom.ae_title, port=self.port,
                  destinations=[str(d) for d in self.settings.delivery.destinations],
                  stable_seconds=self.settings.study.stable_seconds)
@@ -341,11 +346,34 @@ class Gateway:
             self.worker.stop()
         self.scheduler.stop()
         self.store.dispose()
+        self.spool.release_incoming()
+        self.reports.release_incoming()
         log.info("gateway_stopped")
 
     def serve_forever(self) -> None:
         """Run until SIGINT/SIGTERM, then stop cleanly."""
         run_until_signal(self.start, self.stop)
+
+
+def remove_orphans(*stores: Spool) -> None:
+    """Temporary files of processes that died mid-write (their own per-process folders) go at once;
+    a scan for stray temporaries of older releases runs in the background (a big spool takes a while)."""
+    for store in stores:
+        removed = store.remove_orphans(legacy_scan=False)
+        if removed:
+            log.warning("orphans_removed", count=removed, store=store.root.name)
+
+    def scan() -> None:
+        for store in stores:
+            try:
+                removed = store.remove_legacy_temporaries()
+            except OSError:
+                log.warning("orphan_scan_failed", store=store.root.name)
+                continue
+            if removed:
+                log.warning("orphans_removed", count=removed, store=store.root.name, legacy=True)
+
+    threading.Thread(target=scan, name="osteogate-orphan-scan", daemon=True).start()
 
 
 def run_until_signal(start: Callable[[], None], stop: Callable[[], None]) -> None:
@@ -385,8 +413,10 @@ class WorkerService:
                                        on_result=lambda: self.scheduler.trigger("delivery"))
 
     def start(self) -> None:
+        remove_orphans(self.reports)
         self.classifiers()  # fail fast on a bad checkpoint
-        self.scheduler.add("delivery", self.delivery.run_due, self.settings.delivery.check_interval_seconds)
+        self.scheduler.add("delivery", lambda: self.delivery.run_due(wait=False),
+                           self.settings.delivery.check_interval_seconds)
         add_maintenance_jobs(self.scheduler, self.settings, self.db, self.spool)
         self.scheduler.start()
         self.worker.start()
@@ -398,6 +428,7 @@ class WorkerService:
         self.worker.stop()
         self.scheduler.stop()
         self.store.dispose()
+        self.reports.release_incoming()
         log.info("worker_stopped", worker=self.worker.id)
 
     def serve_forever(self) -> None:

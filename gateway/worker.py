@@ -38,7 +38,7 @@ from osteogate.gateway.db import (
     StudyStatus,
     utcnow,
 )
-from osteogate.gateway.logs import get_logger
+from osteogate.gateway.logs import get_logger, scrub
 from osteogate.gateway.metrics import INFERENCE_SECONDS, STUDIES_PROCESSED, STUDY_PROCESSING_SECONDS
 from osteogate.gateway.region import detect_region
 from osteogate.gateway.spool import Spool
@@ -208,32 +208,46 @@ class ClassifierWorker:
     # -- job claiming ------------------------------------------------------------------------------
 
     def recover_own_dead_jobs(self) -> int:
-        """Jobs left 'running' by an earlier process on this host whose PID is gone go back to pending.
+        """Jobs left 'running' by an earlier process on this host whose PID is gone: back to pending,
+        or failed ("worker died N times") once they have used up worker.max_attempts.
 
-        Other hosts' jobs are left to lease expiry: we cannot tell whether they are alive.
+        A job that kills its process (out of memory, a crashing decoder) would otherwise come back
+        at every restart and take the listener down with it each time. Other hosts' jobs are left
+        to lease expiry (admin.recover_stale_jobs): we cannot tell whether they are alive.
         """
         host = socket.gethostname()[:40]
-        recovered = 0
+        recovered = failed = 0
         with self.db.session() as session:
             jobs = session.execute(select(Job).where(Job.status == JobStatus.RUNNING)).scalars().all()
             for job in jobs:
-                if _orphaned_here(job.worker or "", host):
+                if not _orphaned_here(job.worker or "", host):
+                    continue
+                job.lease_until = None
+                if job.attempts >= self.settings.worker.max_attempts:
+                    self._mark_failed(job, f"worker died {job.attempts} times while processing this study")
+                    failed += 1
+                else:
                     job.status = JobStatus.PENDING
-                    job.lease_until = None
                     recovered += 1
         if recovered:
             log.warning("jobs_recovered", count=recovered, reason="previous worker process died")
-        return recovered
+        if failed:
+            log.error("jobs_failed", count=failed, reason="worker died on each attempt (max_attempts spent)")
+        return recovered + failed
 
     def claim(self, only: Collection[int] | None = None) -> int | None:
         """Take the oldest claimable job; ``only`` limits the choice (``osteogate replay`` takes
-        just its own jobs, so a replay run never classifies live traffic with another model)."""
+        just its own jobs, so a replay run never classifies live traffic with another model).
+
+        A job that has used up its attempts is never claimed again, whatever its state: the
+        crash-counting in recover_own_dead_jobs and admin.recover_stale_jobs then fails it.
+        """
         now = utcnow()
         lease = now + timedelta(seconds=self.settings.worker.lease_seconds)
         claimable = or_(
             Job.status == JobStatus.PENDING,
             (Job.status == JobStatus.RUNNING) & (Job.lease_until < now),
-        )
+        ) & (Job.attempts < self.settings.worker.max_attempts)
         if only is not None:
             claimable = claimable & Job.id.in_(list(only))
         with self.db.session() as session:
@@ -557,12 +571,21 @@ class ClassifierWorker:
             job.error = error[:2000]
             job.lease_until = None
             if job.attempts >= self.settings.worker.max_attempts:
-                job.status = JobStatus.FAILED
-                job.finished_at = utcnow()
-                if job.study.version == job.study_version:
-                    job.study.status = StudyStatus.FAILED
+                self._mark_failed(job, job.error)
             else:
                 job.status = JobStatus.PENDING
+
+    @staticmethod
+    def _mark_failed(job: Job, error: str) -> None:
+        """The job is over for good; its study shows ``failed`` (unless a newer version superseded it)."""
+        job.status = JobStatus.FAILED
+        job.finished_at = utcnow()
+        job.error = error[:2000]
+        if job.study.version == job.study_version:
+            job.study.status = StudyStatus.FAILED
+        # The error may quote a value from the header (an exception message): scrubbed for the log.
+        log.error("job_failed_for_good", job=job.id, study_key=job.study.study_key, attempts=job.attempts,
+                  reason=scrub(error[:200]))
 
     @staticmethod
     def _read_header(store: Spool, relative: str) -> Dataset | None:

@@ -89,3 +89,30 @@ def test_log_has_no_identifiers(tmp_path: Path, tiny_model: Path) -> None:
         for key, value in event.items():
             assert not (key in covariate_keys and not isinstance(value, list)), f"covariate in the log: {event}"
             assert value not in ("F", "M", "female", "male"), f"a sex value in the log: {event}"
+
+
+def test_library_warnings_and_exceptions_carry_no_values(tmp_path: Path, tiny_model: Path) -> None:
+    """pydicom warns with the offending value (an invalid UID, a badly written birth date), and
+    exceptions quote values too; the log keeps the warning and the traceback, not the values."""
+    birth_date = "19.05.1961"
+    bad_frame_uid = f"1.2.840.{MARK}.ABC.1"
+    odd = make_dataset(study_uid=generate_uid(), PatientBirthDate=birth_date, FrameOfReferenceUID=bad_frame_uid,
+                       PatientID=f"PID{MARK}77")
+    refused = make_dataset(PatientID=f"PID{MARK}78")
+    del refused.PixelData
+    work = tmp_path / "in"
+    files = [write_dataset(odd, work / "odd.dcm"), write_dataset(refused, work / "refused.dcm")]
+    forbidden = {birth_date, "19610519", bad_frame_uid, odd.SOPInstanceUID, odd.StudyInstanceUID,
+                 refused.SOPInstanceUID, refused.StudyInstanceUID, f"PID{MARK}77", f"PID{MARK}78"}
+    with GatewayProcess(tmp_path / "gw", model=tiny_model, env={"OSTEOGATE_LOGGING_LEVEL": "debug"}) as gw:
+        for path in files:
+            storescu([path], "127.0.0.1", gw.port, "OSTEOGATE")
+        wait_until(lambda: [r for r in gw.studies() if r["status"] in ("done", "skipped", "failed")], 60)
+        log = gw.log()
+        events = gw.events()
+    warnings = [e for e in events if e.get("event") in ("library_warning", "library_log")]
+    assert warnings, "the invalid UID must have made pydicom warn (path not exercised)"
+    assert any("<redacted>" in e["message"] for e in warnings)
+    leaked = sorted(s for s in forbidden if s in log)
+    assert leaked == [], f"values in the log: {leaked}"
+    assert "Traceback" not in log or "<redacted>" in log

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import socket
+import time
 import urllib.request
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.gateway_harness import GatewayProcess
-from tests.helpers import StoreSCP, free_port, sample_files, storescu, wait_until
+from tests.helpers import StoreSCP, free_port, make_dataset, sample_files, storescu, wait_until, write_dataset
 
 
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -57,3 +59,50 @@ def test_metrics_move_and_health_reports(tmp_path: Path, dcmtk_pacs: StoreSCP, t
             assert exc.code == 404
         else:
             raise AssertionError("unknown path must be 404")
+
+
+def test_half_open_request_does_not_blind_health(tmp_path: Path, tiny_model: Path) -> None:
+    http_port = free_port()
+    env = {"OSTEOGATE_HTTP_ENABLED": "true", "OSTEOGATE_HTTP_PORT": str(http_port)}
+    with GatewayProcess(tmp_path / "gw", model=tiny_model, env=env):
+        stalled = [socket.create_connection(("127.0.0.1", http_port), timeout=10) for _ in range(3)]
+        for sock in stalled:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # ... and never the blank line
+        try:
+            started = time.monotonic()
+            health = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{http_port}/healthz", timeout=5).read())
+            assert health["healthy"] is True
+            assert "osteogate_instances_received_total" in urllib.request.urlopen(
+                f"http://127.0.0.1:{http_port}/metrics", timeout=5).read().decode()
+            assert time.monotonic() - started < 2
+            # The stalled requests are dropped once the request timeout passes.
+            for sock in stalled:
+                sock.settimeout(10)
+                assert sock.recv(1024) == b""
+        finally:
+            for sock in stalled:
+                sock.close()
+
+
+def test_calling_ae_labels_are_bounded(tmp_path: Path, tiny_model: Path) -> None:
+    """Only AE titles on the allow-list become label values; everyone else is "other"."""
+    http_port = free_port()
+    callers = ["GOODMOD", *(f"RANDOM{n}" for n in range(5))]
+    env = {"OSTEOGATE_HTTP_ENABLED": "true", "OSTEOGATE_HTTP_PORT": str(http_port),
+           "OSTEOGATE_DICOM_ALLOWED_CALLING_AETS": "GOODMOD"}
+    with GatewayProcess(tmp_path / "gw", model=tiny_model, env=env, stable_seconds=60) as gw:
+        for n, caller in enumerate(callers):
+            path = write_dataset(make_dataset(), tmp_path / f"{n}.dcm")
+            storescu([path], "127.0.0.1", gw.port, "OSTEOGATE", calling_aet=caller)
+        values = scrape(http_port)
+    received = {labels: v for (name, labels), v in values.items() if name == "osteogate_instances_received_total"}
+    assert received == {(("calling_ae", "GOODMOD"),): 1.0}  # the others were refused at association
+    # Without an allow-list every caller is accepted, and every one is "other".
+    with GatewayProcess(tmp_path / "gw2", model=tiny_model, env={**env, "OSTEOGATE_DICOM_ALLOWED_CALLING_AETS": ""},
+                        stable_seconds=60) as gw:
+        for n, caller in enumerate(callers):
+            path = write_dataset(make_dataset(), tmp_path / f"b{n}.dcm")
+            storescu([path], "127.0.0.1", gw.port, "OSTEOGATE", calling_aet=caller)
+        values = scrape(http_port)
+    received = {labels: v for (name, labels), v in values.items() if name == "osteogate_instances_received_total"}
+    assert received == {(("calling_ae", "other"),): float(len(callers))}

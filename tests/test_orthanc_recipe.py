@@ -230,9 +230,6 @@ def test_results_arriving_do_not_forward_the_study_again(routed: Routed) -> None
 
 
 @pytest.mark.orthanc
-@pytest.mark.xfail(strict=True, reason="issue #10 item 3: the gateway refuses the SR SOP class, so Orthanc's "
-                                       "whole-study send fails with HTTP 500; passes once storage of any SOP "
-                                       "class is accepted (then remove this mark)")
 def test_whole_study_resend_from_orthanc_succeeds_without_a_new_result(routed: Routed) -> None:
     """A common routing rule: Orthanc sends the whole study, which now holds our SR (and card),
     to OsteoGate again. Every instance must be accepted, and nothing new must come back."""

@@ -9,7 +9,9 @@ spool, and have sent only well-formed SRs (each parses and passes dciodvfy witho
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,6 +24,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filewriter import write_dataset as pydicom_write_dataset
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     JPEG2000Lossless,
     generate_uid,
@@ -136,10 +139,15 @@ def build_corpus(work: Path) -> list[Case]:
     cases.append(Case("SOP class differs from context", _raw_file(
         mismatch.file_meta, _explicit_le_body(mismatch), work / "mismatch.dcm"), "refused",
         contexts=((CR, str(ExplicitVRLittleEndian)),)))
-    # A SOP class the gateway does not support at all (CT): refused at negotiation.
+    # A standard storage SOP class the gateway does not process (CT): acknowledged, not stored, so
+    # a PACS routing a whole study never fails on it.
     ct = make_dataset(modality="CT", SOPClassUID="1.2.840.10008.5.1.4.1.1.2")
-    cases.append(Case("CT image (unsupported SOP class)", write_dataset(ct, work / "ct.dcm"), "refused",
-                      contexts=(("1.2.840.10008.5.1.4.1.1.2", str(ExplicitVRLittleEndian)),)))
+    cases.append(Case("CT image (stored by PACS, out of scope here)", write_dataset(ct, work / "ct.dcm"),
+                      "acknowledged", contexts=(("1.2.840.10008.5.1.4.1.1.2", str(ExplicitVRLittleEndian)),)))
+    # A private SOP class no standard names: refused at negotiation.
+    private = make_dataset(SOPClassUID="1.2.826.0.1.3680043.9999.1")
+    cases.append(Case("private SOP class", write_dataset(private, work / "private.dcm"), "refused",
+                      contexts=(("1.2.826.0.1.3680043.9999.1", str(ExplicitVRLittleEndian)),)))
 
     # Acceptable but unusual: must be stored and classified (or skipped with a reason).
     utf8 = make_dataset(study_uid=generate_uid(), SpecificCharacterSet="ISO_IR 192",
@@ -207,7 +215,7 @@ def test_fuzzed_corpus_never_crashes_hangs_or_escapes(tmp_path: Path, dcmtk_pacs
             code = statuses[case.name]
             if case.expect == "refused" and code not in FAILURE_STATUSES | {NOT_SENT}:
                 problems.append(f"{case.name}: expected a refusal, got 0x{code:04X}")
-            if case.expect.startswith("accepted") and code != SUCCESS:
+            if (case.expect.startswith("accepted") or case.expect == "acknowledged") and code != SUCCESS:
                 problems.append(f"{case.name}: expected success, got {code:#06x}")
             if case.expect == "refused_or_skipped" and code not in FAILURE_STATUSES | {SUCCESS}:
                 problems.append(f"{case.name}: expected refusal or success, got {code:#06x}")
@@ -276,3 +284,163 @@ def test_rows_with_wrong_vr_is_refused_as_malformed(tmp_path: Path, tiny_model: 
     # and it must be an anticipated refusal, not an exception caught by the listener's last resort.
     assert code in FAILURE_STATUSES, f"0x{code:04X}"
     assert failures == []
+
+
+# -- memory bombs ------------------------------------------------------------------------------------------
+
+
+def peak_rss_mb(pid: int) -> float:
+    """VmHWM: the most resident memory the process ever had, from /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM in /proc")
+
+
+def big_native_file(path: Path, pixel_bytes: int) -> Path:
+    """A DX instance with ``pixel_bytes`` of zero pixels, written without holding them in memory."""
+    ds = make_dataset()
+    del ds.PixelData
+    side = int((pixel_bytes // 2) ** 0.5)
+    ds.Rows = ds.Columns = side
+    with path.open("wb") as handle:
+        handle.write(b"\0" * 128 + b"DICM")
+        write_file_meta_info(handle, ds.file_meta, enforce_standard=True)
+        handle.write(_explicit_le_body(ds))
+        handle.write(b"\xe0\x7f\x10\x00OW\0\0" + pixel_bytes.to_bytes(4, "little"))
+        chunk = bytes(1 << 20)
+        for _ in range(pixel_bytes // len(chunk)):
+            handle.write(chunk)
+        handle.write(bytes(pixel_bytes % len(chunk)))
+    return path
+
+
+def deflate_bomb(path: Path, inflated_bytes: int, **attrs: object) -> Path:
+    from tests.test_ingest_integrity import deflated
+
+    path.write_bytes(deflated(make_dataset(**attrs), extra_zeros=inflated_bytes))
+    return path
+
+
+def store_on_one_association(port: int, paths: list[Path], contexts: tuple[tuple[str, str], ...]) -> list[object]:
+    """Statuses (the response datasets) of C-STOREs of raw files on one association, in order."""
+    with association(port, contexts) as assoc:
+        assert assoc.is_established
+        return [assoc.send_c_store(path) for path in paths]
+
+
+def test_bombs_are_refused_with_bounded_memory(tmp_path: Path, tiny_model: Path) -> None:
+    """max_instance_mb = 2: a deflate bomb (300 MB inflated from ~0.3 MB), a 64 MB instance, a
+    corrupt deflate stream, sequences nested 300 deep and a PDU header claiming 4 GB are each
+    refused with the right status class, the association (or listener) goes on serving, and the
+    serve process never holds more than 600 MB."""
+    from tests.test_ingest_integrity import deflated, nested_sequences
+
+    work = tmp_path / "bombs"
+    work.mkdir()
+    bomb = deflate_bomb(work / "bomb.dcm", 300 * 2**20)
+    assert bomb.stat().st_size < 2 * 2**20
+    big = big_native_file(work / "big.dcm", 64 * 2**20)
+    good = write_dataset(make_dataset(study_uid=generate_uid()), work / "good.dcm")
+    corrupt_bytes = bytearray(deflated(make_dataset()))
+    corrupt_bytes[144 + int(pydicom.dcmread(good, stop_before_pixels=True).file_meta.FileMetaInformationGroupLength)
+                  + 2] ^= 0xFF
+    corrupt = work / "corrupt.dcm"
+    corrupt.write_bytes(bytes(corrupt_bytes))
+    nested = work / "nested.dcm"
+    nested.write_bytes(nested_sequences(300))
+    deflate_cx = (DX, str(DeflatedExplicitVRLittleEndian))
+    native_cx = (DX, str(ExplicitVRLittleEndian))
+
+    env = {"OSTEOGATE_DICOM_MAX_INSTANCE_MB": "2"}
+    with GatewayProcess(tmp_path / "gw", model=tiny_model, env=env, stable_seconds=30) as gw:
+        assert gw.proc is not None
+        baseline = peak_rss_mb(gw.proc.pid)
+        started = time.monotonic()
+        responses = store_on_one_association(gw.port, [bomb, big, good], (deflate_cx, native_cx))
+        codes = [int(r.Status) for r in responses]
+        assert codes == [0xA700, 0xA700, 0x0000], [hex(c) for c in codes]
+        assert "inflates to more than 2 MB" in responses[0].ErrorComment
+        assert "larger than dicom.max_instance_mb" in responses[1].ErrorComment
+        # Malformed is permanent (0xCxxx), never "out of resources" (the sender would retry forever).
+        for path, cx in ((corrupt, deflate_cx), (nested, native_cx)):
+            [response] = store_on_one_association(gw.port, [path], (cx,))
+            assert int(response.Status) & 0xF000 == 0xC000, (path.name, hex(int(response.Status)))
+        # A PDU header that announces 4 GB: the connection is closed, nothing is allocated.
+        with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as raw:
+            raw.sendall(b"\x01\x00" + (0xFFFFFFF0).to_bytes(4, "big") + b"\0" * 64)
+            assert raw.recv(16) == b""
+        elapsed = time.monotonic() - started
+        assert echoscu("127.0.0.1", gw.port, "OSTEOGATE").returncode == 0
+        peak = peak_rss_mb(gw.proc.pid)
+        events = gw.events()
+    print(f"serve peak RSS {peak:.0f} MB (at start {baseline:.0f} MB); bombs handled in {elapsed:.1f} s")
+    assert peak < 600, f"peak RSS {peak:.0f} MB"
+    assert not [e for e in events if e.get("event") in ("instance_store_failed", "thread_crashed")]
+    spooled = list((tmp_path / "gw" / "spool").rglob("*.dcm"))
+    assert [p.stem for p in spooled] == [str(pydicom.dcmread(good, stop_before_pixels=True).SOPInstanceUID)]
+    assert not [p for p in (tmp_path / "gw" / "spool" / ".incoming").rglob("*") if p.is_file()]
+
+
+@pytest.mark.slow
+def test_gigabyte_bombs_in_one_study_keep_memory_bounded(tmp_path: Path, tiny_model: Path) -> None:
+    """The issue's figures: three 1.1 GB deflate bombs in one study, and a 288 MB instance, against
+    max_instance_mb = 2 (they reached 6.5 GB and +490 MB of RSS before)."""
+    work = tmp_path / "bombs"
+    work.mkdir()
+    study_uid = generate_uid()
+    bombs = [deflate_bomb(work / f"bomb{i}.dcm", 1100 * 2**20, study_uid=study_uid) for i in range(3)]
+    big = big_native_file(work / "big.dcm", 288 * 2**20)
+    env = {"OSTEOGATE_DICOM_MAX_INSTANCE_MB": "2"}
+    with GatewayProcess(tmp_path / "gw", model=tiny_model, env=env, stable_seconds=2) as gw:
+        assert gw.proc is not None
+        responses = store_on_one_association(
+            gw.port, [*bombs, big], ((DX, str(DeflatedExplicitVRLittleEndian)), (DX, str(ExplicitVRLittleEndian))))
+        assert [int(r.Status) for r in responses] == [0xA700] * 4
+        time.sleep(4)  # nothing was stored, so nothing reaches the worker either
+        assert gw.studies() == []
+        peak = peak_rss_mb(gw.proc.pid)
+    print(f"serve peak RSS {peak:.0f} MB")
+    assert peak < 600
+
+
+# -- integrity over the network --------------------------------------------------------------------------------
+
+
+def test_uid_conflicts_refused_and_transfer_syntax_duplicates_ignored(tmp_path: Path, dcmtk_pacs: StoreSCP,
+                                                                    tiny_model: Path) -> None:
+    """The issue's two cases end to end: a SOP Instance UID re-sent under another patient's study
+    used to be accepted (and broke `replay` of the first study); the same instance in another
+    transfer syntax used to make a new version and a second SR."""
+    from pydicom.uid import RLELossless
+
+    original = make_dataset(study_uid=generate_uid(), PatientID="PAT-A")
+    first = write_dataset(original, tmp_path / "original.dcm")
+    with GatewayProcess(tmp_path / "gw", model=tiny_model, destinations=[f"PACS@127.0.0.1:{dcmtk_pacs.port}"]) as gw:
+        assert send_raw(gw.port, Case("original", first, "accepted")) == SUCCESS
+        dcmtk_pacs.wait_for_files("SR*.dcm", count=1, timeout=60)
+        wait_until(lambda: gw.studies()[0]["delivered"] == "1/1", 30)
+
+        # The same image, RLE Lossless (as a router might forward it): success, a duplicate.
+        again = pydicom.dcmread(first)
+        again.compress(RLELossless, generate_instance_uid=False)
+        rle = write_dataset(again, tmp_path / "rle.dcm")
+        assert send_raw(gw.port, Case("rle", rle, "accepted", contexts=((DX, str(RLELossless)),))) == SUCCESS
+
+        # The same SOP Instance UID in another patient's study: refused, permanently, with the reason.
+        thief = make_dataset(sop_uid=original.SOPInstanceUID, PatientID="PAT-B")
+        with association(gw.port, ((DX, str(ExplicitVRLittleEndian)),)) as assoc:
+            response = assoc.send_c_store(thief)
+        assert int(response.Status) == 0xC001
+        assert "already stored for another study" in response.ErrorComment
+
+        time.sleep(3)  # stable_seconds is 1: a new version would be queued by now
+        [row] = gw.studies()
+        assert row["version"] == 1 and row["sr_versions"] == 1 and row["study_uid"] == original.StudyInstanceUID
+        assert len(dcmtk_pacs.files("SR*.dcm")) == 1
+        events = gw.events()
+        assert [e for e in events if e.get("event") == "instance_uid_conflict"]
+        assert original.SOPInstanceUID not in gw.log()
+        # The first study is intact: it can be replayed from its own file.
+        replay = gw.cli("replay", original.StudyInstanceUID, "--timeout", "60")
+        assert "replayed 1 of 1" in replay.stdout, replay.stdout

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import shutil
+import socket
 import ssl
 import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import pydicom
@@ -44,9 +47,12 @@ def test_calling_ae_allow_list(tmp_path: Path, tiny_model: Path) -> None:
 def test_source_host_allow_list(tmp_path: Path, tiny_model: Path) -> None:
     with GatewayProcess(tmp_path / "gw", model=tiny_model,
                         env={"OSTEOGATE_DICOM_ALLOWED_HOSTS": "10.99.0.0/16"}) as gw:
+        # Closed in the accept loop, before a single byte is read: no association, no rejection.
         ok, rejection = _echo(gw.port)
-        assert not ok and rejection.result == 0x01
-        assert any(e.get("event") == "association_refused" for e in gw.events())
+        assert not ok and rejection is None
+        refused = wait_until(lambda: [e for e in gw.events() if e.get("event") == "connection_refused"], 10)
+        assert refused[0]["reason"] == "source host not on dicom.allowed_hosts"
+        assert "127.0.0.1" not in str(refused)  # the peer is logged hashed
     with GatewayProcess(tmp_path / "gw2", model=tiny_model,
                         env={"OSTEOGATE_DICOM_ALLOWED_HOSTS": "127.0.0.0/8"}) as gw:
         assert _echo(gw.port)[0]
@@ -171,3 +177,108 @@ def test_max_instance_size_and_association_limit(tmp_path: Path, tiny_model: Pat
         finally:
             first.release()
     assert len(list((tmp_path / "gw" / "spool").rglob("*.dcm"))) == 1
+
+
+# -- slow and idle peers ---------------------------------------------------------------------------------
+
+
+def _closed_within(sock: socket.socket, seconds: float) -> bool:
+    """True if the peer closes ``sock`` (EOF or reset) within ``seconds``."""
+    sock.settimeout(seconds)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_idle_connections_hold_no_slots_and_are_cut_off(tmp_path: Path, tiny_model: Path) -> None:
+    env = {"OSTEOGATE_DICOM_MAX_ASSOCIATIONS": "2", "OSTEOGATE_DICOM_HANDSHAKE_TIMEOUT_SECONDS": "2"}
+    with GatewayProcess(tmp_path / "gw", model=tiny_model, env=env) as gw:
+        idle = [socket.create_connection(("127.0.0.1", gw.port), timeout=5) for _ in range(8)]
+        try:
+            # More than max(4, max_associations) waiting from one host: the extra ones go at once.
+            closed_at_once = sum(_closed_within(s, 0.5) for s in idle)
+            assert closed_at_once >= 3, closed_at_once
+            # The ones still open hold no association slot: both slots serve modalities right now.
+            started = time.monotonic()
+            ok = [_echo(gw.port)[0], _echo(gw.port)[0]]
+            assert ok == [True, True] and time.monotonic() - started < 2
+            # ... and they are closed once the handshake timeout (2 s) has passed.
+            assert all(_closed_within(s, 4) for s in idle)
+        finally:
+            for s in idle:
+                s.close()
+        events = gw.events()
+    assert any(e.get("event") == "connection_refused" and "waiting" in e["reason"] for e in events)
+
+
+def test_hosts_off_the_allow_list_are_closed_at_once(tmp_path: Path, tiny_model: Path) -> None:
+    """16 connections from a host not on the list (127.0.0.2) hold nothing, not even a thread."""
+    env = {"OSTEOGATE_DICOM_ALLOWED_HOSTS": "127.0.0.1/32", "OSTEOGATE_DICOM_MAX_ASSOCIATIONS": "2"}
+    with GatewayProcess(tmp_path / "gw", model=tiny_model, env=env) as gw:
+        strangers = []
+        for _ in range(16):
+            s = socket.socket()
+            s.bind(("127.0.0.2", 0))
+            s.connect(("127.0.0.1", gw.port))
+            strangers.append(s)
+        try:
+            assert all(_closed_within(s, 1) for s in strangers)
+            assert _echo(gw.port)[0] and _echo(gw.port)[0]
+        finally:
+            for s in strangers:
+                s.close()
+        refused = [e for e in gw.events() if e.get("event") == "connection_refused"]
+    # Logged, hashed, and rate-limited (one line, then a count of what was held back).
+    assert refused and all("127.0.0.2" not in str(e) for e in refused)
+    assert len(refused) < 16
+
+
+def test_rejections_are_logged_and_reported_in_words(tmp_path: Path, tiny_model: Path) -> None:
+    with GatewayProcess(tmp_path / "gw", model=tiny_model,
+                        env={"OSTEOGATE_DICOM_ALLOWED_CALLING_AETS": "GOODMOD"}) as gw:
+        result = subprocess.run([sys.executable, "-m", "osteogate.gateway.cli", "echo", f"WRONG@127.0.0.1:{gw.port}",
+                                 "--calling-aet", "GOODMOD"], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2
+        assert "rejected permanently by the called AE: called AE title not recognised" in result.stderr
+        result = subprocess.run([sys.executable, "-m", "osteogate.gateway.cli", "echo", f"OSTEOGATE@127.0.0.1:{gw.port}",
+                                 "--calling-aet", "STRANGER"], capture_output=True, text=True, timeout=60)
+        assert "calling AE title not recognised" in result.stderr
+        reasons = wait_until(lambda: [e["reason"] for e in gw.events() if e.get("event") == "association_rejected"]
+                             if len([e for e in gw.events() if e.get("event") == "association_rejected"]) >= 2
+                             else [], 10)
+    assert reasons == ["rejected permanently by the called AE: called AE title not recognised",
+                       "rejected permanently by the called AE: calling AE title not recognised"]
+    unresolvable = subprocess.run([sys.executable, "-m", "osteogate.gateway.cli", "echo", "PACS@no-such-host.invalid:104"],
+                                  capture_output=True, text=True, timeout=60)
+    assert unresolvable.returncode == 2 and "cannot be resolved" in unresolvable.stderr
+    assert "Traceback" not in unresolvable.stderr
+
+
+def test_idle_socket_does_not_block_the_tls_listener(tmp_path: Path, tiny_model: Path, pki: Path) -> None:
+    """The TLS handshake runs in the connection's thread: a socket that never starts it delays
+    nobody (it used to block the accept loop, for every host, for minutes) and is closed after
+    dicom.handshake_timeout_seconds (default 5)."""
+    config = tmp_path / "gw.toml"
+    config.write_text(
+        "[dicom.tls]\nenabled = true\n"
+        f'cert_file = "{pki / "server.pem"}"\nkey_file = "{pki / "server.key"}"\nca_file = "{pki / "ca.pem"}"\n')
+    with GatewayProcess(tmp_path / "gw", model=tiny_model, env={"OSTEOGATE_CONFIG": str(config)}) as gw:
+        idle = [socket.create_connection(("127.0.0.1", gw.port), timeout=10) for _ in range(3)]
+        try:
+            opened = time.monotonic()
+            started = time.monotonic()
+            assert _echo(gw.port, tls=_client_context(pki))[0]
+            echo_seconds = time.monotonic() - started
+            assert all(_closed_within(s, 9) for s in idle)
+            closed_after = time.monotonic() - opened
+        finally:
+            for s in idle:
+                s.close()
+        events = gw.events()
+    print(f"TLS echo with 3 idle sockets open: {echo_seconds:.2f} s; idle sockets closed after {closed_after:.1f} s")
+    assert echo_seconds < 2
+    assert 4 <= closed_after <= 9
+    assert any(e.get("event") == "connection_closed" and "no TLS handshake within 5 s" in e["reason"] for e in events)
