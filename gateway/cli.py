@@ -15,6 +15,7 @@ import json
 import os
 import re
 import sys
+import warnings
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -215,7 +216,9 @@ def cmd_send(args: argparse.Namespace) -> int:
     headers = {}
     for path in files:
         try:
-            header = pydicom.dcmread(path, stop_before_pixels=True)
+            with warnings.catch_warnings():  # pydicom's warnings quote file contents: the skip line says enough
+                warnings.simplefilter("ignore")
+                header = pydicom.dcmread(path, stop_before_pixels=True)
             headers[path] = (UID(str(header.SOPClassUID)), UID(str(header.file_meta.TransferSyntaxUID)))
         except Exception as exc:  # noqa: BLE001 - one unreadable file must not stop the others
             print(f"skip {path}: unreadable DICOM header ({type(exc).__name__})", file=sys.stderr)

@@ -102,7 +102,8 @@ def _foreign_record(_logger: Any, _name: str, event_dict: dict[str, Any]) -> dic
     """A record from another library's stdlib logger (or a Python warning): scrub its text."""
     record = event_dict.get("_record")
     name = getattr(record, "name", "")
-    message = str(record.getMessage() if record else "")
+    # The formatter has already rendered the message (record.args are cleared before this chain).
+    message = str(event_dict.get("event", ""))
     if name.startswith("osteogate."):
         event_dict["event"] = message  # our own code (model/) writing through the stdlib
     else:

@@ -12,7 +12,7 @@ IOD: Secondary Capture Image Storage (1.2.840.10008.5.1.4.1.1.7), single frame, 
 uncompressed. It is the one SC every PACS and viewer handles (Orthanc Explorer's preview, OHIF and
 Stone, and old PACS that predate the multi-frame SC IODs); colour carries the result category, which
 Grayscale SC would lose; one page needs no frames. Text is burned in (BurnedInAnnotation YES) with a
-scalable TrueType font found through fontconfig (or matplotlib's font manager): never Pillow's
+scalable TrueType font found through fontconfig (or the usual font folders): never Pillow's
 bitmap fallback, which is unreadable at this size.
 
 The card is built by Pillow (drawing) and highdicom (``SCImage``: patient and study modules copied
@@ -92,28 +92,26 @@ def _fontconfig(pattern: str) -> Path | None:
     return path if path and path.suffix.lower() in _SCALABLE and path.is_file() else None
 
 
-def _matplotlib(bold: bool) -> Path | None:
-    try:
-        from matplotlib import font_manager
-    except ImportError:
-        return None
-    try:
-        found = font_manager.findfont(
-            font_manager.FontProperties(family="DejaVu Sans", weight="bold" if bold else "normal"),
-            fallback_to_default=False,
-        )
-    except ValueError:
-        return None
-    path = Path(found)
-    return path if path.suffix.lower() in _SCALABLE and path.is_file() else None
+# Where Debian (fonts-dejavu-core), Red Hat and Alpine put DejaVu Sans, for hosts without fc-match.
+_FONT_DIRS = (Path("/usr/share/fonts"), Path("/usr/local/share/fonts"), Path("/usr/share/fonts/truetype"))
+
+
+def _font_dirs(bold: bool) -> Path | None:
+    name = "DejaVuSans-Bold.ttf" if bold else "DejaVuSans.ttf"
+    for root in _FONT_DIRS:
+        if root.is_dir():
+            found = next(iter(sorted(root.rglob(name))), None)
+            if found is not None:
+                return found
+    return None
 
 
 @functools.cache
 def find_font(bold: bool = False) -> Path:
     """A scalable sans-serif font file: DejaVu Sans (Debian ``fonts-dejavu-core``) via fontconfig,
-    else matplotlib's font manager. Raises FontUnavailable rather than using a bitmap fallback."""
+    else the usual font folders. Raises FontUnavailable rather than using a bitmap fallback."""
     pattern = "DejaVu Sans:bold" if bold else "DejaVu Sans"
-    path = _fontconfig(pattern) or _matplotlib(bold)
+    path = _fontconfig(pattern) or _font_dirs(bold)
     if path is None:
         raise FontUnavailable(
             "no scalable font found for the result card: install the Debian package fonts-dejavu-core "

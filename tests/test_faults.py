@@ -404,7 +404,11 @@ def test_silent_destination_never_delays_another(tmp_path: Path, dcmtk_pacs: Sto
             for files in studies:
                 assert storescu(files, "127.0.0.1", gw.port, "OSTEOGATE").returncode == 0
             dcmtk_pacs.wait_for_files(SR_PATTERN, count=len(studies), timeout=60)
-            events = gw.events()
+            # The SR lands first and the result card after it on the same association; the
+            # delivery is logged once both are stored.
+            events = wait_until(lambda: (lambda ev: ev if sum(e.get("event") == "sr_delivered" and
+                                                                e["destination"] == "PACS" for e in ev) >= len(studies)
+                                         else None)(gw.events()), 30)
             assert not any(e.get("event") == "sr_delivered" and e["destination"] == "SILENT" for e in events)
     finally:
         silent.close()

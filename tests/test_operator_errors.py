@@ -20,8 +20,7 @@ import pydicom
 import pytest
 from osteogate.gateway.errors import ExitCode
 from osteogate.model.card import ModelCard
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import BasicTextSRStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import generate_uid
 from safetensors.numpy import save_file
 
 from tests.gateway_harness import GatewayProcess
@@ -133,13 +132,11 @@ def test_unreadable_certificate_is_caught_by_config_check(tmp_path: Path) -> Non
 # -- DICOM peers ---------------------------------------------------------------------------------
 
 
-def _basic_text_sr(path: Path) -> Path:
-    ds = Dataset()
-    ds.SOPClassUID, ds.SOPInstanceUID = BasicTextSRStorage, generate_uid()
-    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = generate_uid(), generate_uid(), "SR"
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+def _image_without_pixels(path: Path) -> Path:
+    """A DX header with no Pixel Data: the gateway refuses it (0xA900), the send goes on."""
+    ds = pydicom.dcmread(sample_file("knee_dx.dcm"))
+    del ds.PixelData
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     ds.save_as(path, enforce_file_format=True)
     return path
 
@@ -151,7 +148,7 @@ def test_wrong_ae_and_unreadable_files_in_a_sent_folder(tmp_path: Path, tiny_mod
     for name in ("knee_dx.dcm", "knee_dx_2.dcm"):
         (folder / name).write_bytes(sample_file(name).read_bytes())
     (folder / "garbage.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\xff" * 64)  # preamble, then nothing usable
-    _basic_text_sr(folder / "report.dcm")  # a SOP class the gateway does not accept
+    _image_without_pixels(folder / "report.dcm")  # refused by the gateway: no Pixel Data
     (folder / "notes.txt").write_text("not DICOM\n")
 
     with GatewayProcess(tmp_path / "gw", model=tiny_model, stable_seconds=30) as gw:

@@ -17,7 +17,7 @@ from typing import Any
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from tests.gateway_harness import GatewayProcess
 from tests.helpers import OrthancServer, make_dataset, wait_until, write_dataset
@@ -72,21 +72,20 @@ def test_whole_study_from_pacs_with_our_sr_and_card_stores_all_and_makes_no_new_
         [orthanc_study] = _rest(orthanc, "POST", "/tools/lookup", raw=study_uid.encode())
         study_id = orthanc_study["ID"]
 
-        # First route: images only. The gateway classifies and sends its SR back into the study.
+        # First route: images only. The gateway classifies and sends its SR and result card back
+        # into the study.
         _rest(orthanc, "POST", "/modalities/gateway/store", {"Resources": [study_id], "Synchronous": True})
         wait_until(lambda: [r for r in gw.studies() if r["status"] == "done" and r["delivered"] == "1/1"], 90)
-        wait_until(lambda: len(_rest(orthanc, "GET", f"/studies/{study_id}/instances")) == 3, 30)
+        wait_until(lambda: len(_rest(orthanc, "GET", f"/studies/{study_id}/instances")) == 4, 30)
 
-        # Meanwhile the study gained a result card (ours), a CT series, a PDF and a foreign SR.
-        card = make_dataset(study_uid=study_uid, SOPClassUID=str(SecondaryCaptureImageStorage), Modality="OT",
-                            Manufacturer="OsteoGate", SeriesNumber=9902, SeriesDescription="OsteoGate result card")
+        # Meanwhile the study gained a CT series, a PDF and a foreign SR.
         ct = make_dataset(study_uid=study_uid, modality="CT", SOPClassUID="1.2.840.10008.5.1.4.1.1.2",
                           SeriesNumber=7)
         foreign_sr = pydicom.dcmread(next((tmp_path / "gw" / "reports").rglob("*.dcm")))
         foreign_sr.SOPInstanceUID = foreign_sr.file_meta.MediaStorageSOPInstanceUID = generate_uid()
         foreign_sr.SeriesInstanceUID = generate_uid()
         foreign_sr.Manufacturer, foreign_sr.SeriesNumber = "Another AI vendor", 80
-        for n, ds in enumerate([card, ct, _encapsulated_pdf(images[0]), foreign_sr]):
+        for n, ds in enumerate([ct, _encapsulated_pdf(images[0]), foreign_sr]):
             _upload(orthanc, ds, tmp_path / f"extra{n}.dcm")
         assert len(_rest(orthanc, "GET", f"/studies/{study_id}/instances")) == 7
 

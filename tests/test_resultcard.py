@@ -75,7 +75,7 @@ def test_real_scalable_font_is_found() -> None:
 
 def test_no_font_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(resultcard, "_fontconfig", lambda pattern: None)
-    monkeypatch.setattr(resultcard, "_matplotlib", lambda bold: None)
+    monkeypatch.setattr(resultcard, "_font_dirs", lambda bold: None)
     resultcard.find_font.cache_clear()
     try:
         with pytest.raises(resultcard.FontUnavailable, match="fonts-dejavu-core"):

@@ -241,7 +241,7 @@ def test_rejections_are_logged_and_reported_in_words(tmp_path: Path, tiny_model:
                         env={"OSTEOGATE_DICOM_ALLOWED_CALLING_AETS": "GOODMOD"}) as gw:
         result = subprocess.run([sys.executable, "-m", "osteogate.gateway.cli", "echo", f"WRONG@127.0.0.1:{gw.port}",
                                  "--calling-aet", "GOODMOD"], capture_output=True, text=True, timeout=60)
-        assert result.returncode == 2
+        assert result.returncode == 69  # EX_UNAVAILABLE
         assert "rejected permanently by the called AE: called AE title not recognised" in result.stderr
         result = subprocess.run([sys.executable, "-m", "osteogate.gateway.cli", "echo", f"OSTEOGATE@127.0.0.1:{gw.port}",
                                  "--calling-aet", "STRANGER"], capture_output=True, text=True, timeout=60)
@@ -253,7 +253,7 @@ def test_rejections_are_logged_and_reported_in_words(tmp_path: Path, tiny_model:
                        "rejected permanently by the called AE: calling AE title not recognised"]
     unresolvable = subprocess.run([sys.executable, "-m", "osteogate.gateway.cli", "echo", "PACS@no-such-host.invalid:104"],
                                   capture_output=True, text=True, timeout=60)
-    assert unresolvable.returncode == 2 and "cannot be resolved" in unresolvable.stderr
+    assert unresolvable.returncode == 69 and "cannot be resolved" in unresolvable.stderr
     assert "Traceback" not in unresolvable.stderr
 
 
