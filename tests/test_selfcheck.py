@@ -72,7 +72,9 @@ def test_gateway_schedules_retention_and_selfcheck(tmp_path: Path, dcmtk_pacs: S
         with sqlite3.connect(gw.data_dir / "osteogate.db") as conn:
             conn.execute("UPDATE studies SET last_received_at = datetime('now', '-30 days')")
         wait_until(lambda: not spool.exists(), 30)
-        events = gw.events()
+        # The folder goes first, the spool_purged line right after it: wait for the line.
+        events = wait_until(lambda: (lambda ev: ev if any(e.get("event") == "spool_purged" for e in ev) else None)(
+            gw.events()), 10)
     purged = [e for e in events if e.get("event") == "spool_purged"]
     assert purged and purged[0]["files"] == 1
     checks = {e["check"]: e["ok"] for e in events if e.get("event") == "selfcheck"}
