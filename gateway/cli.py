@@ -262,7 +262,7 @@ def cmd_send(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from osteogate.gateway.demo import run_demo
 
-    return run_demo(model=args.model, timeout=args.timeout)
+    return run_demo(model=args.model, timeout=args.timeout, cards=args.cards)
 
 
 # -- operations --------------------------------------------------------------------------------
@@ -587,8 +587,9 @@ def _serving_parsers(cmds: _Commands) -> None:
     send.set_defaults(func=cmd_send)
 
     demo = cmds.add_parser("demo", help="gateway + local PACS on free ports; send the samples; print the SRs",
-                           epilog=_examples("osteogate demo"))
+                           epilog=_examples("osteogate demo", "osteogate demo --cards /tmp/cards   # also save the result cards as PNG"))
     demo.add_argument("--model", type=Path, metavar="FILE", help="checkpoint to serve (default: the shipped one)")
+    demo.add_argument("--cards", type=Path, metavar="DIR", help="save the result cards the PACS received as PNG files here")
     _add_timeout(demo, 180, "seconds to wait for the SRs")
     demo.set_defaults(func=cmd_demo)
 

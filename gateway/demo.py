@@ -1,4 +1,5 @@
-"""``osteogate demo``: a gateway and a local PACS on free ports, the samples sent, the SRs printed."""
+"""``osteogate demo``: a gateway and a local PACS on free ports, the samples sent, the SRs printed
+(and, with ``--cards DIR``, the result cards saved as PNG pictures)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,12 @@ from osteogate.gateway.queries import describe_study, list_studies
 from osteogate.gateway.service import Gateway
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import Comprehensive3DSRStorage, ComprehensiveSRStorage, Verification
+from pynetdicom.sop_class import (
+    Comprehensive3DSRStorage,
+    ComprehensiveSRStorage,
+    SecondaryCaptureImageStorage,
+    Verification,
+)
 
 SAMPLES = Path(str(files("osteogate.sample_dicom")))
 
@@ -28,13 +34,14 @@ def free_port() -> int:
 
 
 class DemoPACS:
-    """A minimal PACS: accepts SRs by C-STORE and keeps them in memory."""
+    """A minimal PACS: accepts SRs and result cards (Secondary Capture) by C-STORE, keeps them in memory."""
 
     def __init__(self, port: int, ae_title: str = "DEMOPACS") -> None:
         self.received: list[Dataset] = []
         self._lock = threading.Lock()
         ae = AE(ae_title=ae_title)
-        for sop_class in (Comprehensive3DSRStorage, ComprehensiveSRStorage, Verification):
+        for sop_class in (Comprehensive3DSRStorage, ComprehensiveSRStorage, SecondaryCaptureImageStorage,
+                          Verification):
             ae.add_supported_context(sop_class)
         self._server = ae.start_server(("127.0.0.1", port), block=False,
                                        evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
@@ -54,7 +61,7 @@ class DemoPACS:
         self._server.shutdown()
 
 
-def run_demo(model: Path | None = None, timeout: float = 180) -> int:
+def run_demo(model: Path | None = None, timeout: float = 180, cards: Path | None = None) -> int:
     from osteogate.gateway.sr import sr_summary
 
     configure_logging("console", "warning")
@@ -85,11 +92,16 @@ def run_demo(model: Path | None = None, timeout: float = 180) -> int:
                 time.sleep(0.2)
             rows = list_studies(gateway.db)
             expected_srs = sum(row["status"] == "done" for row in rows)
-            got = {str(d.StudyInstanceUID) for d in pacs.received}
-            print(f"\nPACS received {len(pacs.received)} SR(s) for {len(got)} of {len(studies)} studies\n")
-            for ds in pacs.received:
+            srs = [d for d in pacs.received if str(d.get("Modality", "")) == "SR"]
+            result_cards = [d for d in pacs.received if str(d.get("Modality", "")) != "SR"]
+            got = {str(d.StudyInstanceUID) for d in srs}
+            print(f"\nPACS received {len(srs)} SR(s) and {len(result_cards)} result card(s) for {len(got)} of "
+                  f"{len(studies)} studies\n")
+            for ds in srs:
                 print(sr_summary(ds))
                 print("-" * 78)
+            if cards is not None and result_cards:
+                _save_cards(result_cards, cards)
             for row in rows:
                 if row["status"] != "done":
                     details = describe_study(gateway.db, settings, row["study_uid"]) or ""
@@ -99,6 +111,18 @@ def run_demo(model: Path | None = None, timeout: float = 180) -> int:
         finally:
             gateway.stop()
             pacs.stop()
+
+
+def _save_cards(datasets: list[Dataset], folder: Path) -> None:
+    """The result cards as PNG pictures, one per study (named by the hashed study key, no UIDs)."""
+    from osteogate.gateway.logs import study_key
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for ds in datasets:
+        path = folder / f"card-{study_key(str(ds.StudyInstanceUID))}-v{ds.get('InstanceNumber', 1)}.png"
+        Image.fromarray(ds.pixel_array).save(path)
+        print(f"result card saved: {path}")
 
 
 def _all_settled(gateway: Gateway, count: int) -> bool:

@@ -262,13 +262,17 @@ def test_send_cli_sends_folder_untranscoded(tmp_path: Path, pacs: StoreSCP) -> N
     assert bad.returncode == 66 and "not a DICOM file" in bad.stderr  # EX_NOINPUT: nothing to send
 
 
-def test_demo_prints_sr_summaries(tiny_model: Path) -> None:
+def test_demo_prints_sr_summaries(tiny_model: Path, tmp_path: Path) -> None:
     import sys
 
-    demo = subprocess.run([sys.executable, "-m", "osteogate.gateway.cli", "demo", "--model", str(tiny_model), "--timeout", "120"],
-                          capture_output=True, text=True, timeout=240)
+    from PIL import Image
+
+    demo = subprocess.run([sys.executable, "-m", "osteogate.gateway.cli", "demo", "--model", str(tiny_model), "--timeout", "120",
+                           "--cards", str(tmp_path / "cards")], capture_output=True, text=True, timeout=240)
     assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
-    assert "PACS received 4 SR(s) for 4 of 5 studies" in demo.stdout
+    assert "PACS received 4 SR(s) and 4 result card(s) for 4 of 5 studies" in demo.stdout
+    cards = sorted((tmp_path / "cards").glob("card-*.png"))
+    assert len(cards) == 4 and all(Image.open(p).size == (1600, 1200) for p in cards)
     assert demo.stdout.count("Screening aid, not a diagnosis: it cannot rule out low bone density") == 4
     # The demo's model is untrained: every SR says "not assessed", none claims a finding.
     assert demo.stdout.count("Summary: Not assessed: ") == 4 and "Detected" not in demo.stdout
