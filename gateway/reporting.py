@@ -94,6 +94,30 @@ def headline(assessment: Assessment) -> str:
     return "Low bone density not detected"
 
 
+def low_bmd_threshold(assessment: Assessment) -> float | None:
+    """The screening operating point behind a label: P(osteopenia) + P(osteoporosis) at or above it
+    flags low bone density (from the card's grouped validation, via Assessment.validation)."""
+    points = assessment.validation.get("operating_points") if assessment.validation else None
+    try:
+        value = float(points["low_bmd"]["threshold"])  # type: ignore[index]
+    except (KeyError, TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) and 0 < value < 1 else None
+
+
+def below_threshold_phrase(assessment: Assessment) -> str | None:
+    """Why a result is "not detected" although low bone density may still be probable, e.g.
+    "low bone density 62 %, below the screening threshold of 76 %". A "normal 38 %" alone would
+    hide that most of the probability is on the low-BMD side."""
+    if assessment.probabilities is None:
+        return None
+    text = f"low bone density {low_bmd_percent(assessment.probabilities)} %"
+    threshold = low_bmd_threshold(assessment)
+    if threshold is not None:
+        text += f", below the screening threshold of {round(100 * threshold)} %"
+    return text
+
+
 def result_phrase(assessment: Assessment) -> str:
     """One result in a few words with its number, e.g. "osteopenia 72 %" or "not assessed: <reason>"."""
     if not assessment.assessed:
@@ -101,6 +125,9 @@ def result_phrase(assessment: Assessment) -> str:
     label = str(assessment.label)
     if assessment.probabilities is None:
         return label
+    if label not in LOW_BMD_CLASSES:
+        below = below_threshold_phrase(assessment)
+        return f"{label} ({below})" if below else label
     return f"{label} {percentages(assessment.probabilities)[label]} %"
 
 
@@ -180,9 +207,10 @@ def summary_text(study: StudyAssessment) -> str:
         if result.probabilities is not None:
             rounded = percentages(result.probabilities)
             label = str(result.label)
-            detail = f"{label} {rounded[label]} %"
             if label in LOW_BMD_CLASSES:
-                detail += f"; osteopenia or osteoporosis {low_bmd_percent(result.probabilities)} %"
+                detail = f"{label} {rounded[label]} %; osteopenia or osteoporosis {low_bmd_percent(result.probabilities)} %"
+            else:
+                detail = below_threshold_phrase(result) or label
             sentence += f" ({detail})"
         sentence += "."
     parts = [sentence]
