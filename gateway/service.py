@@ -191,17 +191,19 @@ def preflight(settings: Settings, *, listeners: bool = True) -> None:
                                  "`osteogate config check FILE` lists every problem")
 
 
-def warn_unsafe_defaults(settings: Settings, *, listener: bool = True) -> None:
-    """Loud warnings for what a first start leaves open: no destination, any caller accepted."""
+def warn_unsafe_defaults(settings: Settings, *, listener: bool = True, port: int | None = None) -> None:
+    """Loud warnings for what a first start leaves open: no destination, any caller accepted.
+    ``port``: the port really bound (dicom.port may be 0, "any free port")."""
     if not settings.delivery.destinations:
         log.warning("no_destination", reports=str(settings.storage.reports_dir),
                     message="NO DESTINATION CONFIGURED: SRs are made and kept under the reports directory but "
                             "sent nowhere; set delivery.destinations (or --to AET@HOST:PORT)")
     dicom = settings.dicom
     if listener and not dicom.allowed_calling_aets and not dicom.allowed_hosts:
-        log.warning("any_caller_accepted", bind=dicom.bind, port=dicom.port,
+        port = port or dicom.port
+        log.warning("any_caller_accepted", bind=dicom.bind, port=port,
                     message="ANY CALLER IS ACCEPTED: dicom.allowed_calling_aets and dicom.allowed_hosts are empty; "
-                            f"whoever reaches {dicom.bind}:{dicom.port} and knows the AE title can store images")
+                            f"whoever reaches {dicom.bind}:{port} and knows the AE title can store images")
 
 
 class ClassifierCache:
@@ -332,7 +334,7 @@ class Gateway:
         log.info("gateway_started", ae_title=self.settings.dicom.ae_title, port=self.port,
                  destinations=[str(d) for d in self.settings.delivery.destinations],
                  stable_seconds=self.settings.study.stable_seconds)
-        warn_unsafe_defaults(self.settings)
+        warn_unsafe_defaults(self.settings, port=self.port)
 
     def stop(self) -> None:
         if self._stopped.is_set():
