@@ -213,14 +213,3 @@ class DeliveryManager:
                 log.warning("sr_delivery_retry", study_key=key, destination=name,
                             attempts=delivery.attempts, retry_in_s=delay, detail=outcome.detail)
         return 0
-
-    def requeue(self, result_id: int, destinations: list[Destination] | None = None) -> int:
-        """Queue the SR of one result again (``osteogate resend``)."""
-        with self.db.session() as session:
-            result = session.get(StudyResult, result_id)
-            if result is None:
-                return 0
-            targets = destinations or self.settings.delivery.destinations
-            for destination in targets:
-                result.deliveries.append(Delivery(destination=str(destination), status=DeliveryStatus.PENDING))
-            return len(targets)
