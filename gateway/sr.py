@@ -338,7 +338,7 @@ def _group(
         if assessment.probabilities is not None:
             rounded = reporting.percentages(assessment.probabilities)
             measurements += [ClassProbability(name, rounded[name]) for name in CLASSES]
-            texts[-1] += " (" + ", ".join(f"{name} {rounded[name]} %" for name in CLASSES) + ")"
+            texts[-1] += "; " + ", ".join(f"{name} {rounded[name]} %" for name in CLASSES)
         if assessment.t_score is not None:
             measurements.append(_t_score(assessment))
             t_text = reporting.t_score_text(assessment)

@@ -153,8 +153,8 @@ def test_dsr2html_shows_results_without_footnotes(tmp_path: Path) -> None:
     text = dsr2html_text(save(build(with_chest()), tmp_path / "sr.dcm"))
     assert "PRELIMINARY" in text
     assert "Low bone density likely: osteopenia range (osteopenia 72 %" in text
-    assert "Result: osteopenia 72 % (normal 20 %, osteopenia 72 %, osteoporosis 8 %)" in text
-    assert "Result: osteoporosis 62 % (normal 13 %, osteopenia 25 %, osteoporosis 62 %)" in text
+    assert "Result: osteopenia 72 %; normal 20 %, osteopenia 72 %, osteoporosis 8 %" in text
+    assert "Result: osteoporosis 62 %; normal 13 %, osteopenia 25 %, osteoporosis 62 %" in text
     assert f"Not assessed: {UNDISCRIMINATING}" in text
     # Long decimals other than UIDs (dotted digit runs) would be unrounded numbers.
     assert not re.search(r"(?<![\d.])\d+\.\d{3,}(?![\d.])", text), "unrounded numbers"
