@@ -18,7 +18,7 @@ import numpy as np
 from osteogate.model.card import ModelCard
 from osteogate.training.config import TrainConfig
 
-VERSION = "1.1.0"
+VERSION = "1.2.0"  # the shipped card's version: the one command of REPORT.md reproduces it
 
 INTENDED_USE = (
     "Research prototype: estimates the densitometry T-score and flags knee (and, by the covariates alone, "
