@@ -139,7 +139,7 @@ def main() -> int:
                 t0 = time.perf_counter()
                 outcome = worker.classify(instances, worker_classifier)
                 after.append(len(paths) / (time.perf_counter() - t0))
-                assert len(outcome.classified) == len(paths), [i.skip_reason for i in outcome.images]
+                assert len(outcome.scored) == len(paths), [i.skip_reason for i in outcome.images]
             ratio = statistics.median(a / b for a, b in zip(after, before, strict=True))
             goal = GOALS.get(name)
             verdict = "" if goal is None else f">= {goal:g}x {'OK' if ratio >= goal else 'BELOW GOAL'}"

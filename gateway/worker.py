@@ -384,11 +384,16 @@ class ClassifierWorker:
             item.skip_reason = f"pixel data could not be decoded: {exc}"
             return item, None
         item.decode_ms = (time.perf_counter() - t0) * 1000
+        if self.settings.report.result_card:
+            # Here, on the decode thread, not beside the model: the card needs only this small copy.
+            from osteogate.gateway.resultcard import thumbnail
+
+            item.thumbnail = thumbnail(image)
         return item, image
 
     def score_batch(self, batch: Sequence[tuple[ImageOutcome, Any]], classifier: Any,
                     timings: dict[str, float]) -> None:
-        """Score decoded images (one or a small batch) with the image network; keep a thumbnail each.
+        """Score decoded images (one or a small batch) with the image network.
 
         Separate from decoding so that a decode pipeline can hand images over as they come; the
         decoded arrays are not kept after this (the result card needs only the thumbnails)."""
@@ -402,12 +407,8 @@ class ClassifierWorker:
         elapsed = (time.perf_counter() - t0) * 1000
         timings["inference_ms"] = timings.get("inference_ms", 0.0) + elapsed
         INFERENCE_SECONDS.observe(elapsed / 1000)
-        for (item, image), score in zip(batch, scores, strict=True):
+        for (item, _), score in zip(batch, scores, strict=True):
             item.score = score
-            if self.settings.report.result_card:
-                from osteogate.gateway.resultcard import thumbnail
-
-                item.thumbnail = thumbnail(image)
 
     def assess(self, outcome: StudyOutcome, classifier: Any) -> None:
         """The model's assessment of the study: image scores + header covariates -> StudyAssessment.

@@ -81,7 +81,10 @@ def test_whole_study_from_pacs_with_our_sr_and_card_stores_all_and_makes_no_new_
         # Meanwhile the study gained a CT series, a PDF and a foreign SR.
         ct = make_dataset(study_uid=study_uid, modality="CT", SOPClassUID="1.2.840.10008.5.1.4.1.1.2",
                           SeriesNumber=7)
-        foreign_sr = pydicom.dcmread(next((tmp_path / "gw" / "reports").rglob("*.dcm")))
+        # reports/ holds our SR and our result card; which one rglob lists first is up to the file
+        # system, so pick the SR by its modality.
+        [foreign_sr] = [ds for ds in map(pydicom.dcmread, sorted((tmp_path / "gw" / "reports").rglob("*.dcm")))
+                        if ds.Modality == "SR"]
         foreign_sr.SOPInstanceUID = foreign_sr.file_meta.MediaStorageSOPInstanceUID = generate_uid()
         foreign_sr.SeriesInstanceUID = generate_uid()
         foreign_sr.Manufacturer, foreign_sr.SeriesNumber = "Another AI vendor", 80
