@@ -7,8 +7,9 @@
    spooled on disk, classified by
    * before: the worker's loop as it was before issue #11 (``classify_before`` below, kept as the
      baseline): read, decode at full size, LUTs, keep every image, then one Classifier.predict;
-   * after: ``ClassifierWorker.classify`` as it is now: decode at the model's size on a background
-     thread (gateway/prefetch.py) while the model scores the previous images in small batches, with
+   * after: ``ClassifierWorker.classify`` as it is now: decode at the model's size and make the
+     network inputs in decoder processes (gateway/decoding.py, gateway/prefetch.py, ``--decoders``) while the model
+     scores the previous images in small batches, with
      the worker's ONNX Runtime thread count (gateway.prefetch.model_threads: one core left to the
      decode thread; "before" uses ONNX Runtime's default, one thread per core, as the gateway did).
    Rounds alternate before/after, so each pair sees the same background load; printed: best and
@@ -41,8 +42,9 @@ GOALS = {"JPEG 2000 lossless": 4.0, "JPEG 2000 lossy": 4.0, "JPEG baseline 8-bit
 def classify_before(worker, instances, classifier):  # noqa: ANN001, ANN201
     """The worker's classify loop before issue #11 (baseline, kept here): every image decoded at full
     size with pydicom's default plugins and kept until one predict() call at the end."""
+    from osteogate.gateway.decoding import CLASSIFIED_MODALITIES
+    from osteogate.gateway.decoding import header_only as _header_only
     from osteogate.gateway.region import detect_region
-    from osteogate.gateway.worker import CLASSIFIED_MODALITIES, _header_only
     from osteogate.model.pixels import PixelDecodeError, dataset_to_image
 
     pending = []
@@ -89,12 +91,18 @@ def main() -> int:
     parser.add_argument("--model-rounds", type=int, default=7, help="interleaved Classifier / raw ORT rounds")
     parser.add_argument("--model", type=Path, default=None)
     parser.add_argument("--batch-size", type=int, default=None, help="default: the gateway's model.batch_size")
+    parser.add_argument("--model-threads", type=int, default=0,
+                        help="ONNX Runtime threads for 'after' (default 0: the gateway's default)")
+    parser.add_argument("--decoders", type=int, default=0,
+                        help="the worker's decoders for 'after' (default 0: the gateway's default)")
+    parser.add_argument("--decode-in-threads", action="store_true",
+                        help="'after' decodes in threads of the worker process, not in decoder processes")
     parser.add_argument("--only", default=None, help="comma-separated transfer syntax names (default: all)")
     args = parser.parse_args()
 
     from osteogate.gateway.config import ModelConfig, Settings
     from osteogate.gateway.db import Instance
-    from osteogate.gateway.prefetch import model_threads
+    from osteogate.gateway.prefetch import decode_workers, model_threads
     from osteogate.gateway.spool import Spool
     from osteogate.gateway.worker import ClassifierWorker
     from osteogate.model.inference import INPUT_NAME, OUTPUT_NAME, Classifier
@@ -106,16 +114,18 @@ def main() -> int:
         work = Path(tmp)
         model_path = resolve_model(args.model, work)
         classifier = Classifier.load(model_path, backend="onnx", cache_dir=work / "onnx")
-        threads = model_threads(0)
+        threads = model_threads(args.model_threads)
         worker_classifier = Classifier.load(model_path, backend="onnx", cache_dir=work / "onnx",
-                                            intra_op_threads=threads)
+                                            intra_op_threads=threads, spin_wait=False)
         card = classifier.card
         print(f"model {model_path.name} ({card.architecture}, input {card.input.mode}, long side "
               f"{needed_long_side(card.input)}), backend {classifier.backend_name}, batch size {batch_size}, "
               f"{args.images} images of {args.size}x{args.size} per study; ONNX Runtime threads: before "
-              f"default, after {threads}")
+              f"default, after {threads}; decoders after, slow codecs: {decode_workers(args.decoders)} "
+              f"{'threads' if args.decode_in_threads else 'processes'}, others: 1 thread")
 
-        settings = Settings(model={"batch_size": batch_size})
+        settings = Settings(model={"batch_size": batch_size, "decoders": args.decoders,
+                                   "decode_in_subprocess": not args.decode_in_threads})
         worker = ClassifierWorker(settings, None, Spool(work / "spool"), Spool(work / "reports"),  # type: ignore[arg-type]
                                   lambda _: worker_classifier)
         files = stage_files(work, args.size, args.images)
@@ -126,7 +136,9 @@ def main() -> int:
         print(f"{'transfer syntax':<22}{'before':>16}{'after':>16}{'after/before':>14}  goal")
         now = datetime.now(UTC)
         for name, paths in files.items():
+            syntax = str(pydicom.dcmread(paths[0], stop_before_pixels=True).file_meta.TransferSyntaxUID)
             instances = [Instance(sop_instance_uid=f"1.2.3.{i}", path=str(p.relative_to(work / "spool")),
+                                  transfer_syntax_uid=syntax,
                                   received_at=now + timedelta(seconds=i), purged_at=None)
                          for i, p in enumerate(paths)]
             classify_before(worker, instances[:1], classifier)  # warm-up of both paths

@@ -300,7 +300,11 @@ class ModelConfig(_Section):
     backend: Literal["auto", "onnx", "torch"] = "auto"
     device: str = "auto"
     batch_size: int = Field(8, ge=1)
-    threads: int = Field(0, ge=0)  # 0: one per core less one (the decode thread's), see gateway/prefetch.py
+    threads: int = Field(0, ge=0)  # ONNX Runtime threads; 0: one per core (gateway/prefetch.py model_threads)
+    # Images of a slow codec (JPEG 2000, JPEG-LS, JPEG lossless) decoded at once; 0: one per core, at
+    # most 4. Others are decoded one at a time beside the model (gateway/prefetch.py decode_plan).
+    decoders: int = Field(0, ge=0, le=64)
+    decode_in_subprocess: bool = True  # those decoders are processes (gateway/decoding.py); false: threads
 
 
 class ReportConfig(_Section):

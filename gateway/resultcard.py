@@ -32,6 +32,7 @@ from typing import Any
 import highdicom as hd
 import numpy as np
 from osteogate.gateway import reporting
+from osteogate.gateway.decoding import thumbnail
 from osteogate.gateway.sr import SERIES_NUMBER as SR_SERIES_NUMBER
 from osteogate.gateway.sr import StudyReport, image_identifier, software_version
 from osteogate.model.assessment import Assessment
@@ -54,7 +55,6 @@ __all__ = [
 SERIES_DESCRIPTION = "OsteoGate result card"
 SERIES_NUMBER = SR_SERIES_NUMBER + 1
 CARD_SIZE = (1600, 1200)  # 4:3 landscape: a whole monitor, ~200 px wide as a PACS thumbnail
-THUMBNAIL_MAX = 512  # longest side of the source-image copies kept for the card
 
 # Dark background: radiologists read in dim rooms; a white page would glare.
 BACKGROUND = (18, 20, 24)
@@ -126,25 +126,6 @@ def _font(size: int, bold: bool = False) -> ImageFont.FreeTypeFont:
 
 
 # -- images --------------------------------------------------------------------------------------
-
-
-def thumbnail(image: np.ndarray, max_side: int = THUMBNAIL_MAX) -> np.ndarray:
-    """A small uint8 greyscale copy of a decoded image (float in [0, 1], display-ready), for the card.
-
-    Made right after decoding so the worker never holds full-size images for the card.
-    """
-    array = np.asarray(image)
-    if array.ndim == 3:  # colour or multi-sample: luminance is enough for a thumbnail
-        array = array[..., :3].mean(axis=-1) if array.shape[-1] in (3, 4) else array[0]
-    if array.dtype != np.uint8:
-        array = np.nan_to_num(array.astype(np.float32), nan=0.0)
-        low, high = float(array.min()), float(array.max())
-        if not 0.0 <= low <= high <= 1.0:
-            array = (array - low) / (high - low) if high > low else np.zeros_like(array)
-        array = (array * 255.0 + 0.5).astype(np.uint8)
-    picture = Image.fromarray(array, mode="L")
-    picture.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
-    return np.asarray(picture)
 
 
 # -- drawing helpers -----------------------------------------------------------------------------

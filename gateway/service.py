@@ -231,7 +231,8 @@ class ClassifierCache:
                 self._loaded[target] = Classifier.load(
                     target, backend=cfg.backend, device=cfg.device,
                     cache_dir=self.settings.storage.data_dir / "models" / "onnx",
-                    intra_op_threads=model_threads(cfg.threads),  # leaves a core to the decode thread
+                    intra_op_threads=model_threads(cfg.threads),
+                    spin_wait=False,  # decoders share the cores (gateway/prefetch.py model_threads)
                 )
                 classifier = self._loaded[target]
                 log.info("model_loaded", model=classifier.card.display_name, backend=classifier.backend_name,

@@ -38,9 +38,9 @@ from osteogate.gateway.db import (
     StudyStatus,
     utcnow,
 )
+from osteogate.gateway.decoding import DecodeRequest, DecoderPool, decode_for_model
 from osteogate.gateway.logs import get_logger, scrub
 from osteogate.gateway.metrics import INFERENCE_SECONDS, STUDIES_PROCESSED, STUDY_PROCESSING_SECONDS
-from osteogate.gateway.region import detect_region
 from osteogate.gateway.spool import Spool
 from osteogate.model.assessment import ImageScore, StudyAssessment
 from osteogate.model.covariates import Covariates
@@ -51,7 +51,6 @@ from sqlalchemy import or_, select, update
 
 log = get_logger("osteogate.gateway.worker")
 
-CLASSIFIED_MODALITIES = {"CR", "DX"}
 
 
 # A random token per process: a restarted container has the same hostname and often the same PID
@@ -104,6 +103,7 @@ class ImageOutcome:
     decode_ms: float | None = None
     score: ImageScore | None = None  # the image network's output, once scored
     thumbnail: np.ndarray | None = None  # small copy for the result card (decoded images are not kept)
+    decoder_peak_kib: int | None = None  # peak memory of the decoder process, when one decoded it
 
 
 @dataclass
@@ -163,6 +163,8 @@ class ClassifierWorker:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.last_heartbeat = time.monotonic()
+        self._decoders: DecoderPool | None = None
+        self._pool_lock = threading.Lock()
         if settings.report.result_card:
             self._check_card_font()
 
@@ -188,6 +190,23 @@ class ClassifierWorker:
         self.wake.set()
         if self._thread:
             self._thread.join(timeout)
+        self.close_decoders()
+
+    def _decoder_pool(self, processes: int) -> DecoderPool:
+        """The decoder processes, started at the first study that needs them and kept: a fresh
+        decoder's first image costs ~0.1 s more (library start-up), too much per study."""
+        with self._pool_lock:
+            if self._decoders is None or self._decoders.processes != processes:
+                if self._decoders is not None:
+                    self._decoders.close()
+                self._decoders = DecoderPool(processes)
+            return self._decoders
+
+    def close_decoders(self) -> None:
+        with self._pool_lock:
+            decoders, self._decoders = self._decoders, None
+        if decoders is not None:
+            decoders.close()
 
     @property
     def alive(self) -> bool:
@@ -324,7 +343,7 @@ class ClassifierWorker:
             self.on_result()
 
     def classify(self, instances: Sequence[Instance], classifier: Any) -> StudyOutcome:
-        from osteogate.gateway.prefetch import Prefetcher, images_per_call
+        from osteogate.gateway.prefetch import Prefetcher, decode_plan, images_per_call
         from osteogate.model.preprocess import needed_long_side
 
         outcome = StudyOutcome()
@@ -332,10 +351,15 @@ class ClassifierWorker:
         long_side = needed_long_side(spec)
         per_call = images_per_call(classifier.backend_name, spec.patches_per_image if spec.mode == "patches" else 1,
                                    self.settings.model.batch_size)
-        # Decode of the next images (background thread, at most 2 ahead) overlaps scoring of these;
-        # only model-size images are held, never a study's worth of full-size decodes.
+        # Decode of the next images (a few decoders, a few images ahead) overlaps scoring of these;
+        # only network inputs are held, never a study's worth of full-size decodes. A study in a slow
+        # codec gets decoder processes (gateway/decoding.py says why), kept for the next such study.
         batch: list[tuple[ImageOutcome, Any]] = []
-        decoded = Prefetcher(lambda instance: self._decode_instance(instance, classifier, long_side))
+        workers, in_processes = decode_plan((i.transfer_syntax_uid for i in instances), self.settings.model.decoders,
+                                            self.settings.model.decode_in_subprocess)
+        pool = self._decoder_pool(workers) if in_processes else None
+        decoded = Prefetcher(lambda instance: self._decode_instance(instance, classifier, long_side, pool),
+                             workers=workers)
         with closing(decoded.map(sorted(instances, key=lambda i: i.received_at))) as stream:
             for _, (item, image) in stream:
                 outcome.images.append(item)
@@ -350,53 +374,33 @@ class ClassifierWorker:
         self.assess(outcome, classifier)
         return outcome
 
-    def _decode_instance(self, instance: Instance, classifier: Any, long_side: int) -> tuple[ImageOutcome, Any]:
-        """Read one spooled instance and decode it at the model's size (runs on the decode thread):
-        (outcome with header or skip reason, image or None)."""
-        from osteogate.model.pixels import PixelDecodeError, dataset_to_image
-
-        t0 = time.perf_counter()
+    def _decode_instance(self, instance: Instance, classifier: Any, long_side: int,
+                         decoders: DecoderPool | None) -> tuple[ImageOutcome, Any]:
+        """Read one spooled instance, decode it at the model's size and make the network inputs (runs
+        on a decode thread, the work itself in a decoder process when there is a pool):
+        (outcome with header, thumbnail or skip reason; PreparedImage or None)."""
         if instance.purged_at is not None:
             # Retention removed the file after an earlier result was delivered; that result
             # stands for this image, and the new SR says why the image is not re-read.
             return ImageOutcome(instance, Dataset(), skip_reason="image purged by retention"), None
         try:
-            ds = pydicom.dcmread(self.spool.absolute(instance.path))
+            path = str(self.spool.absolute(instance.path))
         except Exception as exc:
             return ImageOutcome(instance, Dataset(), skip_reason=f"spooled file unreadable: {type(exc).__name__}"), None
-        item = ImageOutcome(instance, _header_only(ds))
-        modality = str(ds.get("Modality", "")).upper()
-        if modality not in CLASSIFIED_MODALITIES:
-            item.skip_reason = f"out of scope: modality {modality or 'missing'}"
-            return item, None
-        decision = detect_region(ds)
-        if not decision.known:
-            item.skip_reason = f"region unknown ({decision.source})"
-            return item, None
-        if decision.region not in classifier.card.regions:
-            item.skip_reason = f"region {decision.region} not supported by the model"
-            return item, None
-        item.region = decision.region
-        try:
-            # Codestream header checked first (bombs refused), then decoded at the model's size.
-            image = dataset_to_image(ds, long_side)
-        except PixelDecodeError as exc:
-            item.skip_reason = f"pixel data could not be decoded: {exc}"
-            return item, None
-        item.decode_ms = (time.perf_counter() - t0) * 1000
-        if self.settings.report.result_card:
-            # Here, on the decode thread, not beside the model: the card needs only this small copy.
-            from osteogate.gateway.resultcard import thumbnail
-
-            item.thumbnail = thumbnail(image)
-        return item, image
+        request = DecodeRequest(path, long_side, classifier.card.input, tuple(classifier.card.regions),
+                                thumbnail=self.settings.report.result_card)
+        decoded = decoders.decode(request) if decoders is not None else decode_for_model(request)
+        item = ImageOutcome(instance, decoded.header, region=decoded.region, skip_reason=decoded.skip_reason,
+                            decode_ms=decoded.decode_ms, thumbnail=decoded.thumbnail,
+                            decoder_peak_kib=decoded.decoder_peak_kib)
+        return item, decoded.prepared
 
     def score_batch(self, batch: Sequence[tuple[ImageOutcome, Any]], classifier: Any,
                     timings: dict[str, float]) -> None:
-        """Score decoded images (one or a small batch) with the image network.
+        """Score prepared images (one or a small batch) with the image network.
 
         Separate from decoding so that a decode pipeline can hand images over as they come; the
-        decoded arrays are not kept after this (the result card needs only the thumbnails)."""
+        inputs are not kept after this (the result card needs only the thumbnails)."""
         if not batch:
             return
         t0 = time.perf_counter()
@@ -594,18 +598,6 @@ class ClassifierWorker:
             return pydicom.dcmread(store.absolute(relative), stop_before_pixels=True)
         except Exception:
             return None
-
-
-def _header_only(ds: Dataset) -> Dataset:
-    """A copy without pixel data: the SR needs only the header, and big arrays should be freed."""
-    header = Dataset()
-    # get_item: elements as read (raw), unconverted. Iterating the dataset would convert every value,
-    # and one malformed optional value (an IS of "1e400") would then cost the whole study.
-    for tag in ds.keys():  # noqa: SIM118 - iterating a Dataset yields converted elements
-        if tag.group != 0x7FE0:
-            header[tag] = ds.get_item(tag)
-    header.file_meta = ds.file_meta
-    return header
 
 
 def _pid_alive(pid: int) -> bool:

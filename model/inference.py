@@ -28,7 +28,7 @@ from osteogate.model.assessment import ImageScore, StudyAssessment
 from osteogate.model.card import ModelCard
 from osteogate.model.checkpoint import checkpoint_sha256, read_card
 from osteogate.model.covariates import Covariates
-from osteogate.model.preprocess import Box, prepare_with_boxes
+from osteogate.model.preprocess import Box, PreparedImage, prepare_image
 from osteogate.model.scoring import assess_study, decide_label, load_fusion_heads
 from osteogate.model.taxonomy import check_card_taxonomy
 
@@ -71,12 +71,16 @@ def cuda_present() -> bool:
 class OnnxBackend:
     """ONNX Runtime on CPU. Must not import torch."""
 
-    def __init__(self, onnx_path: Path, intra_op_threads: int | None = None) -> None:
+    def __init__(self, onnx_path: Path, intra_op_threads: int | None = None, spin_wait: bool = True) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         if intra_op_threads:
             options.intra_op_num_threads = int(intra_op_threads)
+        if not spin_wait:
+            # Idle pool threads sleep instead of spinning: the cores are shared with decoders that
+            # run while the model does (spinning threads took their CPU: benchmarks/inference.py).
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.session = ort.InferenceSession(str(onnx_path), sess_options=options,
                                             providers=["CPUExecutionProvider"])
@@ -125,7 +129,7 @@ class TorchBackend:
             return logits.float().cpu().numpy()
 
 
-def _fresh_session(path: Path, sha256: str, threads: int | None) -> OnnxBackend | None:
+def _fresh_session(path: Path, sha256: str, threads: int | None, spin_wait: bool = True) -> OnnxBackend | None:
     """An ONNX Runtime backend for ``path`` if it exists and was exported from this exact checkpoint.
 
     The sha is read from the session's metadata, so serving never needs the ``onnx`` package; the
@@ -133,7 +137,7 @@ def _fresh_session(path: Path, sha256: str, threads: int | None) -> OnnxBackend 
     if not path.is_file():
         return None
     try:
-        backend = OnnxBackend(path, threads)
+        backend = OnnxBackend(path, threads, spin_wait)
     except Exception as exc:  # corrupt/truncated file: treated as stale and re-exported
         log.warning("ignoring unreadable ONNX file %s: %s", path, exc)
         return None
@@ -144,7 +148,8 @@ class ModelUnavailable(RuntimeError):
     """No ONNX file for this checkpoint, and no torch to export one (a serving-only install)."""
 
 
-def open_onnx(checkpoint_path: Path, sha256: str, cache_dir: Path | None, threads: int | None = None) -> OnnxBackend:
+def open_onnx(checkpoint_path: Path, sha256: str, cache_dir: Path | None, threads: int | None = None,
+              spin_wait: bool = True) -> OnnxBackend:
     """ONNX backend for the checkpoint: the ``<stem>.onnx`` sibling if its sha matches, else
     ``<cache_dir>/<stem>-<sha16>.onnx`` (exported now if missing or stale; without torch that
     is refused with ModelUnavailable instead of attempted)."""
@@ -152,7 +157,7 @@ def open_onnx(checkpoint_path: Path, sha256: str, cache_dir: Path | None, thread
     cache = Path(cache_dir if cache_dir is not None else DEFAULT_CACHE_DIR).expanduser()
     cached = cache / f"{checkpoint_path.stem}-{sha256[:16]}.onnx"
     for candidate in (sibling, cached):
-        backend = _fresh_session(candidate, sha256, threads)
+        backend = _fresh_session(candidate, sha256, threads, spin_wait)
         if backend is not None:
             return backend
     if importlib.util.find_spec("torch") is None:
@@ -168,7 +173,7 @@ def open_onnx(checkpoint_path: Path, sha256: str, cache_dir: Path | None, thread
     if child.returncode != 0:
         raise RuntimeError(f"no up-to-date ONNX file for {checkpoint_path.name} and exporting one failed "
                            f"(is torch installed?): {child.stderr.strip()[-800:]}")
-    backend = _fresh_session(cached, sha256, threads)
+    backend = _fresh_session(cached, sha256, threads, spin_wait)
     if backend is None:
         raise RuntimeError(f"exported {cached} but it does not carry the checkpoint sha256")
     return backend
@@ -203,9 +208,11 @@ class Classifier:
 
     @classmethod
     def load(cls, path: Path | str, backend: str = "auto", device: str = "auto",
-             cache_dir: Path | str | None = None, intra_op_threads: int | None = None) -> Classifier:
+             cache_dir: Path | str | None = None, intra_op_threads: int | None = None,
+             spin_wait: bool = True) -> Classifier:
         """backend: "auto" (torch on a CUDA GPU, else ONNX Runtime), "onnx" or "torch";
-        device: "auto", "cpu" or "cuda" (torch backend only; "cpu" with "auto" means ONNX Runtime)."""
+        device: "auto", "cpu" or "cuda" (torch backend only; "cpu" with "auto" means ONNX Runtime);
+        spin_wait=False: ONNX Runtime's idle threads sleep (for a process that decodes meanwhile)."""
         path = Path(path)
         card = read_card(path)
         check_card_taxonomy(card.classes, card.regions, f"model card of {path.name}")
@@ -231,10 +238,11 @@ class Classifier:
             if device.startswith("cuda"):
                 raise ValueError("the onnx backend runs on CPU only; use backend='torch' for CUDA")
             # Thread count comes from the caller's configuration (the gateway's model.threads).
-            engine = open_onnx(path, sha, Path(cache_dir) if cache_dir else None, intra_op_threads or None)
+            engine = open_onnx(path, sha, Path(cache_dir) if cache_dir else None, intra_op_threads or None,
+                               spin_wait)
         return cls(card, sha, engine, path)
 
-    def _check_request(self, images: Sequence[np.ndarray], regions: Sequence[str], batch_size: int) -> None:
+    def _check_request(self, images: Sequence[np.ndarray | PreparedImage], regions: Sequence[str], batch_size: int) -> None:
         if len(images) != len(regions):
             raise ValueError(f"{len(images)} images but {len(regions)} regions")
         if batch_size < 1:
@@ -243,18 +251,22 @@ class Classifier:
             if region not in self.card.regions:
                 raise ValueError(f"region {region!r} not supported by this model (expects {list(self.card.regions)})")
 
-    def _score(self, images: Sequence[np.ndarray], regions: Sequence[str], batch_size: int
-               ) -> list[tuple[np.ndarray, np.ndarray, int, list[Box]]]:
+    def prepare(self, image: np.ndarray | PreparedImage) -> PreparedImage:
+        """The network inputs for one decoded image (patches or the letterboxed whole image)."""
+        return image if isinstance(image, PreparedImage) else prepare_image(image, self.card.input)
+
+    def _score(self, images: Sequence[np.ndarray | PreparedImage], regions: Sequence[str], batch_size: int
+               ) -> list[tuple[np.ndarray, np.ndarray, int, tuple[Box, ...]]]:
         """Per image: (calibrated pooled probabilities, mean raw logits of its region row, inputs, boxes)."""
         if not images:
             self.last_timings = {"preprocess_ms": 0.0, "model_ms": 0.0, "n_images": 0, "n_inputs": 0}
             return []
         region_index = {region: i for i, region in enumerate(self.card.regions)}
         t0 = time.perf_counter()
-        prepared = [prepare_with_boxes(image, self.card.input) for image in images]
-        counts = [len(x) for x, _ in prepared]
-        boxes = [b for _, b in prepared]
-        stacked = np.concatenate([x for x, _ in prepared], axis=0)
+        prepared = [self.prepare(image) for image in images]
+        counts = [len(p.inputs) for p in prepared]
+        boxes = [p.boxes for p in prepared]
+        stacked = np.concatenate([p.inputs for p in prepared], axis=0)
         del prepared
         rows = np.repeat([region_index[r] for r in regions], counts)
         t1 = time.perf_counter()
@@ -273,7 +285,7 @@ class Classifier:
                              "n_images": len(images), "n_inputs": len(stacked)}
         return out
 
-    def predict(self, images: Sequence[np.ndarray], regions: Sequence[str], batch_size: int = 8) -> list[Prediction]:
+    def predict(self, images: Sequence[np.ndarray | PreparedImage], regions: Sequence[str], batch_size: int = 8) -> list[Prediction]:
         """Image-alone label per image (the pre-fusion API; the gateway moves to score_images + assess)."""
         self._check_request(images, regions, batch_size)
         predictions: list[Prediction] = []
@@ -282,11 +294,12 @@ class Classifier:
             predictions.append(Prediction(probs, decide_label(probs, self.card.thresholds), region, count))
         return predictions
 
-    def score_images(self, images: Sequence[np.ndarray], regions: Sequence[str], batch_size: int = 8
-                     ) -> list[ImageScore]:
+    def score_images(self, images: Sequence[np.ndarray | PreparedImage], regions: Sequence[str],
+                     batch_size: int = 8) -> list[ImageScore]:
         """The image network alone: one ImageScore per image (no label, no gate: see ``assess``).
 
-        Call it with one image or a small batch at a time to overlap decoding with inference."""
+        Call it with one image or a small batch at a time to overlap decoding with inference; images
+        already made into inputs by ``prepare`` (on the decode thread) are used as they are."""
         self._check_request(images, regions, batch_size)
         scores = []
         for region, (pooled, logits, count, boxes) in zip(regions, self._score(images, regions, batch_size),

@@ -10,6 +10,8 @@ keeping the exact same resize, patch rule and normalisation as serving.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import cv2
 import numpy as np
 from osteogate.model.card import InputSpec
@@ -226,3 +228,19 @@ def needed_long_side(spec: InputSpec) -> int:
     mode, ``size`` in whole mode. Decoding more than this is wasted (model.pixels decodes JPEG 2000
     and baseline JPEG at reduced resolution down to it)."""
     return spec.working_size if spec.mode == "patches" else spec.size
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """An image made into network inputs: ``inputs`` (n, C, H, W) float32 and the analysed areas as
+    fractions of the source image. Pure numpy and picklable, so a decode thread or process makes it
+    while the model scores the previous image."""
+
+    inputs: np.ndarray
+    boxes: tuple[Box, ...]
+
+
+def prepare_image(image: np.ndarray, spec: InputSpec) -> PreparedImage:
+    """``prepare_with_boxes`` as one object."""
+    inputs, boxes = prepare_with_boxes(image, spec)
+    return PreparedImage(inputs, tuple(boxes))

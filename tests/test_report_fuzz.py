@@ -20,13 +20,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from osteogate.gateway.config import load_settings
 from osteogate.gateway.db import Database, Job, JobStatus, ResultObject, Study, StudyResult, StudyStatus
+from osteogate.gateway.decoding import header_only as _header_only
 from osteogate.gateway.ingest import Ingestor
 from osteogate.gateway.resultcard import build_result_card
 from osteogate.gateway.service import ClassifierCache
 from osteogate.gateway.spool import Spool
 from osteogate.gateway.sr import build_result_sr, read_result
 from osteogate.gateway.tracker import StudyTracker
-from osteogate.gateway.worker import ClassifierWorker, _header_only
+from osteogate.gateway.worker import ClassifierWorker
 from osteogate.model.covariates import covariates_from_dataset
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataset import Dataset

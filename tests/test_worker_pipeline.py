@@ -71,7 +71,7 @@ def test_leaving_early_stops_the_thread():
         if i == 2:
             break
     stream.close()
-    assert not [t for t in threading.enumerate() if t.name == "test-prefetch" and t.ident not in before]
+    assert not [t for t in threading.enumerate() if t.name.startswith("test-prefetch") and t.ident not in before]
 
 
 def test_images_per_call_by_backend():
@@ -81,12 +81,24 @@ def test_images_per_call_by_backend():
     assert images_per_call("torch-cuda", 8, 8) == GPU_INPUTS_PER_CALL // 8
 
 
-def test_model_threads_leave_a_core_to_the_decode_thread():
-    assert model_threads(0, cores=2) == 1
-    assert model_threads(0, cores=16) == 15
+def test_model_threads_one_per_core_unless_set():
+    assert model_threads(0, cores=2) == 2
+    assert model_threads(0, cores=16) == 16
     assert model_threads(0, cores=1) == 1
     assert model_threads(3, cores=16) == 3  # model.threads set: used as is
     assert model_threads(0) >= 1
+
+
+def test_the_workers_onnx_session_does_not_spin_wait(tmp_path, tiny_model):
+    """The decoders share the cores with ONNX Runtime; its idle threads must sleep, not spin."""
+    from osteogate.gateway.config import Settings
+    from osteogate.gateway.service import ClassifierCache
+
+    settings = Settings(storage={"data_dir": str(tmp_path)}, model={"path": str(tiny_model), "backend": "onnx"})
+    session = ClassifierCache(settings)().backend.session
+    options = session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert options.intra_op_num_threads == model_threads(0)
 
 
 # -- the worker itself: a study of many large images, peak RSS from /proc ----------------------------
