@@ -14,6 +14,7 @@ decoder processes (``DecoderPool``), for two reasons measured on this project's 
 from __future__ import annotations
 
 import multiprocessing
+import os
 import threading
 import time
 import warnings
@@ -161,13 +162,40 @@ def _peak_rss_kib() -> int | None:
     return None
 
 
-def _quiet_child() -> None:
-    """Decoder process start: no library warning or log record reaches stderr from here (pydicom
-    warns with the offending value, a birth date or a UID); the worker reports what matters."""
+def _decoder_start(gateway_pid: int, gateway_started: str | None) -> None:
+    """Decoder process start. No library warning or log record reaches stderr from here (pydicom
+    warns with the offending value, a birth date or a UID); the worker reports what matters. And the
+    decoder exits when the gateway process is gone: a process pool's workers otherwise wait for work
+    for ever after their parent is killed (SIGKILL, OOM), and each crash would leave two behind."""
     import logging
 
     warnings.simplefilter("ignore")
     logging.disable(logging.CRITICAL)
+    threading.Thread(target=_exit_with_gateway, args=(gateway_pid, gateway_started),
+                     name="osteogate-decoder-watch", daemon=True).start()
+
+
+def _exit_with_gateway(gateway_pid: int, gateway_started: str | None, interval: float = 1.0) -> None:
+    while True:
+        time.sleep(interval)
+        try:
+            os.kill(gateway_pid, 0)
+            alive = gateway_started is None or _process_started(gateway_pid) == gateway_started
+        except ProcessLookupError:
+            alive = False
+        except PermissionError:  # exists (another user's process would be a reused PID: see above)
+            alive = gateway_started is None
+        if not alive:
+            os._exit(0)
+
+
+def _process_started(pid: int) -> str | None:
+    """The process's start time in clock ticks (Linux /proc), so a reused PID is not taken for it."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
 
 
 _context_lock = threading.Lock()
@@ -195,11 +223,18 @@ class DecoderPool:
 
     A decoder that dies (segfault, out-of-memory kill) breaks the pool: every request then in flight
     is retried alone in a fresh process, so the image that kills its decoder again is the one skipped
-    with ``DECODER_DIED``, and the others are decoded."""
+    with ``DECODER_DIED``, and the others are decoded. Where decoder processes cannot run at all (no
+    usable /dev/shm, a fork server that cannot start, an embedding main script that fails in a
+    child), images are decoded in the calling thread instead, and that is logged once: slower, never
+    an image lost to the machinery."""
 
-    def __init__(self, processes: int, work: Callable[[DecodeRequest], Decoded] | None = None) -> None:
+    def __init__(self, processes: int, work: Callable[[DecodeRequest], Decoded] | None = None,
+                 initializer: Callable[..., None] | None = None) -> None:
         self.processes = max(1, processes)
-        self.work = work or _decode_in_process  # a module-level function (it is pickled by name)
+        self.work = work or _decode_in_process  # module-level functions (pickled by name)
+        self.initializer = initializer or _decoder_start
+        self._gateway = (os.getpid(), _process_started(os.getpid()))
+        self.unavailable: str | None = None  # why decoder processes are not used, once they are not
         self._lock = threading.Lock()
         self._pool: ProcessPoolExecutor | None = None
 
@@ -210,11 +245,14 @@ class DecoderPool:
                  traceback: TracebackType | None) -> None:
         self.close()
 
+    def _executor(self, processes: int) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(processes, mp_context=_process_context(), initializer=self.initializer,
+                                   initargs=self._gateway)
+
     def _current(self) -> ProcessPoolExecutor:
         with self._lock:
             if self._pool is None:
-                self._pool = ProcessPoolExecutor(self.processes, mp_context=_process_context(),
-                                                 initializer=_quiet_child)
+                self._pool = self._executor(self.processes)
             return self._pool
 
     def _discard(self, broken: ProcessPoolExecutor) -> None:
@@ -224,24 +262,54 @@ class DecoderPool:
         broken.shutdown(wait=False, cancel_futures=True)
 
     def decode(self, request: DecodeRequest) -> Decoded:
-        pool = self._current()
+        if self.unavailable:
+            return decode_for_model(request)
+        try:
+            pool = self._current()
+        except (OSError, NotImplementedError, RuntimeError) as exc:  # no semaphores, no fork server...
+            return self._in_thread(request, f"{type(exc).__name__}: {exc}")
         try:
             return pool.submit(self.work, request).result()
-        except BrokenProcessPool:
+        except BrokenProcessPool:  # a decoder died (on this image or another one in flight)
             self._discard(pool)
-        with ProcessPoolExecutor(1, mp_context=_process_context(), initializer=_quiet_child) as lone:
-            try:
+        except (OSError, NotImplementedError) as exc:  # a decoder process could not be started
+            return self._in_thread(request, f"{type(exc).__name__}: {exc}")
+        try:
+            with self._executor(1) as lone:
                 return lone.submit(self.work, request).result()
-            except BrokenProcessPool:
-                pass
-        # Twice fatal to its decoder: this image is not assessed. Its header is still read here
-        # (no pixel data) so the SR can name it and say why.
+        except BrokenProcessPool:
+            pass
+        except (OSError, NotImplementedError, RuntimeError) as exc:
+            return self._in_thread(request, f"{type(exc).__name__}: {exc}")
+        if not self._processes_start():
+            return self._in_thread(request, "decoder processes die at start")
+        # Twice fatal to its decoder, while a decoder that is given nothing survives: this image is
+        # not assessed. Its header is still read here (no pixel data) so the SR names it and says why.
         try:
             decoded = _screen(pydicom.dcmread(request.path, stop_before_pixels=True), request)
         except Exception as exc:
             return Decoded(Dataset(), skip_reason=f"spooled file unreadable: {type(exc).__name__}")
         decoded.region, decoded.skip_reason = None, DECODER_DIED
         return decoded
+
+    def _processes_start(self) -> bool:
+        try:
+            with self._executor(1) as probe:
+                return probe.submit(abs, 0).result(timeout=120) == 0
+        except Exception:
+            return False
+
+    def _in_thread(self, request: DecodeRequest, reason: str) -> Decoded:
+        with self._lock:
+            first = self.unavailable is None
+            self.unavailable = reason
+        if first:
+            from osteogate.gateway.logs import get_logger
+
+            get_logger("osteogate.gateway.decoding").warning(
+                "decoder_processes_unavailable", reason=reason[:200],
+                detail="images are decoded in the worker process instead (slower for JPEG 2000)")
+        return decode_for_model(request)
 
     def close(self) -> None:
         with self._lock:

@@ -43,6 +43,27 @@ def _crash_on_mark(request: DecodeRequest) -> object:
     return _decode_in_process(request)
 
 
+def _die_at_start(*_: object) -> None:
+    """A decoder process that cannot start (as when an embedding main script fails in a child)."""
+    os._exit(71)
+
+
+def _own_pid(_: object) -> int:
+    return os.getpid()
+
+
+_KILLED_PARENT = r"""
+import sys, time
+sys.path.insert(0, sys.argv[1])
+from osteogate.gateway.decoding import DecoderPool
+from tests.test_decoding import _own_pid
+if __name__ == "__main__":
+    pool = DecoderPool(2, work=_own_pid)
+    print(pool.decode(None), flush=True)
+    time.sleep(300)
+"""
+
+
 def _request(path: Path, long_side: int = 1024) -> DecodeRequest:
     return DecodeRequest(str(path), long_side, SPEC, ("knee", "spine"), thumbnail=True)
 
@@ -115,6 +136,59 @@ def test_a_decoder_killed_by_one_image_costs_that_image_only(tmp_path):
     assert dead.header.SOPInstanceUID == pydicom.dcmread(killer, stop_before_pixels=True).SOPInstanceUID
     for path in good:
         assert results[path.name].skip_reason is None and results[path.name].prepared is not None, path
+
+
+def test_without_decoder_processes_images_are_decoded_in_the_thread(tmp_path, monkeypatch, capsys):
+    """Decoder processes that die at start, or cannot be made at all (no usable /dev/shm): every
+    image is still decoded, in the calling thread, and the operator is told once."""
+    import osteogate.gateway.decoding as decoding
+
+    path = tmp_path / "knee.dcm"
+    shutil.copyfile(sample_file("knee_j2k"), path)
+    expected = decode_for_model(_request(path))
+
+    with DecoderPool(2, initializer=_die_at_start) as pool:
+        first, second = pool.decode(_request(path)), pool.decode(_request(path))
+    assert pool.unavailable == "decoder processes die at start"
+    for decoded in (first, second):
+        assert decoded.skip_reason is None and np.array_equal(decoded.prepared.inputs, expected.prepared.inputs)
+
+    def no_semaphores() -> None:
+        raise OSError(38, "Function not implemented")
+
+    monkeypatch.setattr(decoding, "_process_context", no_semaphores)
+    with DecoderPool(2) as pool:
+        decoded = pool.decode(_request(path))
+    assert pool.unavailable.startswith("OSError") and decoded.skip_reason is None
+    assert np.array_equal(decoded.prepared.inputs, expected.prepared.inputs)
+    said = capsys.readouterr()
+    assert (said.out + said.err).count("decoder_processes_unavailable") == 2  # once per pool, not per image
+
+
+def test_decoders_exit_when_the_gateway_is_killed(tmp_path):
+    """SIGKILL or an OOM kill of the gateway: its decoder processes (and the fork server) go too,
+    instead of waiting for work for ever, one pair more after every crash."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.helpers import REPO_ROOT
+
+    script = tmp_path / "gateway.py"
+    script.write_text(_KILLED_PARENT)
+    parent = subprocess.Popen([sys.executable, str(script), str(REPO_ROOT)], stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True)
+    try:
+        decoder = int(parent.stdout.readline())
+        assert decoder != parent.pid and Path(f"/proc/{decoder}").exists()
+    finally:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(30)
+    deadline = time.monotonic() + 15
+    while Path(f"/proc/{decoder}").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not Path(f"/proc/{decoder}").exists(), "the decoder outlived the gateway"
 
 
 # -- the worker with decoder processes ----------------------------------------------------------------
