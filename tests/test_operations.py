@@ -204,22 +204,22 @@ def test_config_check_accepts_the_shipped_model(tmp_path: Path) -> None:
 # -- CLI surface ---------------------------------------------------------------------------------
 
 
-def _gateway_subparsers() -> dict[str, argparse.ArgumentParser]:
+def _command_subparsers() -> dict[str, argparse.ArgumentParser]:
     parser = cli.build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    gateway = [name for group in ("serving", "operations") for name in cli.COMMAND_GROUPS[group]]
+    gateway = [name for group in ("serving", "operations", "model") for name in cli.COMMAND_GROUPS[group]]
     parsers = {}
     for name in gateway:
         parsers[name] = sub.choices[name]
-        for action in sub.choices[name]._actions:  # db upgrade/current, config check
+        for action in sub.choices[name]._actions:  # db upgrade/current, config check, dataset audit
             if isinstance(action, argparse._SubParsersAction):
                 parsers.update({f"{name} {child}": p for child, p in action.choices.items()})
     return parsers
 
 
-def test_every_gateway_option_has_help() -> None:
+def test_every_option_of_every_command_has_help() -> None:
     missing = [f"{name} {action.option_strings or action.dest}"
-               for name, parser in _gateway_subparsers().items() for action in parser._actions
+               for name, parser in _command_subparsers().items() for action in parser._actions
                if not isinstance(action, argparse._SubParsersAction | argparse._HelpAction) and not action.help]
     assert not missing, missing
 

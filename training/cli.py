@@ -25,19 +25,21 @@ def _train_flags(parser: argparse.ArgumentParser) -> None:
     add("--arch", dest="architecture", help="timm model name or osteogate_smallcnn (default efficientnet_b0)")
     add("--mode", choices=("whole", "patches"), help="whole image at --size, or patches of --patch-size (default)")
     add("--size", type=int, help="whole-image input size")
-    add("--patch-size", type=int, dest="patch_size")
+    add("--patch-size", type=int, dest="patch_size", help="patch side in pixels (default 128)")
     add("--patches", type=int, dest="patches_per_image", help="patches per image at evaluation/serving")
     add("--train-patches", type=int, dest="train_patches", help="random patches per image per training step")
     add("--working-size", type=int, dest="working_size", help="long side patches are cut from")
-    add("--epochs", type=int)
-    add("--batch-size", type=int, dest="batch_size")
-    add("--lr", type=float)
-    add("--weight-decay", type=float, dest="weight_decay")
-    add("--patience", type=int)
+    add("--epochs", type=int, help="maximum epochs per fit (default 12; early stopping may end sooner)")
+    add("--batch-size", type=int, dest="batch_size",
+        help="images per step (default 16; x --train-patches network inputs in patches mode)")
+    add("--lr", type=float, help="peak learning rate, AdamW with warm-up and cosine decay (default 2e-3)")
+    add("--weight-decay", type=float, dest="weight_decay", help="AdamW weight decay (default 1e-4)")
+    add("--patience", type=int, help="early stopping: epochs without validation improvement (default 4)")
     add("--folds", type=int, help="k-fold cross-validation before the final fit (0 = skip)")
-    add("--seed", type=int)
-    add("--threads", type=int)
-    add("--balance", choices=("loss", "sampler", "none"))
+    add("--seed", type=int, help="seed for splits, sampling and weights (default 0)")
+    add("--threads", type=int, help="torch CPU threads (default 2; 1 on a machine shared with other jobs)")
+    add("--balance", choices=("loss", "sampler", "none"),
+        help="class imbalance: class-weighted loss (default), balanced sampler, or none")
     add("--target-sensitivity", type=float, dest="target_sensitivity", help="low-BMD operating point (default 0.90)")
     add("--osteoporosis-rule", choices=("label_f1", "specificity", "sensitivity"), dest="osteoporosis_rule",
         help="osteoporosis grade threshold: label_f1 (default: best reported-label macro-F1 at specificity >= "
@@ -47,14 +49,16 @@ def _train_flags(parser: argparse.ArgumentParser) -> None:
     add("--pretrained", action="store_true", default=None, help="timm hub weights (needs network access)")
     add("--init-from", dest="init_from", help="local backbone weights (.safetensors or .pth state dict)")
     add("--bootstrap", type=int, help="bootstrap resamples for CIs (default 1000)")
-    add("--no-progress", dest="progress", action="store_false", default=None)
+    add("--no-progress", dest="progress", action="store_false", default=None,
+        help="no progress bars (for logs and CI)")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     train = subparsers.add_parser("train", help="train (and cross-validate) a model; writes checkpoint + card + report")
     train.add_argument("data", type=Path, help="manifest CSV, folder with manifest.csv, or region/label/* folders")
     train.add_argument("--config", type=Path, help="TOML file ([train] table); flags override it")
-    train.add_argument("--out", type=Path, default=Path("model/trained/osteogate.safetensors"))
+    train.add_argument("--out", type=Path, default=Path("model/trained/osteogate.safetensors"),
+                       help="checkpoint to write; its card and report go beside it (default %(default)s)")
     train.add_argument("--report-dir", type=Path, help="plots (default: next to --out)")
     train.add_argument("--cache-dir", type=Path, help="decoded-image cache (default /tmp/osteogate-cache)")
     train.add_argument("--save-predictions", type=Path, help="write out-of-fold CV predictions (.npz)")
@@ -63,28 +67,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.set_defaults(func=train_command)
 
     evaluate = subparsers.add_parser("evaluate", help="metrics with 95%% CIs, plots and JSON for a checkpoint")
-    evaluate.add_argument("checkpoint", type=Path)
-    evaluate.add_argument("data", type=Path)
+    evaluate.add_argument("checkpoint", type=Path, help="a .safetensors checkpoint made by osteogate train")
+    evaluate.add_argument("data", type=Path, help="manifest CSV, folder with manifest.csv, or region/label/* folders")
     evaluate.add_argument("--out", type=Path, default=Path("evaluation"), help="output folder")
     evaluate.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for CIs")
     evaluate.add_argument("--gradcam", type=int, default=8, help="Grad-CAM sample images (0 = none)")
-    evaluate.add_argument("--cache-dir", type=Path)
+    evaluate.add_argument("--cache-dir", type=Path, help="decoded-image cache (default /tmp/osteogate-cache)")
     evaluate.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     evaluate.set_defaults(func=evaluate_command)
 
     export = subparsers.add_parser("export", help="write the ONNX sibling of a checkpoint and check parity")
-    export.add_argument("checkpoint", type=Path)
+    export.add_argument("checkpoint", type=Path, help="a .safetensors checkpoint made by osteogate train")
     export.add_argument("--onnx", type=Path, help="output path (default: <checkpoint stem>.onnx)")
-    export.add_argument("--atol", type=float, default=1e-4)
+    export.add_argument("--atol", type=float, default=1e-4,
+                        help="largest difference in probability allowed between torch and ONNX (default %(default)g)")
     export.set_defaults(func=export_command)
 
     dataset = subparsers.add_parser("dataset", help="dataset tools")
     dataset_sub = dataset.add_subparsers(dest="dataset_command", required=True)
     audit = dataset_sub.add_parser("audit", help="duplicates, label conflicts, class balance, image sizes")
-    audit.add_argument("data", type=Path)
-    audit.add_argument("--phash-distance", type=int, default=4)
-    audit.add_argument("--working-size", type=int, default=1024)
-    audit.add_argument("--cache-dir", type=Path)
+    audit.add_argument("data", type=Path, help="manifest CSV, folder with manifest.csv, or region/label/* folders")
+    audit.add_argument("--phash-distance", type=int, default=4,
+                       help="perceptual-hash distance at or below which two images are duplicates (default %(default)s)")
+    audit.add_argument("--working-size", type=int, default=1024, help="long side images are read at (default %(default)s)")
+    audit.add_argument("--cache-dir", type=Path, help="decoded-image cache (default /tmp/osteogate-cache)")
     audit.set_defaults(func=audit_command)
 
 
