@@ -3,7 +3,8 @@
 The worker classifies a study image by image. Decoding (file read, codestream decode, LUTs, resize to
 the model's size) and inference are independent for different images, so ``Prefetcher.map`` runs the
 decode step of images i+1, i+2... on a small pool of background threads while the caller runs the
-model on image i; ONNX Runtime, torch, OpenCV and the codecs release the GIL while they compute.
+model on image i; ONNX Runtime, torch, OpenCV and most codecs release the GIL while they compute
+(OpenJPEG does not: slow codecs are decoded in decoder processes, gateway/decoding.py).
 
 Memory is bounded by construction: at most ``depth + workers`` results are made or being made ahead
 of the one the caller holds. A result is what the model needs (the image at the model's size, 4 MB
@@ -83,6 +84,11 @@ def images_per_call(backend_name: str, inputs_per_image: int, batch_size: int) -
     return max(1, budget // inputs_per_image)
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity, e.g. a container's cpuset), else all."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def model_threads(configured: int, cores: int | None = None) -> int:
     """ONNX Runtime intra-op threads for the worker: ``configured`` when set (model.threads), else one
     per usable core. The worker's session does not spin-wait (``Classifier.load(spin_wait=False)``):
@@ -93,19 +99,18 @@ def model_threads(configured: int, cores: int | None = None) -> int:
     if configured:
         return configured
     if cores is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        cores = usable_cores()
     return max(1, cores)
 
 
 def decode_workers(configured: int, cores: int | None = None) -> int:
-    """Decoders for the worker: ``configured`` when set (model.decoders), else one per
-    usable core, at most 4. A decode-bound study (JPEG 2000, JPEG lossless) then keeps every core
-    busy; a model-bound one (native, JPEG baseline at reduced size) leaves them waiting on a full
-    window, so they cost nothing (benchmarks/inference.py measures both)."""
+    """Decoders for a study in a slow codec (``decode_plan``): ``configured`` when set
+    (model.decoders), else one per usable core, at most 4, so a decode-bound study (JPEG 2000, JPEG
+    lossless) keeps every core busy (benchmarks/inference.py)."""
     if configured:
         return configured
     if cores is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        cores = usable_cores()
     return max(1, min(cores, 4))
 
 

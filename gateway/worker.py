@@ -52,7 +52,6 @@ from sqlalchemy import or_, select, update
 log = get_logger("osteogate.gateway.worker")
 
 
-
 # A random token per process: a restarted container has the same hostname and often the same PID
 # as the one that died, and its jobs must still be recognised as orphaned.
 _PROCESS_TOKEN = secrets.token_hex(4)
