@@ -54,7 +54,7 @@ def main() -> int:
               "run this script on a GPU machine")
         return 0
 
-    from osteogate.gateway.config import ModelConfig
+    from osteogate.gateway.core.config import ModelConfig
     from osteogate.model.inference import Classifier
     from osteogate.model.preprocess import prepare
 

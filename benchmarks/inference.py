@@ -8,7 +8,7 @@
    * before: the worker's loop as it was before issue #11 (``classify_before`` below, kept as the
      baseline): read, decode at full size, LUTs, keep every image, then one Classifier.predict;
    * after: ``ClassifierWorker.classify`` as it is now: decode at the model's size and make the
-     network inputs in decoder processes (gateway/decoding.py, gateway/prefetch.py, ``--decoders``) while the model
+     network inputs in decoder processes (gateway/work/decoding.py, gateway/work/prefetch.py, ``--decoders``) while the model
      scores the previous images in small batches, with
      the worker's ONNX Runtime thread count (gateway.prefetch.model_threads: one core left to the
      decode thread; "before" uses ONNX Runtime's default, one thread per core, as the gateway did).
@@ -42,9 +42,9 @@ GOALS = {"JPEG 2000 lossless": 4.0, "JPEG 2000 lossy": 4.0, "JPEG baseline 8-bit
 def classify_before(worker, instances, classifier):  # noqa: ANN001, ANN201
     """The worker's classify loop before issue #11 (baseline, kept here): every image decoded at full
     size with pydicom's default plugins and kept until one predict() call at the end."""
-    from osteogate.gateway.decoding import CLASSIFIED_MODALITIES
-    from osteogate.gateway.decoding import header_only as _header_only
-    from osteogate.gateway.region import detect_region
+    from osteogate.gateway.work.decoding import CLASSIFIED_MODALITIES
+    from osteogate.gateway.work.decoding import header_only as _header_only
+    from osteogate.gateway.work.region import detect_region
     from osteogate.model.pixels import PixelDecodeError, dataset_to_image
 
     pending = []
@@ -100,11 +100,11 @@ def main() -> int:
     parser.add_argument("--only", default=None, help="comma-separated transfer syntax names (default: all)")
     args = parser.parse_args()
 
-    from osteogate.gateway.config import ModelConfig, Settings
-    from osteogate.gateway.db import Instance
-    from osteogate.gateway.prefetch import decode_workers, model_threads
-    from osteogate.gateway.spool import Spool
-    from osteogate.gateway.worker import ClassifierWorker
+    from osteogate.gateway.core.config import ModelConfig, Settings
+    from osteogate.gateway.store.db import Instance
+    from osteogate.gateway.work.prefetch import decode_workers, model_threads
+    from osteogate.gateway.store.spool import Spool
+    from osteogate.gateway.work.worker import ClassifierWorker
     from osteogate.model.inference import INPUT_NAME, OUTPUT_NAME, Classifier
     from osteogate.model.pixels import dataset_to_image
     from osteogate.model.preprocess import needed_long_side, prepare

@@ -31,7 +31,7 @@ Before anything is decoded, the codestream's OWN header (JPEG SOF, JPEG-LS SOF55
 RLE segment table) is parsed (``read_codestream_info``) and checked against the dataset's
 Rows/Columns/SamplesPerPixel and against the decoded-pixel budget (``check_pixel_budget``): a
 64x64 header over a 30000x30000 codestream is refused in microseconds, not decoded for 24 s.
-The gateway also calls ``check_pixel_budget`` at C-STORE time (gateway/ingest.py).
+The gateway also calls ``check_pixel_budget`` at C-STORE time (gateway/receive/ingest.py).
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ class GatewayProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def command(self) -> list[str]:
-        cmd = [sys.executable, "-m", "osteogate.gateway.cli", "serve", "--data-dir", str(self.data_dir),
+        cmd = [sys.executable, "-m", "osteogate.gateway.operate.cli", "serve", "--data-dir", str(self.data_dir),
                "--port", str(self.port), "--bind", "127.0.0.1", "--aet", self.ae_title,
                "--stable-seconds", str(self.stable_seconds), "--model", str(self.model)]
         for destination in self.destinations:
@@ -113,7 +113,7 @@ class GatewayProcess:
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run another osteogate command against the same store."""
-        cmd = [sys.executable, "-m", "osteogate.gateway.cli", *args, "--data-dir", str(self.data_dir)]
+        cmd = [sys.executable, "-m", "osteogate.gateway.operate.cli", *args, "--data-dir", str(self.data_dir)]
         if self.database_url:
             cmd += ["--database-url", self.database_url]
         result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from osteogate.gateway.sr import AlgorithmInfo, SkippedImage, StudyReport
+from osteogate.gateway.report.sr import AlgorithmInfo, SkippedImage, StudyReport
 from osteogate.model.assessment import Assessment, ImageAssessment, ImageScore, StudyAssessment
 from osteogate.model.covariates import Covariates
 from pydicom.dataset import Dataset, FileMetaDataset

@@ -1,7 +1,7 @@
 """Admin CLI on a real store: replay, resend, purge, studies filters, config check, stale jobs.
 
 The store is real (SQLite file, spool, reports); DICOM goes over loopback to dcmtk storescp;
-the commands run as `python -m osteogate.gateway.cli` subprocesses like an admin would run them.
+the commands run as `python -m osteogate.gateway.operate.cli` subprocesses like an admin would run them.
 """
 
 from __future__ import annotations
@@ -16,9 +16,13 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from osteogate.gateway.admin import recover_stale_jobs
-from osteogate.gateway.config import Settings, load_settings
-from osteogate.gateway.db import (
+from osteogate.gateway.core.config import Settings, load_settings
+from osteogate.gateway.deliver.delivery import DeliveryManager
+from osteogate.gateway.operate.admin import recover_stale_jobs
+from osteogate.gateway.operate.service import ClassifierCache
+from osteogate.gateway.receive.ingest import Ingestor
+from osteogate.gateway.receive.tracker import StudyTracker
+from osteogate.gateway.store.db import (
     Database,
     Delivery,
     DeliveryStatus,
@@ -29,12 +33,8 @@ from osteogate.gateway.db import (
     StudyStatus,
     utcnow,
 )
-from osteogate.gateway.delivery import DeliveryManager
-from osteogate.gateway.ingest import Ingestor
-from osteogate.gateway.service import ClassifierCache
-from osteogate.gateway.spool import Spool
-from osteogate.gateway.tracker import StudyTracker
-from osteogate.gateway.worker import ClassifierWorker
+from osteogate.gateway.store.spool import Spool
+from osteogate.gateway.work.worker import ClassifierWorker
 from pydicom.uid import generate_uid
 from sqlalchemy import select, update
 
@@ -57,7 +57,7 @@ def osteogate(*args: str, check: bool = True) -> subprocess.CompletedProcess[str
     env = {k: v for k, v in os.environ.items() if not k.startswith("OSTEOGATE_")}
     env |= {"OMP_NUM_THREADS": "1", "OSTEOGATE_STORAGE_MIN_FREE_MB": "0",
             "OSTEOGATE_DELIVERY_RETRY_BASE_SECONDS": "0.5"}
-    result = subprocess.run([sys.executable, "-m", "osteogate.gateway.cli", *args], cwd=REPO, env=env,
+    result = subprocess.run([sys.executable, "-m", "osteogate.gateway.operate.cli", *args], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=120)
     if check and result.returncode != 0:
         raise AssertionError(f"osteogate {' '.join(args)} -> {result.returncode}\n{result.stdout}\n{result.stderr}")

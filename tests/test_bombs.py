@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from osteogate.gateway.config import Settings
-from osteogate.gateway.db import Database, Instance
-from osteogate.gateway.ingest import Ingestor
-from osteogate.gateway.spool import Spool
-from osteogate.gateway.worker import ClassifierWorker
+from osteogate.gateway.core.config import Settings
+from osteogate.gateway.receive.ingest import Ingestor
+from osteogate.gateway.store.db import Database, Instance
+from osteogate.gateway.store.spool import Spool
+from osteogate.gateway.work.worker import ClassifierWorker
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation, Verification

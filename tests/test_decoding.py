@@ -11,19 +11,19 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from osteogate.gateway.config import Settings
-from osteogate.gateway.db import Database, Instance
-from osteogate.gateway.decoding import (
+from osteogate.gateway.core.config import Settings
+from osteogate.gateway.receive.ingest import Ingestor
+from osteogate.gateway.store.db import Database, Instance
+from osteogate.gateway.store.spool import Spool
+from osteogate.gateway.work.decoding import (
     DECODER_DIED,
     DecodeRequest,
     DecoderPool,
     _decode_in_process,
     decode_for_model,
 )
-from osteogate.gateway.ingest import Ingestor
-from osteogate.gateway.prefetch import SLOW_DECODE_SYNTAXES, decode_plan
-from osteogate.gateway.spool import Spool
-from osteogate.gateway.worker import ClassifierWorker
+from osteogate.gateway.work.prefetch import SLOW_DECODE_SYNTAXES, decode_plan
+from osteogate.gateway.work.worker import ClassifierWorker
 from osteogate.model.card import InputSpec
 from osteogate.model.inference import Classifier
 from pydicom.uid import JPEG2000Lossless, JPEGBaseline8Bit, RLELossless, generate_uid
@@ -55,7 +55,7 @@ def _own_pid(_: object) -> int:
 _KILLED_PARENT = r"""
 import sys, time
 sys.path.insert(0, sys.argv[1])
-from osteogate.gateway.decoding import DecoderPool
+from osteogate.gateway.work.decoding import DecoderPool
 from tests.test_decoding import _own_pid
 if __name__ == "__main__":
     pool = DecoderPool(2, work=_own_pid)
@@ -141,7 +141,7 @@ def test_a_decoder_killed_by_one_image_costs_that_image_only(tmp_path):
 def test_without_decoder_processes_images_are_decoded_in_the_thread(tmp_path, monkeypatch, capsys):
     """Decoder processes that die at start, or cannot be made at all (no usable /dev/shm): every
     image is still decoded, in the calling thread, and the operator is told once."""
-    import osteogate.gateway.decoding as decoding
+    import osteogate.gateway.work.decoding as decoding
 
     path = tmp_path / "knee.dcm"
     shutil.copyfile(sample_file("knee_j2k"), path)

@@ -15,15 +15,15 @@ from pathlib import Path
 
 import pytest
 import yaml
-from osteogate.gateway.config import ENV_PREFIX, Settings, load_settings
-from osteogate.gateway.errors import NO_RESTART
-from osteogate.gateway.ingest import (
+from osteogate.gateway.core.config import ENV_PREFIX, Settings, load_settings
+from osteogate.gateway.core.errors import NO_RESTART
+from osteogate.gateway.receive.ingest import (
     ACCEPTED_SOP_CLASSES,
     CANNOT_UNDERSTAND,
     DATASET_DOES_NOT_MATCH_SOP_CLASS,
     OUT_OF_RESOURCES,
 )
-from osteogate.gateway.scp import TRANSFER_SYNTAXES
+from osteogate.gateway.receive.scp import TRANSFER_SYNTAXES
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 EXAMPLE = DEPLOY / "osteogate.example.toml"
@@ -177,7 +177,7 @@ def test_systemd_unit():
     assert "--config /etc/osteogate/osteogate.toml" in service["ExecStart"]
     assert service["User"] == "osteogate"
     assert service["Restart"] == "on-failure"
-    # No restart after what only an administrator can fix (gateway/errors.py NO_RESTART).
+    # No restart after what only an administrator can fix (gateway/core/errors.py NO_RESTART).
     assert sorted(int(c) for c in service["RestartPreventExitStatus"].split()) == sorted(map(int, NO_RESTART))
     # Documentation= points where the install steps of deploy/README.md put the sources.
     install_dir = re.search(r"git clone [^\n]* (/opt/osteogate/src)\n", (DEPLOY / "README.md").read_text())

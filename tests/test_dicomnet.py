@@ -14,10 +14,8 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from osteogate.gateway.admin import recover_stale_jobs
-from osteogate.gateway.config import Destination, load_settings
-from osteogate.gateway.db import Database, Job, JobStatus, Study, StudyStatus, utcnow
-from osteogate.gateway.dicomnet import (
+from osteogate.gateway.core.config import Destination, load_settings
+from osteogate.gateway.core.dicomnet import (
     AssociationError,
     Outcome,
     backoff_seconds,
@@ -28,10 +26,12 @@ from osteogate.gateway.dicomnet import (
     status_outcome,
     status_text,
 )
-from osteogate.gateway.logs import configure_logging, format_exception, get_logger, scrub
-from osteogate.gateway.metrics import OTHER, ae_label
-from osteogate.gateway.spool import Spool
-from osteogate.gateway.worker import ClassifierWorker, worker_id
+from osteogate.gateway.core.logs import configure_logging, format_exception, get_logger, scrub
+from osteogate.gateway.core.metrics import OTHER, ae_label
+from osteogate.gateway.operate.admin import recover_stale_jobs
+from osteogate.gateway.store.db import Database, Job, JobStatus, Study, StudyStatus, utcnow
+from osteogate.gateway.store.spool import Spool
+from osteogate.gateway.work.worker import ClassifierWorker, worker_id
 from pydicom.uid import generate_uid
 from pynetdicom.sop_class import Verification
 

@@ -1,4 +1,4 @@
-"""DICOMweb STOW-RS delivery (gateway/stow.py) against a real Orthanc with its DICOMweb plugin.
+"""DICOMweb STOW-RS delivery (gateway/deliver/stow.py) against a real Orthanc with its DICOMweb plugin.
 
 Orthanc runs as a process on loopback ports with the Debian orthanc-dicomweb plugin; requests go
 over real HTTP(S). The decision rules (which HTTP answers are permanent) and the destination
@@ -24,13 +24,9 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from osteogate.gateway.config import ConfigError, Destination, load_settings
-from osteogate.gateway.db import Database, Delivery, DeliveryStatus, Job, JobStatus, Study
-from osteogate.gateway.delivery import DeliveryManager
-from osteogate.gateway.ingest import Ingestor
-from osteogate.gateway.service import ClassifierCache
-from osteogate.gateway.spool import Spool
-from osteogate.gateway.stow import (
+from osteogate.gateway.core.config import ConfigError, Destination, load_settings
+from osteogate.gateway.deliver.delivery import DeliveryManager
+from osteogate.gateway.deliver.stow import (
     base_url,
     failure_is_transient,
     failure_reason_text,
@@ -39,8 +35,12 @@ from osteogate.gateway.stow import (
     send_files,
     store,
 )
-from osteogate.gateway.tracker import StudyTracker
-from osteogate.gateway.worker import ClassifierWorker
+from osteogate.gateway.operate.service import ClassifierCache
+from osteogate.gateway.receive.ingest import Ingestor
+from osteogate.gateway.receive.tracker import StudyTracker
+from osteogate.gateway.store.db import Database, Delivery, DeliveryStatus, Job, JobStatus, Study
+from osteogate.gateway.store.spool import Spool
+from osteogate.gateway.work.worker import ClassifierWorker
 from sqlalchemy import select
 
 from tests.gateway_harness import GatewayProcess
@@ -565,7 +565,7 @@ password_env = "PACS_PASSWORD"
 
 @needs_orthanc_dicomweb
 def test_selfcheck_asks_a_dicomweb_destination(tmp_path: Path, auth_pacs: OrthancServer) -> None:
-    from osteogate.gateway.selfcheck import run_selfcheck
+    from osteogate.gateway.operate.selfcheck import run_selfcheck
 
     good = {"url": auth_pacs.dicomweb_url, "username": "osteogate", "password": "c0rrect-horse"}
     wrong = {"url": auth_pacs.dicomweb_url, "username": "osteogate", "password": "wrong"}
@@ -593,7 +593,7 @@ def test_selfcheck_asks_a_dicomweb_destination(tmp_path: Path, auth_pacs: Orthan
 def _osteogate(*args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("OSTEOGATE_")}
     env |= {"OMP_NUM_THREADS": "1", "OSTEOGATE_STORAGE_MIN_FREE_MB": "0"}
-    return subprocess.run([sys.executable, "-m", "osteogate.gateway.cli", *args], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-m", "osteogate.gateway.operate.cli", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)
 
 

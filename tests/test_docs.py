@@ -9,9 +9,9 @@ import re
 from pathlib import Path
 
 import pytest
-from osteogate.gateway import cli
-from osteogate.gateway.config import DicomConfig, RetentionConfig, Settings, TlsConfig
-from osteogate.gateway.errors import EXIT_CODE_MEANINGS, NO_RESTART, ExitCode
+from osteogate.gateway.core.config import DicomConfig, RetentionConfig, Settings, TlsConfig
+from osteogate.gateway.core.errors import EXIT_CODE_MEANINGS, NO_RESTART, ExitCode
+from osteogate.gateway.operate import cli
 
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"

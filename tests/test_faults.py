@@ -261,7 +261,7 @@ def test_min_free_space_refuses_with_out_of_resources(tmp_path: Path, tiny_model
             # Refused up front: rejected-transient (PS3.8 7.1.1.8 result 2) tells the modality to
             # retry later; rejected-permanent would make it give up on the images.
             assert assoc.is_rejected and int(assoc.acceptor.primitive.result) == 0x02
-        # By design (gateway/scp.py handle_requested) even C-ECHO is refused while the disk is
+        # By design (gateway/receive/scp.py handle_requested) even C-ECHO is refused while the disk is
         # short, so monitoring sees the problem; the process itself must stay up.
         assert gw.proc is not None and gw.proc.poll() is None
         assert gw.studies() == []

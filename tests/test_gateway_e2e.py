@@ -228,7 +228,7 @@ def test_echo_cli_and_wrong_called_aet(tmp_path: Path, tiny_model: Path) -> None
     import sys
 
     with GatewayProcess(tmp_path / "gw", model=tiny_model) as gw:
-        echo = subprocess.run([sys.executable, "-m", "osteogate.gateway.cli", "echo", f"OSTEOGATE@127.0.0.1:{gw.port}"],
+        echo = subprocess.run([sys.executable, "-m", "osteogate.gateway.operate.cli", "echo", f"OSTEOGATE@127.0.0.1:{gw.port}"],
                               capture_output=True, text=True, timeout=60)
         assert echo.returncode == 0 and "0x0000" in echo.stdout
         ae = AE(ae_title="MODALITY")
@@ -236,9 +236,9 @@ def test_echo_cli_and_wrong_called_aet(tmp_path: Path, tiny_model: Path) -> None
         assoc = ae.associate("127.0.0.1", gw.port, ae_title="WRONGAET")
         assert assoc.is_rejected
         assert echoscu("127.0.0.1", gw.port, "OSTEOGATE").returncode == 0
-    down = subprocess.run([sys.executable, "-m", "osteogate.gateway.cli", "echo", f"OSTEOGATE@127.0.0.1:{free_port()}"],
+    down = subprocess.run([sys.executable, "-m", "osteogate.gateway.operate.cli", "echo", f"OSTEOGATE@127.0.0.1:{free_port()}"],
                           capture_output=True, text=True, timeout=60)
-    assert down.returncode == 69  # EX_UNAVAILABLE (gateway/errors.py)
+    assert down.returncode == 69  # EX_UNAVAILABLE (gateway/core/errors.py)
 
 
 def test_send_cli_sends_folder_untranscoded(tmp_path: Path, pacs: StoreSCP) -> None:
@@ -246,7 +246,7 @@ def test_send_cli_sends_folder_untranscoded(tmp_path: Path, pacs: StoreSCP) -> N
 
     from tests.helpers import SAMPLE_DIR
 
-    result = subprocess.run([sys.executable, "-m", "osteogate.gateway.cli", "send", str(SAMPLE_DIR), "--to",
+    result = subprocess.run([sys.executable, "-m", "osteogate.gateway.operate.cli", "send", str(SAMPLE_DIR), "--to",
                              f"PACS@127.0.0.1:{pacs.port}"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr  # README/scripts in the folder are passed over
     sent = sample_files()
@@ -257,7 +257,7 @@ def test_send_cli_sends_folder_untranscoded(tmp_path: Path, pacs: StoreSCP) -> N
         copy = pydicom.dcmread(by_uid[str(original.SOPInstanceUID)])
         assert copy.file_meta.TransferSyntaxUID == original.file_meta.TransferSyntaxUID
         assert copy.PixelData == original.PixelData
-    bad = subprocess.run([sys.executable, "-m", "osteogate.gateway.cli", "send", str(SAMPLE_DIR / "README.md"), "--to",
+    bad = subprocess.run([sys.executable, "-m", "osteogate.gateway.operate.cli", "send", str(SAMPLE_DIR / "README.md"), "--to",
                           f"PACS@127.0.0.1:{pacs.port}"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 66 and "not a DICOM file" in bad.stderr  # EX_NOINPUT: nothing to send
 
@@ -267,7 +267,7 @@ def test_demo_prints_sr_summaries(tiny_model: Path, tmp_path: Path) -> None:
 
     from PIL import Image
 
-    demo = subprocess.run([sys.executable, "-m", "osteogate.gateway.cli", "demo", "--model", str(tiny_model), "--timeout", "120",
+    demo = subprocess.run([sys.executable, "-m", "osteogate.gateway.operate.cli", "demo", "--model", str(tiny_model), "--timeout", "120",
                            "--cards", str(tmp_path / "cards")], capture_output=True, text=True, timeout=240)
     assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
     assert "PACS received 4 SR(s) and 4 result card(s) for 4 of 5 studies" in demo.stdout

@@ -9,20 +9,20 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from osteogate.gateway.config import ConfigError, Destination, load_settings
-from osteogate.gateway.db import Database, Instance, Study, StudyStatus
-from osteogate.gateway.ingest import (
+from osteogate.gateway.core.config import ConfigError, Destination, load_settings
+from osteogate.gateway.core.logs import configure_logging, get_logger, study_key
+from osteogate.gateway.core.uids import InvalidUIDError, is_valid_uid, require_uid
+from osteogate.gateway.receive.ingest import (
     CANNOT_UNDERSTAND,
     DATASET_DOES_NOT_MATCH_SOP_CLASS,
     OUT_OF_RESOURCES,
     Ingestor,
     RejectedInstance,
 )
-from osteogate.gateway.logs import configure_logging, get_logger, study_key
-from osteogate.gateway.region import detect_region
-from osteogate.gateway.spool import Spool, SpoolError
-from osteogate.gateway.tracker import StudyTracker
-from osteogate.gateway.uids import InvalidUIDError, is_valid_uid, require_uid
+from osteogate.gateway.receive.tracker import StudyTracker
+from osteogate.gateway.store.db import Database, Instance, Study, StudyStatus
+from osteogate.gateway.store.spool import Spool, SpoolError
+from osteogate.gateway.work.region import detect_region
 from pydicom.uid import generate_uid
 
 from tests.helpers import make_dataset
@@ -234,7 +234,7 @@ def test_logs_are_json_and_carry_no_identifiers() -> None:
 def test_concurrent_scanners_queue_a_study_once(ingestor: Ingestor) -> None:
     import threading
 
-    from osteogate.gateway.db import Job
+    from osteogate.gateway.store.db import Job
 
     for _ in range(5):
         ingestor.store(encode(make_dataset()))

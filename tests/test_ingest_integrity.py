@@ -11,8 +11,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from osteogate.gateway.db import Database, Instance, Study, StudyResult, StudyStatus
-from osteogate.gateway.ingest import (
+from osteogate.gateway.receive.ingest import (
     CANNOT_UNDERSTAND,
     OUT_OF_RESOURCES,
     UID_CONFLICT,
@@ -20,8 +19,9 @@ from osteogate.gateway.ingest import (
     RejectedInstance,
     inflated_size,
 )
-from osteogate.gateway.spool import Spool
-from osteogate.gateway.tracker import StudyTracker
+from osteogate.gateway.receive.tracker import StudyTracker
+from osteogate.gateway.store.db import Database, Instance, Study, StudyResult, StudyStatus
+from osteogate.gateway.store.spool import Spool
 from pydicom.dataset import Dataset
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 from alembic import command
-from osteogate.gateway.db import Base, Database
-from osteogate.gateway.migrations import (
+from osteogate.gateway.store.db import Base, Database
+from osteogate.gateway.store.migrations import (
     INITIAL_REVISION,
     MigrationError,
     alembic_config,
@@ -82,7 +82,7 @@ def test_db_cli_upgrade_and_current(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("OSTEOGATE_")}
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "osteogate.gateway.cli", "db", *args, "--data-dir", str(tmp_path)],
+        return subprocess.run([sys.executable, "-m", "osteogate.gateway.operate.cli", "db", *args, "--data-dir", str(tmp_path)],
                               cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
 
     up = run("upgrade")

@@ -14,10 +14,13 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from osteogate.gateway import cli, service
-from osteogate.gateway.admin import AdminError, ResendTarget, _purge_safe, plan_resend
-from osteogate.gateway.config import ConfigError, load_settings
-from osteogate.gateway.db import (
+from osteogate.gateway.core.config import ConfigError, load_settings
+from osteogate.gateway.core.errors import EXIT_CODE_MEANINGS, ExitCode, OsteoGateError, translate
+from osteogate.gateway.core.logs import configure_logging
+from osteogate.gateway.operate import cli, service
+from osteogate.gateway.operate.admin import AdminError, ResendTarget, _purge_safe, plan_resend
+from osteogate.gateway.operate.queries import DeliveryRow, destination_problems
+from osteogate.gateway.store.db import (
     Delivery,
     DeliveryStatus,
     Instance,
@@ -28,10 +31,7 @@ from osteogate.gateway.db import (
     StudyStatus,
     utcnow,
 )
-from osteogate.gateway.errors import EXIT_CODE_MEANINGS, ExitCode, OsteoGateError, translate
-from osteogate.gateway.logs import configure_logging
-from osteogate.gateway.migrations import MigrationError
-from osteogate.gateway.queries import DeliveryRow, destination_problems
+from osteogate.gateway.store.migrations import MigrationError
 from osteogate.model.checkpoint import CheckpointError
 from osteogate.model.taxonomy import TaxonomyError
 from sqlalchemy.exc import OperationalError

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from osteogate.gateway.errors import ExitCode
+from osteogate.gateway.core.errors import ExitCode
 from osteogate.model.card import ModelCard
 from pydicom.uid import generate_uid
 from safetensors.numpy import save_file
@@ -33,7 +33,7 @@ def osteogate(*args: str, env: dict[str, str] | None = None, cwd: Path = REPO,
               timeout: float = 120) -> subprocess.CompletedProcess[str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith("OSTEOGATE_")}
     base |= {"OMP_NUM_THREADS": "1", "OSTEOGATE_LOGGING_FORMAT": "json", "OSTEOGATE_STORAGE_MIN_FREE_MB": "0"}
-    return subprocess.run([sys.executable, "-m", "osteogate.gateway.cli", *args], cwd=cwd, env=base | (env or {}),
+    return subprocess.run([sys.executable, "-m", "osteogate.gateway.operate.cli", *args], cwd=cwd, env=base | (env or {}),
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -242,7 +242,7 @@ sys.meta_path.insert(0, _Blocker())
 def test_serve_classifies_with_the_shipped_model_without_torch(tmp_path: Path, dcmtk_pacs: object) -> None:
     """With torch made unimportable, `serve` with the shipped model (and its shipped ONNX file)
     receives, classifies and delivers: what a serving-only install does."""
-    from osteogate.gateway.service import SHIPPED_MODEL
+    from osteogate.gateway.operate.service import SHIPPED_MODEL
 
     from tests.helpers import storescu
 

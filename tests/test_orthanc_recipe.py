@@ -21,7 +21,7 @@ from typing import Any
 import pydicom
 import pytest
 import yaml
-from osteogate.gateway.config import load_settings
+from osteogate.gateway.core.config import load_settings
 
 from tests.gateway_harness import GatewayProcess
 from tests.helpers import (

@@ -92,7 +92,7 @@ def test_serving_dependencies_carry_no_torch() -> None:
 
 
 def test_importing_the_cli_and_service_leaves_torch_unloaded() -> None:
-    code = ("import sys; from osteogate.gateway import cli, service, worker; cli.build_parser(); "
+    code = ("import sys; from osteogate.gateway.operate import cli, service; from osteogate.gateway.work import worker; cli.build_parser(); "
             "heavy = sorted(m for m in ('torch', 'timm', 'albumentations', 'onnx', 'sklearn') if m in sys.modules); "
             "print(heavy)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
@@ -102,7 +102,7 @@ def test_importing_the_cli_and_service_leaves_torch_unloaded() -> None:
 def test_shipped_onnx_is_the_export_of_the_shipped_checkpoint() -> None:
     """Serving without torch needs the ONNX file that matches the checkpoint (its sha256 inside)."""
     import onnxruntime as ort
-    from osteogate.gateway.service import SHIPPED_MODEL
+    from osteogate.gateway.operate.service import SHIPPED_MODEL
     from osteogate.model.checkpoint import checkpoint_sha256
     from osteogate.model.inference import SHA_KEY
 

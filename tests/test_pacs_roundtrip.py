@@ -116,7 +116,7 @@ def test_conformance_lists_the_acknowledged_classes_exactly() -> None:
     """Table 3.2.2.2-c of CONFORMANCE.md is gateway.ingest.OUT_OF_SCOPE_SOP_CLASSES, row for row."""
     import re
 
-    from osteogate.gateway.ingest import ACCEPTED_SOP_CLASSES, OUT_OF_SCOPE_SOP_CLASSES
+    from osteogate.gateway.receive.ingest import ACCEPTED_SOP_CLASSES, OUT_OF_SCOPE_SOP_CLASSES
 
     from tests.helpers import REPO_ROOT
 

@@ -9,8 +9,11 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from osteogate.gateway.config import load_settings
-from osteogate.gateway.db import (
+from osteogate.gateway.core.config import load_settings
+from osteogate.gateway.deliver.delivery import DeliveryManager, result_files
+from osteogate.gateway.report.card import build_result_card
+from osteogate.gateway.report.sr import build_result_sr
+from osteogate.gateway.store.db import (
     Database,
     Delivery,
     DeliveryStatus,
@@ -20,10 +23,7 @@ from osteogate.gateway.db import (
     StudyResult,
     utcnow,
 )
-from osteogate.gateway.delivery import DeliveryManager, result_files
-from osteogate.gateway.resultcard import build_result_card
-from osteogate.gateway.spool import Spool
-from osteogate.gateway.sr import build_result_sr
+from osteogate.gateway.store.spool import Spool
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Comprehensive3DSRStorage, SecondaryCaptureImageStorage
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from osteogate.gateway.db import Database, ResultObject, Study, StudyResult
-from osteogate.gateway.sr import read_result
+from osteogate.gateway.report.sr import read_result
+from osteogate.gateway.store.db import Database, ResultObject, Study, StudyResult
 from osteogate.model.taxonomy import CLASSES
 from pydicom.uid import SecondaryCaptureImageStorage
 from sqlalchemy import select

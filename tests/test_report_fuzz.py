@@ -18,16 +18,16 @@ import pydicom
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from osteogate.gateway.config import load_settings
-from osteogate.gateway.db import Database, Job, JobStatus, ResultObject, Study, StudyResult, StudyStatus
-from osteogate.gateway.decoding import header_only as _header_only
-from osteogate.gateway.ingest import Ingestor
-from osteogate.gateway.resultcard import build_result_card
-from osteogate.gateway.service import ClassifierCache
-from osteogate.gateway.spool import Spool
-from osteogate.gateway.sr import build_result_sr, read_result
-from osteogate.gateway.tracker import StudyTracker
-from osteogate.gateway.worker import ClassifierWorker
+from osteogate.gateway.core.config import load_settings
+from osteogate.gateway.operate.service import ClassifierCache
+from osteogate.gateway.receive.ingest import Ingestor
+from osteogate.gateway.receive.tracker import StudyTracker
+from osteogate.gateway.report.card import build_result_card
+from osteogate.gateway.report.sr import build_result_sr, read_result
+from osteogate.gateway.store.db import Database, Job, JobStatus, ResultObject, Study, StudyResult, StudyStatus
+from osteogate.gateway.store.spool import Spool
+from osteogate.gateway.work.decoding import header_only as _header_only
+from osteogate.gateway.work.worker import ClassifierWorker
 from osteogate.model.covariates import covariates_from_dataset
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataset import Dataset

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 from alembic import command
-from osteogate.gateway.db import Database, ImageResult, ResultObject, StudyResult
-from osteogate.gateway.migrations import alembic_config, current_revision, head_revision
+from osteogate.gateway.store.db import Database, ImageResult, ResultObject, StudyResult
+from osteogate.gateway.store.migrations import alembic_config, current_revision, head_revision
 from sqlalchemy import select, text
 
 BEFORE = "0002_purged_at"

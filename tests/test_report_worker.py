@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from osteogate.gateway.config import load_settings
-from osteogate.gateway.db import Database, ResultObject, Study, StudyResult, StudyStatus
-from osteogate.gateway.ingest import Ingestor
-from osteogate.gateway.service import ClassifierCache
-from osteogate.gateway.spool import Spool
-from osteogate.gateway.sr import read_result
-from osteogate.gateway.tracker import StudyTracker
-from osteogate.gateway.worker import ClassifierWorker
+from osteogate.gateway.core.config import load_settings
+from osteogate.gateway.operate.service import ClassifierCache
+from osteogate.gateway.receive.ingest import Ingestor
+from osteogate.gateway.receive.tracker import StudyTracker
+from osteogate.gateway.report.sr import read_result
+from osteogate.gateway.store.db import Database, ResultObject, Study, StudyResult, StudyStatus
+from osteogate.gateway.store.spool import Spool
+from osteogate.gateway.work.worker import ClassifierWorker
 from sqlalchemy import select
 
 from tests.helpers import make_dataset, write_dataset

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from osteogate.gateway import reporting
+from osteogate.gateway.report import wording as reporting
 from osteogate.model.assessment import Assessment
 
 VALIDATION = {"operating_points": {"low_bmd": {"threshold": 0.763}}}

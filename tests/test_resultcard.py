@@ -1,4 +1,4 @@
-"""Result card (gateway/resultcard.py): a real font, a valid Secondary Capture, and a picture that shows
+"""Result card (gateway/report/card.py): a real font, a valid Secondary Capture, and a picture that shows
 what the SR says. Set OSTEOGATE_CARD_DIR to keep the rendered PNGs for a look."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from osteogate.gateway import resultcard
-from osteogate.gateway.resultcard import (
+from osteogate.gateway.report import card as resultcard
+from osteogate.gateway.report.card import (
     BANNER_COLOURS,
     CARD_SIZE,
     OUTLINE,
@@ -21,7 +21,7 @@ from osteogate.gateway.resultcard import (
     render_card,
     thumbnail,
 )
-from osteogate.gateway.sr import SkippedImage
+from osteogate.gateway.report.sr import SkippedImage
 from PIL import Image, ImageFont
 from pydicom.uid import SecondaryCaptureImageStorage
 

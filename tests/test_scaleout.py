@@ -13,10 +13,10 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from osteogate.gateway.db import Database, Job, JobStatus, Study, StudyResult
-from osteogate.gateway.ingest import Ingestor
-from osteogate.gateway.spool import Spool
-from osteogate.gateway.tracker import StudyTracker
+from osteogate.gateway.receive.ingest import Ingestor
+from osteogate.gateway.receive.tracker import StudyTracker
+from osteogate.gateway.store.db import Database, Job, JobStatus, Study, StudyResult
+from osteogate.gateway.store.spool import Spool
 from sqlalchemy import func, select
 
 from tests.helpers import make_dataset, wait_until, write_dataset
@@ -33,7 +33,7 @@ def _start_worker(name: str, data_dir: Path, url: str, model: Path, logs: Path) 
             "OSTEOGATE_STORAGE_MIN_FREE_MB": "0", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     with (logs / f"{name}.log").open("wb") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "osteogate.gateway.cli", "worker", "--data-dir", str(data_dir), "--database-url", url,
+            [sys.executable, "-m", "osteogate.gateway.operate.cli", "worker", "--data-dir", str(data_dir), "--database-url", url,
              "--model", str(model)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 

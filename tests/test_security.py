@@ -239,11 +239,11 @@ def test_hosts_off_the_allow_list_are_closed_at_once(tmp_path: Path, tiny_model:
 def test_rejections_are_logged_and_reported_in_words(tmp_path: Path, tiny_model: Path) -> None:
     with GatewayProcess(tmp_path / "gw", model=tiny_model,
                         env={"OSTEOGATE_DICOM_ALLOWED_CALLING_AETS": "GOODMOD"}) as gw:
-        result = subprocess.run([sys.executable, "-m", "osteogate.gateway.cli", "echo", f"WRONG@127.0.0.1:{gw.port}",
+        result = subprocess.run([sys.executable, "-m", "osteogate.gateway.operate.cli", "echo", f"WRONG@127.0.0.1:{gw.port}",
                                  "--calling-aet", "GOODMOD"], capture_output=True, text=True, timeout=60)
         assert result.returncode == 69  # EX_UNAVAILABLE
         assert "rejected permanently by the called AE: called AE title not recognised" in result.stderr
-        result = subprocess.run([sys.executable, "-m", "osteogate.gateway.cli", "echo", f"OSTEOGATE@127.0.0.1:{gw.port}",
+        result = subprocess.run([sys.executable, "-m", "osteogate.gateway.operate.cli", "echo", f"OSTEOGATE@127.0.0.1:{gw.port}",
                                  "--calling-aet", "STRANGER"], capture_output=True, text=True, timeout=60)
         assert "calling AE title not recognised" in result.stderr
         reasons = wait_until(lambda: [e["reason"] for e in gw.events() if e.get("event") == "association_rejected"]
@@ -251,7 +251,7 @@ def test_rejections_are_logged_and_reported_in_words(tmp_path: Path, tiny_model:
                              else [], 10)
     assert reasons == ["rejected permanently by the called AE: called AE title not recognised",
                        "rejected permanently by the called AE: calling AE title not recognised"]
-    unresolvable = subprocess.run([sys.executable, "-m", "osteogate.gateway.cli", "echo", "PACS@no-such-host.invalid:104"],
+    unresolvable = subprocess.run([sys.executable, "-m", "osteogate.gateway.operate.cli", "echo", "PACS@no-such-host.invalid:104"],
                                   capture_output=True, text=True, timeout=60)
     assert unresolvable.returncode == 69 and "cannot be resolved" in unresolvable.stderr
     assert "Traceback" not in unresolvable.stderr

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from osteogate.gateway.config import load_settings
-from osteogate.gateway.db import Database
-from osteogate.gateway.selfcheck import run_selfcheck
+from osteogate.gateway.core.config import load_settings
+from osteogate.gateway.operate.selfcheck import run_selfcheck
+from osteogate.gateway.store.db import Database
 
 from tests.gateway_harness import GatewayProcess
 from tests.helpers import (
@@ -50,7 +50,7 @@ def test_selfcheck_reports_each_finding(tmp_path: Path, dcmtk_pacs: StoreSCP) ->
     env = {k: v for k, v in os.environ.items() if not k.startswith("OSTEOGATE_")}
     env |= {"OSTEOGATE_DELIVERY_DESTINATIONS": f"{up},{down}", "OSTEOGATE_STORAGE_MIN_FREE_MB": "0",
             "OSTEOGATE_DELIVERY_TIMEOUT_SECONDS": "3"}
-    result = subprocess.run([sys.executable, "-m", "osteogate.gateway.cli", "selfcheck", "--data-dir", str(tmp_path / "gw")],
+    result = subprocess.run([sys.executable, "-m", "osteogate.gateway.operate.cli", "selfcheck", "--data-dir", str(tmp_path / "gw")],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert f"ok   echo {up}" in result.stdout and f"FAIL echo {down}" in result.stdout

@@ -1,4 +1,4 @@
-"""Result SR (gateway/sr.py): built from hand-made DX/CR headers and StudyAssessment objects, checked by
+"""Result SR (gateway/report/sr.py): built from hand-made DX/CR headers and StudyAssessment objects, checked by
 dciodvfy (dicom3tools), dsrdump and dsr2html (dcmtk) and read back through highdicom."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from pathlib import Path
 import highdicom as hd
 import pydicom
 import pytest
-from osteogate.gateway import reporting
-from osteogate.gateway.sr import (
+from osteogate.gateway.report import wording as reporting
+from osteogate.gateway.report.sr import (
     DISCLAIMER,
     PRIVATE_SCHEME,
     SERIES_DESCRIPTION,

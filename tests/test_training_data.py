@@ -128,7 +128,7 @@ def test_audit_table_lists_duplicates_and_balance(dataset: Path, tmp_path: Path)
 
 
 def test_cli_import_is_cheap() -> None:
-    """gateway/cli.py imports training.cli on every call: no torch/numpy/sklearn at import time."""
+    """gateway/operate/cli.py imports training.cli on every call: no torch/numpy/sklearn at import time."""
     import subprocess
     import sys
 

@@ -1,4 +1,4 @@
-"""Decode/inference overlap in the worker (gateway/prefetch.py) and the worker's bounded memory per study."""
+"""Decode/inference overlap in the worker (gateway/work/prefetch.py) and the worker's bounded memory per study."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from osteogate.gateway.prefetch import GPU_INPUTS_PER_CALL, Prefetcher, images_per_call, model_threads
+from osteogate.gateway.work.prefetch import GPU_INPUTS_PER_CALL, Prefetcher, images_per_call, model_threads
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -91,8 +91,8 @@ def test_model_threads_one_per_core_unless_set():
 
 def test_the_workers_onnx_session_does_not_spin_wait(tmp_path, tiny_model):
     """The decoders share the cores with ONNX Runtime; its idle threads must sleep, not spin."""
-    from osteogate.gateway.config import Settings
-    from osteogate.gateway.service import ClassifierCache
+    from osteogate.gateway.core.config import Settings
+    from osteogate.gateway.operate.service import ClassifierCache
 
     settings = Settings(storage={"data_dir": str(tmp_path)}, model={"path": str(tiny_model), "backend": "onnx"})
     session = ClassifierCache(settings)().backend.session
@@ -109,11 +109,11 @@ from datetime import timedelta
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
 import numpy as np
-from osteogate.gateway.config import Settings
-from osteogate.gateway.db import Database, Instance
-from osteogate.gateway.ingest import Ingestor
-from osteogate.gateway.spool import Spool
-from osteogate.gateway.worker import ClassifierWorker
+from osteogate.gateway.core.config import Settings
+from osteogate.gateway.store.db import Database, Instance
+from osteogate.gateway.receive.ingest import Ingestor
+from osteogate.gateway.store.spool import Spool
+from osteogate.gateway.work.worker import ClassifierWorker
 from osteogate.model.inference import Classifier
 from pydicom.uid import generate_uid
 from tests.helpers import make_dataset

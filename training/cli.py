@@ -1,6 +1,6 @@
 """Training subcommands for the `osteogate` CLI: train, evaluate, export, dataset audit.
 
-gateway/cli.py imports this module on every CLI call just to build the parser, so nothing heavy
+gateway/operate/cli.py imports this module on every CLI call just to build the parser, so nothing heavy
 (torch, numpy, sklearn) is imported at module level: handlers import what they need.
 Exit codes: 0 success, 1 failure, 2 bad input (data, config, arguments).
 """
