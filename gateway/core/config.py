@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+from osteogate.gateway.core.backfill_config import BackfillConfig
 from osteogate.gateway.core.errors import ConfigurationError
 from pydantic import (
     BaseModel,
@@ -394,6 +395,7 @@ class Settings(_Section):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     retention: RetentionConfig = Field(default_factory=RetentionConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    backfill: BackfillConfig = Field(default_factory=BackfillConfig)
 
     @model_validator(mode="after")
     def _check_calling_aet(self) -> Settings:

@@ -36,7 +36,7 @@ from osteogate.gateway.core.logs import configure_logging
 # for its registrar.
 COMMAND_GROUPS: dict[str, tuple[str, ...]] = {
     "serving": ("serve", "worker", "echo", "send", "demo"),
-    "operations": ("studies", "show", "replay", "resend", "purge", "db", "config", "selfcheck"),
+    "operations": ("studies", "show", "replay", "resend", "purge", "db", "config", "selfcheck", "backfill", "cases"),
     "model": ("train", "evaluate", "export", "dataset"),
 }
 
@@ -707,6 +707,11 @@ def build_parser() -> argparse.ArgumentParser:
     cmds = _Commands(sub)
     _serving_parsers(cmds)
     _operations_parsers(cmds)
+    from osteogate.gateway.backfill.cli import add_parser as add_backfill
+    from osteogate.gateway.operate.cases import add_parser as add_cases
+
+    add_backfill(cmds)
+    add_cases(cmds)
     try:
         from osteogate.training.cli import register
     except ImportError:  # an install without the training package

@@ -14,6 +14,7 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
+from osteogate.gateway.backfill.metrics import BackfillCollector
 from osteogate.gateway.core.config import Settings
 from osteogate.gateway.core.errors import ConfigurationError, TemporaryFailure
 from osteogate.gateway.core.logs import get_logger, study_key
@@ -260,6 +261,17 @@ class Gateway:
         self._stopped = threading.Event()
         self.http: HealthServer | None = None
         self._collector = StoreCollector(self.db, self.spool.free_bytes)
+        self._backfill_collector = BackfillCollector(self.db)
+        self._backfill_stop = threading.Event()
+
+    def _add_backfill_job(self) -> None:
+        """``[backfill] enabled``: the configured backfill runs (and resumes) every interval."""
+        cfg = self.settings.backfill
+        if cfg.enabled and cfg.source:
+            from osteogate.gateway.backfill.setup import run_scheduled
+
+            self.scheduler.add("backfill", lambda: run_scheduled(self.settings, self.db, self._backfill_stop),
+                               cfg.interval_seconds)
 
     def health(self) -> dict[str, Any]:
         """What /healthz reports.
@@ -323,12 +335,14 @@ class Gateway:
         self.scheduler.add("delivery", lambda: self.delivery.run_due(wait=False),
                            self.settings.delivery.check_interval_seconds)
         add_maintenance_jobs(self.scheduler, self.settings, self.db, self.spool)
+        self._add_backfill_job()
         self.scheduler.start()
         if self.worker:
             self.worker.start()
         if self.settings.http.enabled:
             # Before the listener: once the DICOM port answers, so does the health check.
             REGISTRY.register(self._collector)
+            REGISTRY.register(self._backfill_collector)
             self.http = HealthServer(self.settings.http.bind, self.settings.http.port, self.health)
             self.http.start()
         self.scp.start()
@@ -345,6 +359,8 @@ class Gateway:
         if self.http:
             self.http.stop()
             REGISTRY.unregister(self._collector)
+            REGISTRY.unregister(self._backfill_collector)
+        self._backfill_stop.set()  # a scheduled backfill ends its current step and returns
         if self.worker:
             self.worker.stop()
         self.scheduler.stop()

@@ -5,6 +5,11 @@ The stages hand work to each other through the store: a spooled instance and its
 (receive), a job (tracker), a result with its objects and deliveries (work/report), a delivery
 attempt (deliver).
 
-Owns: ``db``, ``spool``, ``wiring`` (open_store), ``migrations``.
+Owns: ``db``, ``backfill`` (the backfill plan and states), ``spool``, ``wiring`` (open_store),
+``migrations``.
 May import: ``gateway.core``; never a stage.
 """
+
+# The backfill's tables (``backfill``) are declared on db.Base in their own module; importing it
+# here registers them whenever the store is used, without db importing it back (no cycle).
+from osteogate.gateway.store import backfill as _backfill  # noqa: E402,F401

@@ -1,0 +1,206 @@
+"""Archive backfill against a real PACS: Orthanc holds studies of several dates, modalities and
+body parts (and caps its C-FIND answers at 2, as production PACS cap theirs); the gateway runs as
+a real process registered as Orthanc's C-MOVE destination; `osteogate backfill` runs as a real
+command (so it can be SIGKILLed)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom.uid import generate_uid
+from sqlalchemy import select
+
+from tests.gateway_harness import REPO, GatewayProcess
+from tests.helpers import OrthancServer, make_dataset, orthanc_binary, wait_until, write_dataset
+
+pytestmark = pytest.mark.orthanc
+
+# (label, modality, body part, study date, patient): which the filters below keep is the point.
+STUDIES = [
+    ("knee_2024", "DX", "KNEE", "20240115", "P1"),
+    ("spine_2024", "CR", "LSPINE", "20240320", "P2"),
+    ("chest_2024", "DX", "CHEST", "20240210", "P3"),
+    ("ct_2024", "CT", "KNEE", "20240301", "P1"),
+    ("knee_2023", "DX", "KNEE", "20230601", "P1"),
+    ("knee_2024b", "DX", "KNEE", "20240405", "P4"),
+]
+MATCHING = {"knee_2024", "spine_2024", "knee_2024b"}  # 2024, CR/DX, knee or spine
+FIND_LIMIT = 2
+
+
+def _rest(orthanc: OrthancServer, method: str, path: str, body: Any = None) -> Any:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(orthanc.http_url + path, data=data, method=method)
+    with urllib.request.urlopen(request, timeout=60) as response:
+        text = response.read()
+    return json.loads(text) if text else None
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[OrthancServer, dict[str, str]]]:
+    """Orthanc with the studies above; C-FIND answers capped at FIND_LIMIT."""
+    if orthanc_binary() is None:
+        pytest.skip("Orthanc not installed")
+    workdir = tmp_path_factory.mktemp("archive")
+    server = OrthancServer(workdir / "orthanc")
+    base = server.config
+    server.config = lambda: {**base(), "LimitFindResults": FIND_LIMIT}  # type: ignore[method-assign]
+    server.start()
+    uids: dict[str, str] = {}
+    try:
+        for label, modality, body_part, day, patient in STUDIES:
+            uid = uids[label] = generate_uid()
+            extra = {"SOPClassUID": "1.2.840.10008.5.1.4.1.1.2"} if modality == "CT" else {}
+            ds = make_dataset(study_uid=uid, modality=modality, body_part=body_part, StudyDate=day,
+                              SeriesDate=day, PatientID=patient, **extra)
+            server.upload(write_dataset(ds, workdir / f"{label}.dcm"))
+        yield server, uids
+    finally:
+        server.stop()
+
+
+def _register(orthanc: OrthancServer, gw: GatewayProcess) -> None:
+    _rest(orthanc, "PUT", "/modalities/osteogate", {"AET": gw.ae_title, "Host": "127.0.0.1", "Port": gw.port})
+
+
+def _backfill(gw: GatewayProcess, orthanc: OrthancServer, *args: str, model: Path,
+              popen: bool = False) -> Any:
+    """`osteogate backfill` against the gateway's store; its calling AE is the gateway's own (Orthanc
+    answers C-FIND only to AE titles it knows)."""
+    cmd = [sys.executable, "-m", "osteogate.gateway.operate.cli", "backfill", "--data-dir", str(gw.data_dir),
+           "--from", f"{orthanc.ae_title}@127.0.0.1:{orthanc.port}", *args]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OSTEOGATE_")}
+    env.update({"OSTEOGATE_DICOM_AE_TITLE": gw.ae_title, "OSTEOGATE_DICOM_PORT": str(gw.port),
+                "OSTEOGATE_MODEL_PATH": str(model), "OSTEOGATE_BACKFILL_FIND_LIMIT": str(FIND_LIMIT),
+                "PYTHONUNBUFFERED": "1"})
+    if popen:
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _received(gw: GatewayProcess) -> dict[str, Any]:
+    """study_uid -> (first received at, instances, version) straight from the gateway's SQL."""
+    from osteogate.gateway.store.db import Database, Study
+
+    db = Database(f"sqlite:///{gw.data_dir / 'osteogate.db'}")
+    try:
+        with db.session() as session:
+            return {uid: (first, count, version) for uid, first, count, version in session.execute(
+                select(Study.study_uid, Study.first_received_at, Study.instance_count, Study.version))}
+    finally:
+        db.dispose()
+
+
+def _screened(gw: GatewayProcess, uids: set[str]) -> list[dict[str, Any]]:
+    rows = [r for r in gw.studies() if r["study_uid"] in uids]
+    return rows if len(rows) == len(uids) and all(r["status"] in ("done", "skipped") for r in rows) else []
+
+
+FILTERS = ("--since", "2024-01-01", "--until", "2024-12-31", "--modality", "CR,DX", "--body-part", "KNEE,SPINE")
+
+
+def test_backfill_retrieves_exactly_the_matching_studies_at_the_rate_and_a_second_run_nothing(
+        tmp_path: Path, archive: tuple[OrthancServer, dict[str, str]], tiny_model: Path) -> None:
+    orthanc, uids = archive
+    wanted = {uids[label] for label in MATCHING}
+    with GatewayProcess(tmp_path / "gw", model=tiny_model,
+                        destinations=[f"{orthanc.ae_title}@127.0.0.1:{orthanc.port}"]) as gw:
+        _register(orthanc, gw)
+        dry = _backfill(gw, orthanc, *FILTERS, "--dry-run", model=tiny_model)
+        assert dry.returncode == 0, dry.stderr
+        assert "4 studies match; 3 would be retrieved" in dry.stdout, dry.stdout
+        assert _received(gw) == {}  # a dry run fetches nothing
+
+        first = _backfill(gw, orthanc, *FILTERS, "--rate", "30", model=tiny_model)
+        assert first.returncode == 0, first.stderr + first.stdout
+        assert "4 found, 3 retrieved, 3 screened, 1 skipped, 0 failed" in first.stdout, first.stdout
+        received = _received(gw)
+        assert set(received) == wanted  # not the chest, the CT, nor 2023
+        starts = sorted(first_at for first_at, _, _ in received.values())
+        gaps = [(b - a).total_seconds() for a, b in zip(starts, starts[1:], strict=False)]
+        assert all(gap >= 1.5 for gap in gaps), gaps  # 30 a minute: 2 s apart (less the move's jitter)
+        rows = wait_until(lambda: _screened(gw, wanted), 60)
+        # backfill.deliver is false by default: the results stay in SQL, nothing goes to the PACS.
+        assert all(r["delivered"] in (None, "0/0") for r in rows), rows
+
+        second = _backfill(gw, orthanc, *FILTERS, model=tiny_model)
+        assert second.returncode == 0, second.stderr
+        assert "4 found, 0 retrieved, 0 screened, 4 skipped, 0 failed" in second.stdout, second.stdout
+        assert {uid: v[1:] for uid, v in _received(gw).items()} == {uid: (1, 1) for uid in wanted}
+
+
+def test_sigkill_mid_run_resumes_without_duplicates(tmp_path: Path, archive: tuple[OrthancServer, dict[str, str]],
+                                                    tiny_model: Path) -> None:
+    orthanc, uids = archive
+    wanted = {uids[label] for label in MATCHING}
+    with GatewayProcess(tmp_path / "gw", model=tiny_model) as gw:
+        _register(orthanc, gw)
+        proc = _backfill(gw, orthanc, *FILTERS, "--rate", "12", model=tiny_model, popen=True)
+        try:
+            wait_until(lambda: len(_received(gw)) >= 1, 60)
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.communicate(timeout=10)
+        assert len(_received(gw)) < 3
+        again = _backfill(gw, orthanc, *FILTERS, "--rate", "60", model=tiny_model)
+        assert again.returncode == 0, again.stderr + again.stdout
+        assert "0 failed" in again.stdout and "screened" in again.stdout, again.stdout
+        assert set(_received(gw)) == wanted
+        rows = wait_until(lambda: _screened(gw, wanted), 60)
+        assert all(r["version"] == 1 and r["sr_versions"] <= 1 for r in rows), rows
+
+
+def test_patients_file_with_c_get_skips_a_study_already_screened(
+        tmp_path: Path, archive: tuple[OrthancServer, dict[str, str]], tiny_model: Path) -> None:
+    orthanc, uids = archive
+    with GatewayProcess(tmp_path / "gw", model=tiny_model) as gw:
+        _register(orthanc, gw)
+        # P1's 2024 knee came in live (a modality sent it) and was screened before the backfill.
+        live = make_dataset(study_uid=uids["knee_2024"], modality="DX", body_part="KNEE", StudyDate="20240115",
+                            PatientID="P1")
+        sent = subprocess.run([sys.executable, "-m", "osteogate.gateway.operate.cli", "send",
+                               str(write_dataset(live, tmp_path / "live.dcm")), "--to", gw.address],
+                              cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert sent.returncode == 0, sent.stderr
+        wait_until(lambda: _screened(gw, {uids["knee_2024"]}), 60)
+        patients = tmp_path / "patients.txt"
+        patients.write_text("patient_id\nP1\nP4\n# P2 is not on the list\n")
+        result = _backfill(gw, orthanc, "--patients", str(patients), "--body-part", "KNEE", "--retrieve", "get",
+                           "--rate", "60", model=tiny_model)
+        assert result.returncode == 0, result.stderr + result.stdout
+        # P1: 2024 knee (screened: skipped), 2023 knee (fetched), CT (not CR/DX); P4: 2024 knee.
+        assert "3 found, 2 retrieved, 2 screened, 1 skipped, 0 failed" in result.stdout, result.stdout
+        assert set(_received(gw)) == {uids["knee_2024"], uids["knee_2023"], uids["knee_2024b"]}
+
+
+def test_pacs_refusing_the_move_destination_is_one_clear_line(
+        tmp_path: Path, archive: tuple[OrthancServer, dict[str, str]], tiny_model: Path) -> None:
+    orthanc, _ = archive
+    gw = GatewayProcess(tmp_path / "gw", model=tiny_model, ae_title="UNKNOWNGW")  # never registered, never started
+    subprocess.run([sys.executable, "-m", "osteogate.gateway.operate.cli", "db", "upgrade", "--data-dir",
+                    str(gw.data_dir)], cwd=REPO, check=True, capture_output=True)
+    # Orthanc knows the backfill as a Q/R client (it may query), not the gateway as a destination.
+    _rest(orthanc, "PUT", "/modalities/backfill", {"AET": "BACKFILL", "Host": "127.0.0.1", "Port": 1})
+    result = _backfill(gw, orthanc, *FILTERS, "--calling-aet", "BACKFILL", model=tiny_model)
+    assert result.returncode == 69, result.stderr + result.stdout
+    [line] = result.stderr.strip().splitlines()[-1:]
+    assert "refused to send to UNKNOWNGW" in line and "Register OsteoGate in the PACS" in line, result.stderr
+    assert "Traceback" not in result.stderr
+    # Nothing was given up on: once registered, the same command continues.
+    from osteogate.gateway.store.backfill import BackfillStudy
+    from osteogate.gateway.store.db import Database
+
+    db = Database(f"sqlite:///{gw.data_dir / 'osteogate.db'}")
+    with db.session() as session:
+        states = [s.value for s in session.execute(select(BackfillStudy.state)).scalars()]
+    db.dispose()
+    assert sorted(states) == ["found", "found", "found", "skipped"]  # the chest: no knee or spine series
