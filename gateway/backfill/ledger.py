@@ -195,6 +195,7 @@ class Ledger:
             row.state, row.reason = state, reason
             if attempt:
                 row.attempts += 1
+                row.last_attempt_at = utcnow()
             if state == BackfillState.RECEIVED:
                 row.retrieved_at = utcnow()
             if retry_in is not None:

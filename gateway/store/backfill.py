@@ -68,6 +68,7 @@ class BackfillStudy(Base):
     instances_expected: Mapped[int | None] = mapped_column(Integer)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_attempt_at: Mapped[datetime | None] = mapped_column()  # when the latest retrieve started
     found_at: Mapped[datetime] = mapped_column(default=utcnow)
     retrieved_at: Mapped[datetime | None] = mapped_column(index=True)
     screened_at: Mapped[datetime | None] = mapped_column()

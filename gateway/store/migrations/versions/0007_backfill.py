@@ -47,6 +47,7 @@ def upgrade() -> None:
         sa.Column("instances_expected", sa.Integer(), nullable=True),
         sa.Column("attempts", sa.Integer(), nullable=False),
         sa.Column("next_attempt_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("last_attempt_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("found_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("retrieved_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("screened_at", sa.DateTime(timezone=True), nullable=True),
