@@ -301,3 +301,96 @@ def test_cases_with_dxa_on_record(tmp_path: Path) -> None:
         ("P1", "yes", "20220110"), ("P2", "yes", "20240301"), ("P3", "no", "")]  # P3's DXA: another issuer
     due = json.loads(_cases(tmp_path, "--json", "--without-dxa-since", "2023-01-01").stdout)
     assert [r["patient_id"] for r in due] == ["P1", "P3"]
+
+
+# -- the engine on a fake clock ------------------------------------------------------------------------
+
+
+class _Archive:
+    """A Source with two studies whose retrieves always succeed; records when each was fetched."""
+
+    name = "FAKE@127.0.0.1:1"
+
+    def __init__(self, clock: _WallClock) -> None:
+        self.clock = clock
+        self.fetched: list[tuple[str, datetime]] = []
+
+    def studies(self, chunk: object, on_capped: object) -> list[object]:
+        from osteogate.gateway.backfill.query import FoundStudy
+
+        return [FoundStudy("1.2.840.99.1", "20240101", ("DX",)), FoundStudy("1.2.840.99.2", "20240102", ("CR",))]
+
+    def retrieve(self, study_uid: str, series_uids: object) -> object:
+        from osteogate.gateway.backfill.retrieve import Retrieved
+
+        self.fetched.append((study_uid, self.clock.wall()))
+        return Retrieved(Outcome.SUCCESS, "0x0000 (Success)", 1, 0)
+
+
+class _WallClock:
+    def __init__(self, start: datetime) -> None:
+        self.start = start
+        self.elapsed = 0.0
+        self.on_sleep: list[object] = []
+
+    def wall(self) -> datetime:
+        from datetime import timedelta
+
+        return self.start + timedelta(seconds=self.elapsed)
+
+    def monotonic(self) -> float:
+        return self.elapsed
+
+    def sleep(self, seconds: float) -> None:
+        self.elapsed += seconds
+        for hook in self.on_sleep:
+            hook()  # type: ignore[operator]
+
+
+def _engine(tmp_path: Path, clock: _WallClock, **options: object) -> tuple[object, _Archive, Database]:
+    from osteogate.gateway.backfill.engine import Backfill, Options
+    from osteogate.gateway.backfill.ledger import Ledger
+
+    db = _db(tmp_path)
+    archive = _Archive(clock)
+    engine = Backfill(Ledger(db, None), archive, {"since": "20240101"}, [Chunk(date(2024, 1, 1), date(2024, 1, 31))],
+                      Options(screen_wait_seconds=0, **options), now=clock.wall, monotonic=clock.monotonic,  # type: ignore[arg-type]
+                      sleep=clock.sleep)
+    return engine, archive, db
+
+
+def test_engine_waits_for_the_window_that_crosses_midnight(tmp_path: Path) -> None:
+    clock = _WallClock(datetime(2026, 1, 5, 17, 0))  # 17:00: two hours before the window opens
+    engine, archive, db = _engine(tmp_path, clock, window=Window.parse("19:00-07:00"), rate_per_minute=60)
+    progress = engine.run()  # type: ignore[attr-defined]
+    assert [uid for uid, _ in archive.fetched] == ["1.2.840.99.1", "1.2.840.99.2"]
+    first, second = (when for _, when in archive.fetched)
+    assert first.time() >= time(19, 0) and (first - datetime(2026, 1, 5, 19, 0)).total_seconds() < 61
+    assert (second - first).total_seconds() >= 1.0  # 60 a minute
+    assert progress.counts.retrieved == 2
+    db.dispose()
+
+
+def test_engine_stops_retrieving_at_the_window_end_and_pauses_for_the_queue(tmp_path: Path) -> None:
+    clock = _WallClock(datetime(2026, 1, 5, 6, 59, 30))  # 30 s before the window closes
+    engine, archive, db = _engine(tmp_path, clock, window=Window.parse("19:00-07:00"), rate_per_minute=1, max_queue=1)
+    # The gateway is busy: two jobs pending, more than max_queue; they finish after 5 minutes.
+    with db.session() as session:
+        study = Study(study_uid="9.9", study_key="k", status=StudyStatus.QUEUED)
+        session.add(study)
+        session.flush()
+        session.add_all([Job(study_id=study.id, study_version=1, status=JobStatus.PENDING) for _ in range(2)])
+
+    def drain() -> None:
+        if clock.elapsed >= 300:
+            with db.session() as session:
+                for job in session.query(Job).filter(Job.status == JobStatus.PENDING):
+                    job.status = JobStatus.DONE
+    clock.on_sleep.append(drain)
+    engine.run()  # type: ignore[attr-defined]
+    whens = [when for _, when in archive.fetched]
+    # Nothing while the queue was long (06:59:30 + 5 min is past 07:00: the window had closed),
+    # then nothing until it opened again at 19:00.
+    assert len(whens) == 2 and all(w.time() >= time(19, 0) for w in whens), whens
+    assert (whens[1] - whens[0]).total_seconds() >= 60  # 1 a minute
+    db.dispose()

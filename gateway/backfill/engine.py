@@ -85,7 +85,90 @@ def _duration(seconds: float) -> str:
     return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
 
-class Backfill:
+class _Pacing:
+    """Waiting: for the window, for the gateway's queue, for screening; and the progress report."""
+
+    ledger: Ledger
+    options: Options
+    progress: Progress
+    stop: threading.Event
+    sleep: Callable[[float], object]
+    monotonic: Callable[[], float]
+    now: Callable[[], datetime]
+    on_progress: Callable[[Progress], None]
+    run_id: int | None
+    _retrieves: deque[float]
+
+    def _sleep(self, seconds: float) -> None:
+        # The real sleep waits on the stop event, so a SIGTERM ends a long wait at once.
+        if self.sleep is time.sleep:
+            self.stop.wait(seconds)
+        else:
+            self.sleep(seconds)
+
+    def _report(self, status: str | None = None) -> None:
+        if status:
+            self.progress.status = status
+        if self.run_id is not None:
+            self.progress.counts = self.ledger.counts(self.run_id)
+        recent = [t for t in self._retrieves if self.monotonic() - t <= 600]
+        if len(recent) >= 2:
+            span = max(self.monotonic() - recent[0], 60 / self.options.rate_per_minute)
+            self.progress.rate_per_minute = len(recent) / span * 60
+        waiting = self.progress.counts.waiting
+        pace = self.progress.rate_per_minute or self.options.rate_per_minute
+        self.progress.eta_seconds = waiting / pace * 60 if waiting else (0 if self.run_id else None)
+        self.on_progress(self.progress)
+
+    def _wait_for_slot(self) -> bool:
+        """The rate's next slot, inside the window, with a short queue (False: stopped)."""
+        while self._wait_until_allowed():
+            if not self.limiter.acquire(self.stop.is_set):
+                return False
+            # Waiting for the slot may have crossed the window's end.
+            if self.options.window is None or self.options.window.contains(self.now()):
+                return True
+        return False
+
+    def _wait_until_allowed(self) -> bool:
+        """Inside the window and the gateway's queue short, both at once: a long queue may outlast
+        the window, and then the next window is awaited."""
+        while self._wait_window() and self._wait_queue():
+            if self.options.window is None or self.options.window.contains(self.now()):
+                return True
+        return False
+
+    def _wait_window(self) -> bool:
+        window = self.options.window
+        while window is not None and not window.contains(self.now()):
+            if self.stop.is_set():
+                return False
+            self._report(f"waiting for the window {window}")
+            self._sleep(min(60.0, max(1.0, window.seconds_until_open(self.now()))))
+        return not self.stop.is_set()
+
+    def _wait_queue(self) -> bool:
+        while (depth := self.ledger.queue_depth()) > self.options.max_queue:
+            if self.stop.is_set():
+                return False
+            self.ledger.refresh_screened()
+            self._report(f"paused: the gateway has {depth} jobs queued (backfill.max_queue {self.options.max_queue})")
+            self._sleep(self.options.poll_seconds)
+        return not self.stop.is_set()
+
+    def _wait_screened(self) -> None:
+        deadline = self.monotonic() + self.options.screen_wait_seconds
+        assert self.run_id is not None
+        while not self.stop.is_set():
+            self.ledger.refresh_screened()
+            self._report()
+            if self.progress.counts.receiving == 0 or self.monotonic() >= deadline:
+                return
+            self._report(f"waiting for the gateway to screen {self.progress.counts.receiving} studies")
+            self._sleep(self.options.poll_seconds)
+
+
+class Backfill(_Pacing):
     """One run against one source."""
 
     def __init__(self, ledger: Ledger, source: Source, filters: dict, chunks: list[Chunk], options: Options, *,
@@ -108,29 +191,6 @@ class Backfill:
         self.run_id: int | None = None
         self._received_any = False
         self._refused_rows: list[int] = []
-
-    # -- helpers -------------------------------------------------------------------------------
-
-    def _sleep(self, seconds: float) -> None:
-        # The real sleep waits on the stop event, so a SIGTERM ends a long wait at once.
-        if self.sleep is time.sleep:
-            self.stop.wait(seconds)
-        else:
-            self.sleep(seconds)
-
-    def _report(self, status: str | None = None) -> None:
-        if status:
-            self.progress.status = status
-        if self.run_id is not None:
-            self.progress.counts = self.ledger.counts(self.run_id)
-        recent = [t for t in self._retrieves if self.monotonic() - t <= 600]
-        if len(recent) >= 2:
-            span = max(self.monotonic() - recent[0], 60 / self.options.rate_per_minute)
-            self.progress.rate_per_minute = len(recent) / span * 60
-        waiting = self.progress.counts.waiting
-        pace = self.progress.rate_per_minute or self.options.rate_per_minute
-        self.progress.eta_seconds = waiting / pace * 60 if waiting else (0 if self.run_id else None)
-        self.on_progress(self.progress)
 
     # -- the run -------------------------------------------------------------------------------
 
@@ -188,24 +248,6 @@ class Backfill:
         if verdict in ("screened", "failed"):
             self.progress.already_screened += 1
 
-    def _wait_window(self) -> bool:
-        window = self.options.window
-        while window is not None and not window.contains(self.now()):
-            if self.stop.is_set():
-                return False
-            self._report(f"waiting for the window {window}")
-            self._sleep(min(60.0, max(1.0, window.seconds_until_open(self.now()))))
-        return not self.stop.is_set()
-
-    def _wait_queue(self) -> bool:
-        while (depth := self.ledger.queue_depth()) > self.options.max_queue:
-            if self.stop.is_set():
-                return False
-            self.ledger.refresh_screened()
-            self._report(f"paused: the gateway has {depth} jobs queued (backfill.max_queue {self.options.max_queue})")
-            self._sleep(self.options.poll_seconds)
-        return not self.stop.is_set()
-
     def _retrieve_all(self, run_id: int) -> None:
         while not self.stop.is_set():
             self.ledger.refresh_screened()
@@ -218,9 +260,7 @@ class Backfill:
                 self._report(f"waiting {wait:.0f} s to retry")
                 self._sleep(min(max(wait, 0.05), self.options.poll_seconds * 5))
                 continue
-            if not (self._wait_window() and self._wait_queue()):
-                return
-            if not self.limiter.acquire(self.stop.is_set):
+            if not self._wait_for_slot():
                 return
             self._retrieve_one(row.id, row.study_uid, row.study_key, row.series_uids)
 
@@ -268,14 +308,3 @@ class Backfill:
         raise MoveRefused(f"{self.source.name} refused to send to {self.options.move_destination} ({detail})", why,
                           "Register OsteoGate in the PACS as a DICOM node (its AE title, host and port: "
                           "deploy/README.md), then run the same command again: it resumes")
-
-    def _wait_screened(self) -> None:
-        deadline = self.monotonic() + self.options.screen_wait_seconds
-        assert self.run_id is not None
-        while not self.stop.is_set():
-            self.ledger.refresh_screened()
-            self._report()
-            if self.progress.counts.receiving == 0 or self.monotonic() >= deadline:
-                return
-            self._report(f"waiting for the gateway to screen {self.progress.counts.receiving} studies")
-            self._sleep(self.options.poll_seconds)

@@ -48,15 +48,21 @@ class Counts:
     receiving: int = 0  # retrieved, not yet screened
 
 
-class Ledger:
-    """SQL operations of one backfill run."""
-
+class _LedgerBase:
     def __init__(self, db: Database, model_sha256: str | None) -> None:
         self.db = db
         # Results of this model count as screened; None (model unknown): any result counts.
         self.model_sha256 = model_sha256
 
-    # -- runs ----------------------------------------------------------------------------------
+    def _screened_now(self, session: Any, study_id: int) -> bool:
+        query = select(StudyResult.id).where(StudyResult.study_id == study_id)
+        if self.model_sha256:
+            query = query.where(StudyResult.model_sha256 == self.model_sha256)
+        return session.execute(query.limit(1)).first() is not None
+
+
+class PlanRecords(_LedgerBase):
+    """The runs and what they found."""
 
     def start_run(self, source: str, filters: dict[str, Any]) -> tuple[int, bool]:
         """(run id, resumed): an unfinished run of the same source and filters is continued."""
@@ -94,14 +100,6 @@ class Ledger:
             run = session.get(BackfillRun, run_id)
             if run is not None:
                 run.finished_at = utcnow()
-
-    # -- the plan ------------------------------------------------------------------------------
-
-    def _screened_now(self, session: Any, study_id: int) -> bool:
-        query = select(StudyResult.id).where(StudyResult.study_id == study_id)
-        if self.model_sha256:
-            query = query.where(StudyResult.model_sha256 == self.model_sha256)
-        return session.execute(query.limit(1)).first() is not None
 
     def judge_found(self, study_uid: str, *, dry_run: bool = False) -> str:
         """What a found study needs, read-only: "screened" (skip), "queued" (the gateway has it,
@@ -170,7 +168,9 @@ class Ledger:
                 .values(state=BackfillState.FOUND, attempts=0, reason=None, next_attempt_at=utcnow(), run_id=run_id)
             ).rowcount or 0)
 
-    # -- retrieving ----------------------------------------------------------------------------
+
+class StudyStates(_LedgerBase):
+    """Each study's way from found to screened."""
 
     def next_due(self, run_id: int, now: datetime) -> BackfillStudy | None:
         """The oldest study of this run waiting to be fetched whose retry time has come."""
@@ -247,3 +247,7 @@ class Ledger:
             return [(k, r or "") for k, r in session.execute(
                 select(BackfillStudy.study_key, BackfillStudy.reason).where(
                     BackfillStudy.run_id == run_id, BackfillStudy.state == BackfillState.FAILED).limit(limit))]
+
+
+class Ledger(PlanRecords, StudyStates):
+    """SQL operations of one backfill run: its plan (PlanRecords) and its studies' states (StudyStates)."""
