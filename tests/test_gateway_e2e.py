@@ -68,7 +68,7 @@ def _run_full_path(tmp_path: Path, pacs: StoreSCP, model: Path, database_url: st
                 r["status"] in ("done", "skipped") for r in rows) else []
 
         listing = wait_until(all_finished, 60)
-        show_chest = gateway.operate.cli("show", chest_study).stdout
+        show_chest = gateway.cli("show", chest_study).stdout
 
     by_study = {str(pydicom.dcmread(p).StudyInstanceUID): p for p in received}
     # Every in-scope study got exactly one SR, in the source study itself.

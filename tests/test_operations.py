@@ -84,7 +84,7 @@ def test_main_turns_an_unexpected_exception_into_one_line(monkeypatch: pytest.Mo
     def boom(args: argparse.Namespace) -> int:
         raise RuntimeError("something\nbroke")
 
-    monkeypatch.setattr(cli, "cmd_studies", boom)
+    monkeypatch.setattr(cli.studies, "cmd_studies", boom)
     monkeypatch.delenv("OSTEOGATE_DEBUG", raising=False)
     assert cli.main(["studies"]) == ExitCode.SOFTWARE
     err = capsys.readouterr().err
@@ -190,7 +190,7 @@ def test_missing_onnx_without_torch_is_a_config_problem(tmp_path: Path, tiny_mod
     problems = preflight.preflight_problems(settings)
     assert len(problems) == 1 and "no ONNX file made from" in problems[0] and "torch" in problems[0]
     assert not (tmp_path / "gw" / "models" / "onnx").exists() or not list((tmp_path / "gw").rglob("*.onnx"))
-    monkeypatch.setattr(service, "SHIPPED_MODEL", tmp_path / "absent.safetensors")
+    monkeypatch.setattr(preflight, "SHIPPED_MODEL", tmp_path / "absent.safetensors")
     bare = load_settings(environ={}, overrides={"storage": {"data_dir": str(tmp_path / "gw")}})
     assert "no model to serve" in preflight.preflight_problems(bare)[0]
 

@@ -50,8 +50,8 @@ class ClassifierWorker:
         self.on_result = on_result
         self.pipeline = StudyPipeline(settings, spool)
         self.results = ResultRecorder(settings, db)
-        self.jobs = JobClaims(settings, db, self.id, self.results)
         self.id = worker_id()
+        self.jobs = JobClaims(settings, db, self.id, self.results)
         self.wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
