@@ -1,5 +1,5 @@
-"""``osteogate backfill``: screen the archive (registered in gateway/operate/cli.py through
-``add_parser``). Settings come from the config file and environment like every command; the
+"""``osteogate backfill``: screen the archive (listed in gateway/operate/cli COMMAND_MODULES;
+``add_parsers`` registers it). Settings come from the config file and environment like every command; the
 flags here override the ``[backfill]`` section for this run."""
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def _words(text: str) -> list[str]:
     return [w.strip().upper() for w in text.split(",") if w.strip()]
 
 
-def add_parser(cmds: Any) -> argparse.ArgumentParser:
+def add_parsers(cmds: Any) -> None:
     """Register ``backfill`` on the ``osteogate`` parser (``cmds``: its subcommand registrar)."""
     parser = cmds.add_parser("backfill", help="screen the archive: query/retrieve past studies, gently and resumably",
                              epilog=EXAMPLES)
@@ -79,7 +79,6 @@ def add_parser(cmds: Any) -> argparse.ArgumentParser:
     parser.add_argument("--dry-run", action="store_true", help="query only: say what would be retrieved, change nothing")
     parser.add_argument("--retry-failed", action="store_true", help="retrieve studies an earlier run gave up on again")
     parser.set_defaults(func=cmd_backfill)
-    return parser
 
 
 _FLAGS = {"source": "source", "since": "since", "until": "until", "modality": "modalities", "body_part": "body_parts",

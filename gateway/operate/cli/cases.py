@@ -1,6 +1,5 @@
 """``osteogate cases``: the case-finding list a fracture-liaison nurse works through (one row a
-patient, lowest estimated T-score first). Registered in gateway/operate/cli.py via ``add_parser``;
-the rows come from gateway/operate/case_list.py."""
+patient, lowest estimated T-score first). The rows come from gateway/operate/case_list.py."""
 
 from __future__ import annotations
 
@@ -12,9 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from osteogate.gateway.core.backfill_config import check_date
-from osteogate.gateway.core.config import load_settings
 from osteogate.gateway.core.errors import CannotCreate, UsageError
-from osteogate.gateway.core.logs import configure_logging
+from osteogate.gateway.operate.cli.common import add_config, admin_settings, admin_store, examples
 
 COLUMNS = ("patient_id", "issuer_of_patient_id", "study_date", "accession_number", "region", "t_score",
            "t_score_low", "t_score_high", "decision", "dxa_on_record", "last_dxa_date", "study_key")
@@ -27,15 +25,12 @@ def _date(value: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def add_parser(cmds: Any) -> argparse.ArgumentParser:
+def add_parsers(cmds: Any) -> None:
     """Register ``cases`` on the ``osteogate`` parser."""
     parser = cmds.add_parser("cases", help="case-finding list: one row a patient, lowest estimated T-score first",
-                             epilog="examples:\n"
-                                    "  osteogate cases --decision referral --without-dxa-since 2023-01-01\n"
-                                    "  osteogate cases --since 2024-01-01 --csv /secure/share/cases.csv")
-    parser.add_argument("--config", "-c", type=Path, metavar="FILE", help="TOML configuration file (env: OSTEOGATE_CONFIG)")
-    parser.add_argument("--data-dir", type=Path, metavar="DIR", help="storage.data_dir of the gateway (default ./var)")
-    parser.add_argument("--database-url", metavar="URL", help="storage.database_url of the gateway")
+                             epilog=examples("osteogate cases --decision referral --without-dxa-since 2023-01-01",
+                                             "osteogate cases --since 2024-01-01 --csv /secure/share/cases.csv"))
+    add_config(parser)
     parser.add_argument("--since", type=_date, metavar="DATE", help="studies dated on or after DATE (2024-01-01)")
     parser.add_argument("--decision", choices=["referral"], help="only patients whose latest result suggests DXA referral")
     parser.add_argument("--without-dxa-since", type=_date, metavar="DATE",
@@ -44,21 +39,13 @@ def add_parser(cmds: Any) -> argparse.ArgumentParser:
     out.add_argument("--csv", type=Path, metavar="FILE", help="write the rows as CSV to FILE")
     out.add_argument("--json", action="store_true", help="print the rows as JSON")
     parser.set_defaults(func=cmd_cases)
-    return parser
 
 
 def cmd_cases(args: argparse.Namespace) -> int:
     from osteogate.gateway.operate.case_list import case_rows, dxa_table_exists
-    from osteogate.gateway.store.wiring import open_store
 
-    overrides: dict[str, dict[str, Any]] = {}
-    if args.data_dir is not None:
-        overrides.setdefault("storage", {})["data_dir"] = args.data_dir
-    if args.database_url is not None:
-        overrides.setdefault("storage", {})["database_url"] = args.database_url
-    settings = load_settings(args.config, overrides=overrides)
-    configure_logging(settings.logging.format, "warning")
-    store = open_store(settings, create=False, migrate=False)
+    settings = admin_settings(args)
+    store = admin_store(settings, migrate=False)
     try:
         has_dxa = dxa_table_exists(store.db)
         if args.without_dxa_since and not has_dxa:
