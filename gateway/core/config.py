@@ -19,6 +19,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from osteogate.gateway.core.errors import ConfigurationError
+from osteogate.gateway.core.groundtruth_config import GroundTruthConfig
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -394,6 +395,7 @@ class Settings(_Section):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     retention: RetentionConfig = Field(default_factory=RetentionConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    groundtruth: GroundTruthConfig = Field(default_factory=GroundTruthConfig)
 
     @model_validator(mode="after")
     def _check_calling_aet(self) -> Settings:
