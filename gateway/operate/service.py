@@ -19,6 +19,7 @@ from osteogate.gateway.core.errors import ConfigurationError, TemporaryFailure
 from osteogate.gateway.core.logs import get_logger, study_key
 from osteogate.gateway.core.metrics import REGISTRY, HealthServer, StoreCollector
 from osteogate.gateway.deliver.delivery import DeliveryManager
+from osteogate.gateway.groundtruth.mllp import MllpListener, tls_context
 from osteogate.gateway.operate.scheduler import GatewayScheduler, add_maintenance_jobs
 from osteogate.gateway.receive.ingest import Ingestor
 from osteogate.gateway.receive.scp import StorageSCP
@@ -87,6 +88,9 @@ def check_ports(settings: Settings) -> None:
     listeners = [(settings.dicom.bind, settings.dicom.port, "dicom.port", "--port")]
     if settings.http.enabled:
         listeners.append((settings.http.bind, settings.http.port, "http.port", "OSTEOGATE_HTTP_PORT"))
+    if settings.groundtruth.mllp_port is not None:
+        listeners.append((settings.groundtruth.bind, settings.groundtruth.mllp_port, "groundtruth.mllp_port",
+                          "OSTEOGATE_GROUNDTRUTH_MLLP_PORT"))
     for host, port, key, flag in listeners:
         if port == 0:
             continue  # any free port: cannot be taken
@@ -172,6 +176,11 @@ def _tls_problems(settings: Settings) -> list[str]:
             server_tls_context(settings.dicom.tls)
         except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
             problems.append(f"dicom.tls: the certificate or key cannot be used: {exc}")
+    if settings.groundtruth.tls_cert:
+        try:
+            tls_context(settings.groundtruth)
+        except (OSError, ValueError) as exc:
+            problems.append(f"groundtruth.tls_cert: the certificate or key cannot be used: {exc}")
     if any(d.tls for d in settings.delivery.destinations):
         try:
             client_tls_context(settings.delivery.tls)
@@ -257,6 +266,8 @@ class Gateway:
         )
         ingestor = Ingestor(self.db, self.spool, max_instance_bytes=settings.dicom.max_instance_mb * 2**20)
         self.scp = StorageSCP(settings.dicom, ingestor, accepting=self.refusal_reason, on_stored=self._instance_stored)
+        # DXA results (HL7 ORU over MLLP): only where the site configured a port for its feed.
+        self.mllp = MllpListener(settings.groundtruth, self.db) if settings.groundtruth.mllp_port is not None else None
         self._stopped = threading.Event()
         self.http: HealthServer | None = None
         self._collector = StoreCollector(self.db, self.spool.free_bytes)
@@ -332,6 +343,8 @@ class Gateway:
             self.http = HealthServer(self.settings.http.bind, self.settings.http.port, self.health)
             self.http.start()
         self.scp.start()
+        if self.mllp:
+            self.mllp.start()
         log.info("gateway_started", ae_title=self.settings.dicom.ae_title, port=self.port,
                  destinations=[str(d) for d in self.settings.delivery.destinations],
                  stable_seconds=self.settings.study.stable_seconds)
@@ -342,6 +355,8 @@ class Gateway:
             return
         self._stopped.set()
         self.scp.stop()  # stop taking new work first
+        if self.mllp:
+            self.mllp.stop()
         if self.http:
             self.http.stop()
             REGISTRY.unregister(self._collector)
