@@ -31,12 +31,13 @@ from osteogate.gateway.core.errors import (
     translate,
 )
 from osteogate.gateway.core.logs import configure_logging
+from osteogate.gateway.groundtruth.cli import add_parser as add_dxa_parser
 
 # The three groups of `osteogate --help`; a command registered elsewhere lands in the group named
 # for its registrar.
 COMMAND_GROUPS: dict[str, tuple[str, ...]] = {
     "serving": ("serve", "worker", "echo", "send", "demo"),
-    "operations": ("studies", "show", "replay", "resend", "purge", "db", "config", "selfcheck"),
+    "operations": ("studies", "show", "replay", "resend", "purge", "db", "config", "selfcheck", "dxa"),
     "model": ("train", "evaluate", "export", "dataset"),
 }
 
@@ -707,6 +708,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmds = _Commands(sub)
     _serving_parsers(cmds)
     _operations_parsers(cmds)
+    add_dxa_parser(cmds)  # gateway/groundtruth/cli.py
     try:
         from osteogate.training.cli import register
     except ImportError:  # an install without the training package
