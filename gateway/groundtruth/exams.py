@@ -58,8 +58,8 @@ class DxaResult:
 
 class SaveOutcome(StrEnum):
     NEW = "new"
-    UNCHANGED = "unchanged"  # the same exam with the same sites was already stored
-    UPDATED = "updated"  # the same exam (patient, day) with other sites or values: replaced
+    UNCHANGED = "unchanged"  # the same exam with the same T-scores was already stored
+    UPDATED = "updated"  # the same exam (patient, day) with other T-scores: its sites replaced
 
 
 def check_t_score(value: float) -> str | None:
@@ -86,8 +86,10 @@ def merge_sites(results: Sequence[DxaResult]) -> list[DxaResult]:
     return list(merged.values())
 
 
-def _site_set(sites: Sequence[DxaSiteValue] | Sequence[DxaSite]) -> list[tuple[str, str, float]]:
-    return sorted(((s.site_code or ""), s.site, round(float(s.t_score), 3)) for s in sites)
+def _t_scores(sites: Sequence[DxaSiteValue] | Sequence[DxaSite]) -> list[float]:
+    # The values are the ground truth; the names differ by source ("DXA Hip [T-score]" over HL7,
+    # "Total hip" in a CSV export), so the same T-scores under other names are the same result.
+    return sorted(round(float(s.t_score), 2) for s in sites)
 
 
 def save_results(session: Session, results: Sequence[DxaResult]) -> list[SaveOutcome]:
@@ -95,7 +97,7 @@ def save_results(session: Session, results: Sequence[DxaResult]) -> list[SaveOut
     outcomes = []
     for result in merge_sites(results):
         exam = session.execute(select(DxaExam).where(DxaExam.exam_key == result.key)).scalar_one_or_none()
-        if exam is not None and _site_set(exam.sites) == _site_set(result.sites):
+        if exam is not None and _t_scores(exam.sites) == _t_scores(result.sites):
             outcomes.append(SaveOutcome.UNCHANGED)
             continue
         if exam is None:
