@@ -36,7 +36,7 @@ def db(tmp_path: Path) -> Database:
 
 
 def _listener(db: Database, **config: object) -> MllpListener:
-    listener = MllpListener(GroundTruthConfig(mllp_port=0, bind="127.0.0.1", **config), db)  # type: ignore[arg-type]
+    listener = MllpListener(GroundTruthConfig(bind="127.0.0.1", **config), db, port=0)  # type: ignore[arg-type]
     listener.start()
     return listener
 
@@ -150,7 +150,7 @@ def test_tls(db: Database, tmp_path: Path) -> None:
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "key.pem", "-out",
                     "cert.pem", "-days", "2", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1"],
                    cwd=tmp_path, check=True, capture_output=True, timeout=60)
-    listener = _listener(db, tls_cert=tmp_path / "cert.pem", tls_key=tmp_path / "key.pem")
+    listener = _listener(db, tls_cert=str(tmp_path / "cert.pem"), tls_key=str(tmp_path / "key.pem"))
     try:
         context = ssl.create_default_context(cafile=str(tmp_path / "cert.pem"))
         with MllpClient(listener.port, tls=context) as client:

@@ -36,16 +36,20 @@ _LOINC_RE = re.compile(r"^[0-9]{1,7}-[0-9]$")
 class GroundTruthConfig(BaseModel):
     """DXA results from the site: the MLLP listener (off unless ``mllp_port`` is set) and matching."""
 
+    @property
+    def mllp_enabled(self) -> bool:
+        return self.mllp_port != 0
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    # HL7 v2 MLLP port for ORU^R01 DXA results; unset = no listener. 0: any free port (tests).
-    mllp_port: int | None = Field(None, ge=0, le=65535)
+    # HL7 v2 MLLP port for ORU^R01 DXA results; 0 (the default) = no listener.
+    mllp_port: int = Field(0, ge=0, le=65535)
     bind: str = "0.0.0.0"
     # Source addresses (IPs or CIDR networks) allowed to connect; empty means any.
     allowed_hosts: list[str] = []
-    # TLS (both or neither): the interface engine then connects with TLS.
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
+    # TLS (both or neither; empty: plain TCP): the interface engine then connects with TLS.
+    tls_cert: str = ""
+    tls_key: str = ""
     # A message larger than this is refused (AR) without being held in memory.
     max_message_bytes: int = Field(1_048_576, ge=1024)
     # A frame not completed within this long (a half-sent message, then silence) closes the connection.
@@ -75,10 +79,10 @@ class GroundTruthConfig(BaseModel):
 
     @model_validator(mode="after")
     def _tls_pair(self) -> GroundTruthConfig:
-        if (self.tls_cert is None) != (self.tls_key is None):
+        if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert and tls_key go together")
         for name in ("tls_cert", "tls_key"):
             path = getattr(self, name)
-            if path is not None and not Path(path).is_file():
+            if path and not Path(path).is_file():
                 raise ValueError(f"{name} {path} does not exist")
         return self

@@ -97,10 +97,13 @@ async def read_frame(reader: asyncio.StreamReader, read_timeout: float) -> bytes
 
 
 class MllpListener:
-    """HL7 v2 over MLLP on ``groundtruth.bind``:``mllp_port``; ``start`` returns once it listens."""
+    """HL7 v2 over MLLP on ``groundtruth.bind``:``mllp_port``; ``start`` returns once it listens.
+
+    ``port`` overrides ``mllp_port`` (0: any free port, for tests).
+    """
 
     def __init__(self, config: GroundTruthConfig, db: Database, *,
-                 on_stored: Callable[[], None] | None = None) -> None:
+                 on_stored: Callable[[], None] | None = None, port: int | None = None) -> None:
         self.config = config
         self.db = db
         self.on_stored = on_stored
@@ -109,7 +112,7 @@ class MllpListener:
         self._server: asyncio.base_events.Server | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
-        self.port: int = config.mllp_port or 0
+        self.port: int = config.mllp_port if port is None else port
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -137,7 +140,7 @@ class MllpListener:
         self._loop = loop
         try:
             self._server = loop.run_until_complete(start_hl7_server(
-                self._client, self.config.bind, self.config.mllp_port or 0,
+                self._client, self.config.bind, self.port,
                 limit=self.config.max_message_bytes, ssl=tls_context(self.config),
                 ssl_handshake_timeout=self.config.read_timeout_seconds if self.config.tls_cert else None))
             self.port = self._server.sockets[0].getsockname()[1]

@@ -88,7 +88,7 @@ def check_ports(settings: Settings) -> None:
     listeners = [(settings.dicom.bind, settings.dicom.port, "dicom.port", "--port")]
     if settings.http.enabled:
         listeners.append((settings.http.bind, settings.http.port, "http.port", "OSTEOGATE_HTTP_PORT"))
-    if settings.groundtruth.mllp_port is not None:
+    if settings.groundtruth.mllp_enabled:
         listeners.append((settings.groundtruth.bind, settings.groundtruth.mllp_port, "groundtruth.mllp_port",
                           "OSTEOGATE_GROUNDTRUTH_MLLP_PORT"))
     for host, port, key, flag in listeners:
@@ -267,7 +267,7 @@ class Gateway:
         ingestor = Ingestor(self.db, self.spool, max_instance_bytes=settings.dicom.max_instance_mb * 2**20)
         self.scp = StorageSCP(settings.dicom, ingestor, accepting=self.refusal_reason, on_stored=self._instance_stored)
         # DXA results (HL7 ORU over MLLP): only where the site configured a port for its feed.
-        self.mllp = MllpListener(settings.groundtruth, self.db) if settings.groundtruth.mllp_port is not None else None
+        self.mllp = MllpListener(settings.groundtruth, self.db) if settings.groundtruth.mllp_enabled else None
         self._stopped = threading.Event()
         self.http: HealthServer | None = None
         self._collector = StoreCollector(self.db, self.spool.free_bytes)
