@@ -118,3 +118,26 @@ def test_who_category_from_lowest_t_score_and_resend_is_idempotent(db: Database)
         exams = {e.patient_id: e for e in session.execute(select(DxaExam)).scalars()}
         assert exams["P1"].who_category == "osteopenia" and len(exams["P1"].sites) == 2
         assert exams["P2"].who_category == "normal"  # -1.0 is not below -1.0
+
+
+def test_ingest_records_who_and_what_was_imaged(tmp_path: Path, db: Database) -> None:
+    from io import BytesIO
+
+    from osteogate.gateway.receive.ingest import Ingestor
+    from osteogate.gateway.store.spool import Spool
+    from sqlalchemy import select
+
+    from tests.helpers import make_dataset
+
+    ingestor = Ingestor(db, Spool(tmp_path / "spool"))
+    for overrides in ({"PatientID": "P77", "IssuerOfPatientID": "HOSP_A", "PatientSex": "F", "PatientAge": "071Y",
+                       "Manufacturer": "ACME", "StudyDate": "20250601"},
+                      {"PatientID": "", "PatientSex": "", "PatientAge": None, "PatientBirthDate": ""}):
+        buffer = BytesIO()
+        make_dataset(seed=3, **overrides).save_as(buffer, enforce_file_format=True)
+        ingestor.store(buffer.getvalue())
+    with db.session() as session:
+        studies = list(session.execute(select(Study).order_by(Study.id)).scalars())
+    assert [(s.patient_id, s.issuer_of_patient_id, s.patient_sex, s.patient_age, s.manufacturer)
+            for s in studies][0] == ("P77", "HOSP_A", "F", 71.0, "ACME")
+    assert (studies[1].patient_id, studies[1].patient_sex, studies[1].patient_age) == (None, None, None)

@@ -161,3 +161,20 @@ def test_tls(db: Database, tmp_path: Path) -> None:
     finally:
         listener.stop()
     assert counts(db) == (1, 2)
+
+
+def test_serve_checks_the_mllp_port_before_starting(tmp_path: Path) -> None:
+    import socket
+
+    from osteogate.gateway.core.config import load_settings
+    from osteogate.gateway.core.errors import TemporaryFailure
+    from osteogate.gateway.operate.service import check_ports
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        settings = load_settings(environ={}, overrides={
+            "dicom": {"port": 0}, "groundtruth": {"mllp_port": port, "bind": "127.0.0.1"}})
+        with pytest.raises(TemporaryFailure, match=f"cannot listen on 127.0.0.1:{port}.*groundtruth.mllp_port"):
+            check_ports(settings)
