@@ -24,9 +24,10 @@ from collections.abc import Callable
 from hl7.mllp import start_hl7_server
 from osteogate.gateway.core.groundtruth_config import GroundTruthConfig
 from osteogate.gateway.core.logs import get_logger, hashed
-from osteogate.gateway.groundtruth.exams import save_results
+from osteogate.gateway.groundtruth.exams import DxaResult, SaveOutcome, save_results
 from osteogate.gateway.groundtruth.hl7 import Hl7Rejection, ack, control_id, dxa_results, parse_message
 from osteogate.gateway.store.db import Database
+from sqlalchemy.exc import IntegrityError
 
 log = get_logger("osteogate.gateway.groundtruth.mllp")
 
@@ -200,8 +201,7 @@ class MllpListener:
             text = _decode(frame[1:])
             message = parse_message(text)
             results = dxa_results(message, self.config.loinc_codes)
-            with self.db.session(write=True) as session:
-                outcomes = save_results(session, results)
+            outcomes = self._save(results)
         except Hl7Rejection as exc:
             log.warning("hl7_refused", host=host, code=exc.code, reason=exc.reason,
                         control_id=hashed(control_id(message)) if message is not None else None)
@@ -214,6 +214,18 @@ class MllpListener:
         if self.on_stored:
             self.on_stored()
         return ack(message, "AA")
+
+    def _save(self, results: list[DxaResult]) -> list[SaveOutcome]:
+        # Two connections may deliver the same exam at once; on PostgreSQL the second insert then
+        # hits the unique exam key. Once more finds the row the first one committed.
+        for attempt in (1, 2):
+            try:
+                with self.db.session(write=True) as session:
+                    return save_results(session, results)
+            except IntegrityError:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
 
 def _decode(data: bytes) -> str:
