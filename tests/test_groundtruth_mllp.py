@@ -168,7 +168,7 @@ def test_serve_checks_the_mllp_port_before_starting(tmp_path: Path) -> None:
 
     from osteogate.gateway.core.config import load_settings
     from osteogate.gateway.core.errors import TemporaryFailure
-    from osteogate.gateway.operate.service import check_ports
+    from osteogate.gateway.operate.preflight import check_ports
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from osteogate.gateway.groundtruth.matching import load_pairs
-from osteogate.gateway.operate.service import SHIPPED_MODEL
+from osteogate.gateway.operate.preflight import SHIPPED_MODEL
 from osteogate.gateway.store.db import Database, Study, StudyResult
 from sqlalchemy import func, select
 

@@ -1,4 +1,4 @@
-"""Pure wording rules of gateway.reporting: what a "not detected" result says about its numbers."""
+"""Pure wording rules of gateway.report.wording: what a "not detected" result says about its numbers."""
 
 from __future__ import annotations
 

@@ -67,6 +67,7 @@ from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from highdicom.sr.templates import Template
 from osteogate.gateway.report import wording as reporting
 from osteogate.gateway.report.wording import DISCLAIMER
+from osteogate.gateway.work.outcome import image_order_key
 from osteogate.model.assessment import Assessment, ImageAssessment, StudyAssessment
 from osteogate.model.covariates import Covariates
 from osteogate.model.taxonomy import CLASSES, REGIONS
@@ -186,7 +187,7 @@ class StudyReport:
         thumbs = self.thumbnails or (None,) * len(self.sources)
         items = sorted(
             zip(self.sources, self.assessment.images, thumbs, strict=True),
-            key=lambda t: reporting.image_order_key(t[0]),
+            key=lambda t: image_order_key(t[0]),
         )
         return [(n, ReportedImage(s, r), t) for n, (s, r, t) in enumerate(items, start=1)]
 

@@ -233,12 +233,6 @@ def _int_or_none(value: Any) -> int | None:
     return number
 
 
-def image_order_key(header: Dataset) -> tuple[int, int, str]:
-    """Stable image numbering: InstanceNumber (missing or malformed last), then SOPInstanceUID."""
-    number = _int_or_none(_safe_get(header, "InstanceNumber"))
-    return (0 if number is not None else 1, number or 0, str(_safe_get(header, "SOPInstanceUID") or ""))
-
-
 def laterality(header: Dataset) -> str | None:
     """"R", "L" or "B" when the header says so (ImageLaterality, else the series' Laterality).
 

@@ -1,7 +1,6 @@
 """``osteogate dxa``: DXA results in from a CSV export, and what the store holds (hashed ids only).
 
-Registered by the CLI through ``add_parser(cmds)``; this module reads the configuration and
-opens the store itself, so the ground-truth stage needs nothing from ``operate``.
+The ground-truth stage (gateway/groundtruth) does the work; this module is its command line.
 """
 
 from __future__ import annotations
@@ -11,34 +10,22 @@ import json
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
-from osteogate.gateway.core.config import Settings, load_settings
+from osteogate.gateway.core.config import Settings
 from osteogate.gateway.core.errors import OsteoGateError
-from osteogate.gateway.core.logs import configure_logging, hashed
+from osteogate.gateway.core.logs import hashed
 from osteogate.gateway.groundtruth.csvimport import COLUMNS, DxaImportError, import_csv
 from osteogate.gateway.groundtruth.matching import load_pairs, patient_hash
+from osteogate.gateway.operate.cli.common import Commands, add_config, admin_settings, admin_store, examples
 from osteogate.gateway.store.dxa import DxaExam
-from osteogate.gateway.store.wiring import Store, open_store
+from osteogate.gateway.store.wiring import Store
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
 
-def _settings(args: argparse.Namespace) -> Settings:
-    overrides: dict[str, dict[str, Any]] = {}
-    if args.data_dir is not None:
-        overrides.setdefault("storage", {})["data_dir"] = str(args.data_dir)
-    if args.database_url is not None:
-        overrides.setdefault("storage", {})["database_url"] = args.database_url
-    settings = load_settings(args.config, overrides=overrides)
-    # Logs to stderr, warnings and up: stdout stays the command's answer.
-    configure_logging(settings.logging.format, "warning" if settings.logging.level == "info" else settings.logging.level)
-    return settings
-
-
 def _open(args: argparse.Namespace, *, migrate: bool) -> tuple[Settings, Store]:
-    settings = _settings(args)
-    return settings, open_store(settings, create=False, migrate=migrate)
+    settings = admin_settings(args)
+    return settings, admin_store(settings, migrate=migrate)
 
 
 def _old_schema(exc: OperationalError) -> OsteoGateError:
@@ -128,38 +115,32 @@ def cmd_dxa_stats(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_store_options(parser: argparse.ArgumentParser, *, json_output: bool = True) -> None:
-    parser.add_argument("--config", "-c", type=Path, metavar="FILE",
-                        help="TOML configuration file (env: OSTEOGATE_CONFIG)")
-    parser.add_argument("--data-dir", type=Path, metavar="DIR",
-                        help="storage.data_dir: the gateway's data directory (default ./var)")
-    parser.add_argument("--database-url", metavar="URL",
-                        help="storage.database_url, e.g. postgresql+psycopg://user@host/db (default: SQLite in DIR)")
+def _add_options(parser: argparse.ArgumentParser, *, json_output: bool = True) -> None:
+    add_config(parser)
     if json_output:
         parser.add_argument("--json", action="store_true", help="print JSON instead of text")
 
 
-def add_parser(cmds: Any) -> argparse.ArgumentParser:
-    """Register ``osteogate dxa import|list|stats`` on ``cmds`` (argparse subparsers or the CLI's wrapper)."""
+def add_parsers(cmds: Commands) -> None:
+    """Register ``osteogate dxa import|list|stats``."""
     dxa = cmds.add_parser("dxa", help="DXA results (ground truth): import a CSV export, list, counts",
-                          epilog="examples:\n  osteogate dxa import dxa-2025.csv --config /etc/osteogate/osteogate.toml\n"
-                                 "  osteogate dxa stats --data-dir ./var")
+                          epilog=examples("osteogate dxa import dxa-2025.csv --config /etc/osteogate/osteogate.toml",
+                                          "osteogate dxa stats --data-dir ./var"))
     actions = dxa.add_subparsers(dest="dxa_command", required=True, metavar="ACTION")
     text = f"import DXA results from a CSV file (columns {','.join(COLUMNS)}; dates YYYYMMDD)"
     imp = actions.add_parser("import", help=text, description=text + ". Every row is checked first: any bad row "
                              "(named with its line number) and nothing is imported; importing again adds nothing.")
     imp.add_argument("file", type=Path, metavar="FILE.csv", help="the CSV export (UTF-8, header row first)")
-    _add_store_options(imp, json_output=False)
+    _add_options(imp, json_output=False)
     imp.set_defaults(func=cmd_dxa_import)
     text = "list DXA exams, newest first (patients as salted hashes, never identifiers)"
     listing = actions.add_parser("list", help=text, description=text)
-    _add_store_options(listing)
+    _add_options(listing)
     listing.add_argument("--limit", type=int, default=50, metavar="N", help="at most N exams (default 50; 0: all)")
     listing.set_defaults(func=cmd_dxa_list)
     text = "counts: exams, patients, WHO categories, sources, and screened studies paired with a DXA exam"
     stats = actions.add_parser("stats", help=text, description=text)
-    _add_store_options(stats)
+    _add_options(stats)
     stats.add_argument("--match-days", type=int, metavar="DAYS",
                        help="pairing window either side (default groundtruth.match_days, 365)")
     stats.set_defaults(func=cmd_dxa_stats)
-    return dxa
