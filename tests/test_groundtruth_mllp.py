@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from osteogate.gateway.core.groundtruth_config import GroundTruthConfig
+from osteogate.gateway.core.metrics import REGISTRY
 from osteogate.gateway.groundtruth.mllp import MllpListener
 from osteogate.gateway.store.db import Database
 from osteogate.gateway.store.dxa import DxaExam, DxaSite
@@ -54,12 +55,18 @@ def counts(db: Database) -> tuple[int, int]:
                 session.execute(select(func.count()).select_from(DxaSite)).scalar_one())
 
 
+def answered(outcome: str) -> float:
+    return REGISTRY.get_sample_value("osteogate_hl7_messages_total", {"outcome": outcome}) or 0.0
+
+
 def test_well_formed_oru_is_stored_and_acknowledged_once(listener: MllpListener, db: Database) -> None:
+    before = answered("AA")
     with MllpClient(listener.port) as client:
         ack = client.send(good())
         assert (ack.code, ack.control_id) == ("AA", "MSG1")
         assert client.send(good("MSG1-resent")).code == "AA"  # the same exam again: no second row
     assert counts(db) == (1, 2)
+    assert answered("AA") == before + 2  # Prometheus: /metrics osteogate_hl7_messages_total
     with db.session() as session:
         exam = session.execute(select(DxaExam)).scalar_one()
         assert (exam.patient_id, exam.issuer_of_patient_id, str(exam.dxa_date)) == ("PAT001", "HOSP_A", "2025-06-01")
@@ -104,7 +111,7 @@ def test_half_sent_frame_then_silence_times_out(listener: MllpListener, db: Data
         started = time.monotonic()
         assert client.closed_by_peer()  # no ACK: the connection is closed
         assert 0.9 <= time.monotonic() - started < 6
-    assert counts(db) == (0, 0)
+    assert counts(db) == (0, 0) and answered("timeout") >= 1
     with MllpClient(listener.port) as client:  # the listener is still there
         assert client.send(good()).code == "AA"
 

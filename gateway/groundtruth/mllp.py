@@ -24,6 +24,7 @@ from collections.abc import Callable
 from hl7.mllp import start_hl7_server
 from osteogate.gateway.core.groundtruth_config import GroundTruthConfig
 from osteogate.gateway.core.logs import get_logger, hashed
+from osteogate.gateway.core.metrics import HL7_MESSAGES
 from osteogate.gateway.groundtruth.exams import DxaResult, SaveOutcome, save_results
 from osteogate.gateway.groundtruth.hl7 import Hl7Rejection, ack, control_id, dxa_results, parse_message
 from osteogate.gateway.store.db import Database
@@ -167,6 +168,7 @@ class MllpListener:
         host = str(peer[0])
         if not host_allowed(host, self.config.allowed_hosts):
             log.warning("mllp_refused", host=host, reason="not in groundtruth.allowed_hosts")
+            HL7_MESSAGES.labels(outcome="host_not_allowed").inc()
             writer.close()
             return
         try:
@@ -180,9 +182,11 @@ class MllpListener:
                     log.warning("hl7_refused", host=host, code="AR", reason="message too large")
                 else:
                     reply = await asyncio.to_thread(self.handle, frame, host)
+                HL7_MESSAGES.labels(outcome=_ack_code(reply)).inc()
                 writer.write(START_BLOCK + reply.encode("utf-8") + END_FRAME)
                 await writer.drain()
         except FrameTimeout:
+            HL7_MESSAGES.labels(outcome="timeout").inc()
             log.warning("mllp_read_timeout", host=host, seconds=self.config.read_timeout_seconds,
                         message="a message began but did not end in time: connection closed, nothing stored")
         except asyncio.IncompleteReadError:
@@ -226,6 +230,14 @@ class MllpListener:
                 if attempt == 2:
                     raise
         raise AssertionError("unreachable")
+
+
+def _ack_code(reply: str) -> str:
+    """MSA-1 of an ACK this module made (for the metrics label)."""
+    for segment in reply.split("\r"):
+        if segment.startswith("MSA|"):
+            return segment[4:6]
+    return "other"
 
 
 def _decode(data: bytes) -> str:
