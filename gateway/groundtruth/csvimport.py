@@ -89,7 +89,29 @@ def _row(line: int, row: dict[str, str | None], name: str, today: date) -> tuple
 
 
 def read_csv(path: Path, *, today: date | None = None) -> tuple[list[DxaResult], int]:
-    """Every row of ``path`` as a one-site result, and the row count; DxaImportError on any bad row."""
+    """Check every row of ``path``; nothing is stored here.
+
+    Parameters
+    ----------
+    path
+        A UTF-8 CSV (a byte-order mark is fine) whose header names ``COLUMNS``; more columns are
+        ignored.
+    today
+        Dates after it are refused (default: today).
+
+    Returns
+    -------
+    tuple of (list of DxaResult, int)
+        One result per distinct row (an identical repeated row counts once) and their number.
+
+    Raises
+    ------
+    DxaImportError
+        Any bad row, missing column, non-UTF-8 text or no data row; ``problems`` names each,
+        with its line number.
+    NotFoundError
+        ``path`` is not a file.
+    """
     if not path.is_file():
         raise NotFoundError(f"no file {path}", None, "Give the path of the CSV export")
     today = today or date.today()
@@ -136,7 +158,27 @@ def read_csv(path: Path, *, today: date | None = None) -> tuple[list[DxaResult],
 
 
 def import_csv(db: Database, path: Path, *, today: date | None = None) -> ImportSummary:
-    """Check then store every row of ``path`` in one transaction; how many exams were new."""
+    """Check every row of ``path``, then store them all in one transaction.
+
+    Parameters
+    ----------
+    db
+        The gateway's database (schema at head).
+    path
+        The CSV export (see ``read_csv``).
+    today
+        Dates after it are refused (default: today).
+
+    Returns
+    -------
+    ImportSummary
+        Rows read, exams, and how many were new, already present or updated.
+
+    Raises
+    ------
+    DxaImportError
+        As ``read_csv``; nothing is stored.
+    """
     results, rows = read_csv(path, today=today)
     with db.session(write=True) as session:
         outcomes = Counter(save_results(session, results))

@@ -93,7 +93,21 @@ def _t_scores(sites: Sequence[DxaSiteValue] | Sequence[DxaSite]) -> list[float]:
 
 
 def save_results(session: Session, results: Sequence[DxaResult]) -> list[SaveOutcome]:
-    """Store ``results`` in ``session`` (the caller's transaction); one outcome per merged exam."""
+    """Store ``results`` in ``session``, the caller's transaction (all of a message or file, or none).
+
+    Parameters
+    ----------
+    session
+        An open session; the caller commits (or rolls back on any error).
+    results
+        Results as a source reported them; those of the same exam (patient, day) are merged.
+
+    Returns
+    -------
+    list of SaveOutcome
+        One per exam: NEW, UNCHANGED (the same T-scores already stored) or UPDATED (other
+        T-scores for the same patient and day: a corrected result replaces the sites).
+    """
     outcomes = []
     for result in merge_sites(results):
         exam = session.execute(select(DxaExam).where(DxaExam.exam_key == result.key)).scalar_one_or_none()

@@ -101,7 +101,26 @@ def parse_hl7_date(value: str, where: str) -> date:
 
 
 def dxa_results(message: hl7.Message, loinc_codes: Iterable[str]) -> list[DxaResult]:
-    """The DXA T-scores of an ORU^R01 message, one result per exam day; Hl7Rejection if unusable."""
+    """The DXA T-scores of an ORU^R01 message (the fields read are listed in the module docstring).
+
+    Parameters
+    ----------
+    message
+        A parsed message (``parse_message``).
+    loinc_codes
+        OBX-3 identifiers read as T-scores (``groundtruth.loinc_codes``); other OBX are ignored.
+
+    Returns
+    -------
+    list of DxaResult
+        One per T-score OBX (``exams.save_results`` merges those of one exam).
+
+    Raises
+    ------
+    Hl7Rejection
+        ``AR`` for another message type; ``AE`` for no PID-3, a non-numeric or impossible
+        T-score, a missing or bad date, or no T-score OBX at all. Nothing of the message is used then.
+    """
     kind, trigger = message_type(message)
     if (kind, trigger) != ("ORU", "R01"):
         raise Hl7Rejection("AR", f"message type {kind or '?'}^{trigger or '?'} is not accepted (only ORU^R01)")
@@ -150,9 +169,22 @@ def _one_line(text: str) -> str:
 
 
 def ack(message: hl7.Message | None, code: str, reason: str = "") -> str:
-    """The ACK for ``message`` (MSA-1 ``code``, MSA-2 its control ID, MSA-3 ``reason``).
+    """The ACK for ``message``, built by python-hl7 (``Message.create_ack``).
 
-    ``message`` None: the frame could not be parsed; the ACK then names no control ID.
+    Parameters
+    ----------
+    message
+        The message answered; None when the frame could not be parsed (the ACK then has an empty
+        MSA-2).
+    code
+        MSA-1: "AA", "AE" or "AR".
+    reason
+        MSA-3, one line, HL7-escaped.
+
+    Returns
+    -------
+    str
+        The ACK message, segments separated by CR, without MLLP framing.
     """
     if message is not None:
         try:

@@ -197,7 +197,21 @@ class MllpListener:
             writer.close()
 
     def handle(self, frame: bytes, host: str = "") -> str:
-        """Process one frame's content; the ACK to send (never raises)."""
+        """Process one frame: parse, check, store in one transaction, answer.
+
+        Parameters
+        ----------
+        frame
+            The bytes between the start of the frame and its ``<FS><CR>`` (``<VT>`` included).
+        host
+            The sender's address, for the logs.
+
+        Returns
+        -------
+        str
+            The ACK: AA once stored; AE or AR with the reason otherwise. Never raises: any
+            error becomes an AE, so the listener keeps answering.
+        """
         if not frame.startswith(START_BLOCK):
             return ack(None, "AR", "frame does not begin with <VT> (0x0B): not MLLP")
         message = None
