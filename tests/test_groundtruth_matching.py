@@ -141,3 +141,17 @@ def test_ingest_records_who_and_what_was_imaged(tmp_path: Path, db: Database) ->
     assert [(s.patient_id, s.issuer_of_patient_id, s.patient_sex, s.patient_age, s.manufacturer)
             for s in studies][0] == ("P77", "HOSP_A", "F", 71.0, "ACME")
     assert (studies[1].patient_id, studies[1].patient_sex, studies[1].patient_age) == (None, None, None)
+
+
+def test_stored_decision_is_the_referral_where_present(db: Database) -> None:
+    # The estimand's decision compares P(T < -1.0) with the card's threshold; the category (label)
+    # may still say osteopenia below that threshold. Results without a decision use their label.
+    add_study(db, "1.2.3.21", "P21", "20250601", versions=(
+        {"label": "osteopenia", "decision": "below the referral threshold", "referral_threshold": 0.84},))
+    add_study(db, "1.2.3.22", "P22", "20250601", versions=(
+        {"label": "normal", "decision": "DXA referral suggested", "referral_threshold": 0.4},))
+    add_study(db, "1.2.3.23", "P23", "20250601")  # no decision stored: label osteopenia
+    for patient in ("P21", "P22", "P23"):
+        add_dxa(db, patient, date(2025, 6, 2), -1.5)
+    assert {p.study_key: p.referral for p in load_pairs(db)} == {
+        "1.2.3.21": False, "1.2.3.22": True, "1.2.3.23": True}

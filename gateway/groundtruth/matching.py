@@ -98,12 +98,21 @@ def osteoporosis_probability(probabilities: Mapping[str, float] | None) -> float
     return _first(probabilities, _OSTEOPOROSIS_KEYS) if probabilities else None
 
 
-def _referral(result: StudyResult) -> bool | None:
-    explicit = getattr(result, "referral", None)  # a column a later estimand may add
-    if explicit is not None:
-        return bool(explicit)
+# model.estimand.REFERRAL: the decision text a result carries when it suggests DXA referral.
+REFERRAL_DECISION = "DXA referral suggested"
+
+
+def referral(result: StudyResult) -> bool | None:
+    """Whether the result suggested DXA referral; None when not assessed.
+
+    The stored decision where the result has one (the estimand's P(T < -1.0) against the card's
+    referral threshold); earlier results carried the decision in their label (low-BMD classes
+    only when P(low) reached the operating threshold).
+    """
     if not result.assessed:
         return None
+    if result.decision:
+        return result.decision == REFERRAL_DECISION
     return result.label in LOW_BMD_CLASSES
 
 
@@ -131,7 +140,7 @@ def _pair(study: Study, result: StudyResult, exam: DxaExam, day: date, study_day
         p_low=low_bmd_probability(probabilities) if result.assessed else None,
         p_osteoporosis=osteoporosis_probability(probabilities) if result.assessed else None,
         t_score_estimate=result.t_score, t_score_low=result.t_score_low, t_score_high=result.t_score_high,
-        referral=_referral(result), dxa_t_score=exam.lowest_t_score, dxa_category=exam.who_category,
+        referral=referral(result), dxa_t_score=exam.lowest_t_score, dxa_category=exam.who_category,
         model_name=result.model_name, model_version=result.model_version,
     )
 

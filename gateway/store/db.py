@@ -182,6 +182,10 @@ class StudyResult(Base):
     t_score: Mapped[float | None] = mapped_column(Float)
     t_score_low: Mapped[float | None] = mapped_column(Float)  # 80 % prediction interval
     t_score_high: Mapped[float | None] = mapped_column(Float)
+    # The screening decision ("DXA referral suggested" / "below the referral threshold") and the
+    # threshold on P(T < -1.0) behind it, as reported: the site's validation checks exactly these.
+    decision: Mapped[str | None] = mapped_column(String(32))
+    referral_threshold: Mapped[float | None] = mapped_column(Float)
     inputs_used: Mapped[list[str] | None] = mapped_column(JSON)  # names from taxonomy.INPUTS
     inputs_missing: Mapped[list[str] | None] = mapped_column(JSON)
     model_name: Mapped[str] = mapped_column(String(128))

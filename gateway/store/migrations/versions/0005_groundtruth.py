@@ -4,6 +4,8 @@
 * studies: patient_id, issuer_of_patient_id (matching DXA results to screened studies),
   patient_sex, patient_age, manufacturer (the site's validation by subgroup). Existing studies
   keep NULL there: their instances were received before these were recorded.
+* study_results: decision and referral_threshold (the screening decision as reported; NULL for
+  earlier results, whose label already carried the decision).
 
 Revision ID: 0005_groundtruth
 Revises: 0004_report
@@ -59,9 +61,15 @@ def upgrade() -> None:
         for name, type_ in _STUDY_COLUMNS:
             batch_op.add_column(sa.Column(name, type_, nullable=True))
         batch_op.create_index("ix_studies_patient_id", ["patient_id"])
+    with op.batch_alter_table("study_results", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("decision", sa.String(32), nullable=True))
+        batch_op.add_column(sa.Column("referral_threshold", sa.Float(), nullable=True))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("study_results", schema=None) as batch_op:
+        batch_op.drop_column("referral_threshold")
+        batch_op.drop_column("decision")
     with op.batch_alter_table("studies", schema=None) as batch_op:
         batch_op.drop_index("ix_studies_patient_id")
         for name, _ in reversed(_STUDY_COLUMNS):
