@@ -263,8 +263,8 @@ def test_cases_one_row_a_patient_lowest_t_score_first(tmp_path: Path) -> None:
         ("P2", "ACC3", "below the referral threshold"), ("P3", "ACC4", "not assessed")]
     assert rows[0]["t_score"] == -2.9 and rows[0]["t_score_low"] == pytest.approx(-3.7)
     assert rows[2]["issuer_of_patient_id"] == "HOSP"
-    assert all(r["dxa_on_record"] == "unknown" for r in rows)
-    assert "wrote 4 row(s) as JSON" in listed.stderr and "no DXA table" in listed.stderr
+    assert all(r["dxa_on_record"] == "no" for r in rows)  # the DXA table is there, empty
+    assert "wrote 4 row(s) as JSON" in listed.stderr
     # Minimal PHI: no name, no birth date.
     assert "Patient^" not in listed.stdout and "PatientName" not in listed.stdout
 
@@ -275,6 +275,16 @@ def test_cases_one_row_a_patient_lowest_t_score_first(tmp_path: Path) -> None:
     lines = referral_csv.read_text().splitlines()
     assert lines[0].startswith("patient_id,issuer_of_patient_id,study_date") and lines[1].startswith("P1,,20240105")
 
+    # A store without the ground-truth table (made before it existed): DXA unknown, and the filter
+    # that needs it refused in one line.
+    db = Database(f"sqlite:///{tmp_path / 'osteogate.db'}")
+    with db.engine.begin() as connection:
+        connection.execute(text("DROP TABLE dxa_sites"))
+        connection.execute(text("DROP TABLE dxa_exams"))
+    db.dispose()
+    unknown = _cases(tmp_path, "--json")
+    assert {r["dxa_on_record"] for r in json.loads(unknown.stdout)} == {"unknown"}
+    assert "no DXA table" in unknown.stderr
     refused = _cases(tmp_path, "--without-dxa-since", "2023-01-01")
     assert refused.returncode == 64 and "no dxa_exams table" in refused.stderr, refused.stderr
 
@@ -288,13 +298,15 @@ def test_cases_with_dxa_on_record(tmp_path: Path) -> None:
     _screened(db, reports, "P1", "20240105", "osteoporosis", -2.9, "ACC1")
     _screened(db, reports, "P2", "20240210", "osteopenia", -1.6, "ACC2", issuer="HOSP")
     _screened(db, reports, "P3", "20240301", "osteopenia", -1.2, "ACC3", issuer="HOSP")
-    # The ground-truth table (gateway/store/dxa.py of the ground-truth work) as far as cases reads it.
-    with db.engine.begin() as connection:
-        connection.execute(text("CREATE TABLE dxa_exams (id INTEGER PRIMARY KEY, patient_id VARCHAR(64), "
-                                "issuer_of_patient_id VARCHAR(64), dxa_date VARCHAR(8), lowest_t_score FLOAT)"))
-        connection.execute(text("INSERT INTO dxa_exams (patient_id, issuer_of_patient_id, dxa_date, lowest_t_score) "
-                                "VALUES ('P1', '', '20220110', -2.6), ('P2', 'HOSP', '20240301', -1.7), "
-                                "('P3', 'OTHER', '20240101', -1.0)"))
+    from osteogate.gateway.store.dxa import DxaExam
+
+    with db.session() as session:
+        for n, (patient, issuer, day, t_score) in enumerate([("P1", None, date(2022, 1, 10), -2.6),
+                                                             ("P2", "HOSP", date(2024, 3, 1), -1.7),
+                                                             ("P3", "OTHER", date(2024, 1, 1), -1.0)]):
+            session.add(DxaExam(exam_key=f"k{n}", patient_id=patient, issuer_of_patient_id=issuer, dxa_date=day,
+                                source="csv", source_ref=f"test.csv:{n}", lowest_t_score=t_score,
+                                who_category="osteopenia"))
     db.dispose()
     rows = json.loads(_cases(tmp_path, "--json").stdout)
     assert [(r["patient_id"], r["dxa_on_record"], r["last_dxa_date"]) for r in rows] == [

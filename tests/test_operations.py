@@ -17,7 +17,7 @@ import pytest
 from osteogate.gateway.core.config import ConfigError, load_settings
 from osteogate.gateway.core.errors import EXIT_CODE_MEANINGS, ExitCode, OsteoGateError, translate
 from osteogate.gateway.core.logs import configure_logging
-from osteogate.gateway.operate import cli, preflight, service
+from osteogate.gateway.operate import cli, preflight
 from osteogate.gateway.operate.admin import AdminError, ResendTarget, _purge_safe, plan_resend
 from osteogate.gateway.operate.queries import DeliveryRow, destination_problems
 from osteogate.gateway.store.db import (

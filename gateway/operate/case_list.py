@@ -1,9 +1,10 @@
 """The case-finding list behind ``osteogate cases``: one row a patient, from the latest screened
 study of that patient, with the DXA on record where the ground-truth table exists.
 
-The gateway's tables key studies, not patients, and hold no patient identifiers: the patient
-(PatientID + IssuerOfPatientID) and the accession number are read from the header of the SR the
-gateway made (kept under the reports directory for good), else from a spooled image. Only what a
+The patient (PatientID + IssuerOfPatientID) is the one ingest recorded on the study; the
+accession number (not kept in SQL), and the patient of studies received before ingest recorded
+it, are read from the header of the SR the gateway made (kept under the reports directory for
+good), else from a spooled image. Only what a
 fracture-liaison nurse needs to find the patient and the study is shown: no name, no birth date.
 """
 
@@ -71,14 +72,16 @@ def _header(path: Path) -> dict[str, str] | None:
 
 
 def _identity(study: Study, result: StudyResult, reports_dir: Path, spool_dir: Path) -> dict[str, str] | None:
-    """PatientID, issuer, accession and study date of a study: from our SR, else a spooled image."""
+    """PatientID, issuer, accession and study date of a study: the patient as ingest recorded it
+    in SQL, the rest (and the patient, for studies received before that) from our SR, else a
+    spooled image."""
     candidates = [reports_dir / o.path for o in result.objects] + ([reports_dir / result.sr_path] if result.sr_path else [])
     candidates += [spool_dir / i.path for i in study.instances if i.purged_at is None][:1]
-    for path in candidates:
-        found = _header(path)
-        if found and found["PatientID"]:
-            return found
-    return None
+    found = next((h for h in map(_header, candidates) if h and h["PatientID"]), None)
+    if study.patient_id:  # recorded at ingest (gateway/receive): the header adds the accession number
+        found = {**(found or {"AccessionNumber": "", "StudyDate": ""}), "PatientID": study.patient_id,
+                 "IssuerOfPatientID": study.issuer_of_patient_id or ""}
+    return found
 
 
 def dxa_table_exists(db: Database) -> bool:
