@@ -250,3 +250,20 @@ def test_dicomweb_source_qido_and_wado(tmp_path: Path, archive: tuple[OrthancSer
         assert result.returncode == 0, result.stderr + result.stdout
         assert "4 found, 3 retrieved, 3 screened, 1 skipped, 0 failed" in result.stdout, result.stdout
         assert set(_received(gw)) == wanted
+
+
+def test_scheduled_backfill_inside_serve(tmp_path: Path, archive: tuple[OrthancServer, dict[str, str]],
+                                         tiny_model: Path) -> None:
+    orthanc, uids = archive
+    wanted = {uids[label] for label in MATCHING}
+    port = free_port()
+    env = {"OSTEOGATE_BACKFILL_ENABLED": "true", "OSTEOGATE_BACKFILL_SOURCE": f"{orthanc.ae_title}@127.0.0.1:{orthanc.port}",
+           "OSTEOGATE_BACKFILL_SINCE": "20240101", "OSTEOGATE_BACKFILL_UNTIL": "20241231",
+           "OSTEOGATE_BACKFILL_BODY_PARTS": "KNEE,SPINE", "OSTEOGATE_BACKFILL_FIND_LIMIT": str(FIND_LIMIT),
+           "OSTEOGATE_BACKFILL_RATE_PER_MINUTE": "120", "OSTEOGATE_BACKFILL_SCREEN_WAIT_SECONDS": "0"}
+    # Registered before the gateway starts: its scheduled run begins at start.
+    _rest(orthanc, "PUT", "/modalities/osteogate", {"AET": "OSTEOGATE", "Host": "127.0.0.1", "Port": port})
+    with GatewayProcess(tmp_path / "gw", model=tiny_model, port=port, env=env) as gw:
+        wait_until(lambda: _screened(gw, wanted), 120)
+        assert set(_received(gw)) == wanted
+        assert gw.stop() == 0  # a clean stop, with the scheduled job in place
