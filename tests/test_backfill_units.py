@@ -406,3 +406,24 @@ def test_engine_stops_retrieving_at_the_window_end_and_pauses_for_the_queue(tmp_
     assert len(whens) == 2 and all(w.time() >= time(19, 0) for w in whens), whens
     assert (whens[1] - whens[0]).total_seconds() >= 60  # 1 a minute
     db.dispose()
+
+
+def test_a_study_screened_by_another_model_is_replayed_not_fetched(tmp_path: Path) -> None:
+    from osteogate.gateway.backfill.ledger import Ledger
+    from osteogate.gateway.backfill.query import FoundStudy
+
+    db = _db(tmp_path)
+    uid = _screened(db, tmp_path / "reports", "P1", "20240105", "osteopenia", -1.4, "ACC1")  # model "000..."
+    current = Ledger(db, "1" * 64)
+    run_id, resumed = current.start_run("PACS@h:1", {})
+    assert not resumed
+    assert current.record_found(run_id, "PACS@h:1", FoundStudy(uid, "20240105", ("DX",))) == "replay"
+    with db.session() as session:
+        jobs = session.query(Job).filter(Job.reason == "replay", Job.status == JobStatus.PENDING).count()
+        row = session.query(BackfillStudy).filter(BackfillStudy.study_uid == uid).one()
+        assert jobs == 1 and row.state == BackfillState.RECEIVED and row.retrieved_at is None
+    # The same model: already screened, nothing written.
+    same = Ledger(db, "0" * 64)
+    assert same.judge_found(uid) == "screened"
+    assert current.start_run("PACS@h:1", {}) == (run_id, True)  # unfinished: resumed
+    db.dispose()
