@@ -267,3 +267,27 @@ def test_scheduled_backfill_inside_serve(tmp_path: Path, archive: tuple[OrthancS
         wait_until(lambda: _screened(gw, wanted), 120)
         assert set(_received(gw)) == wanted
         assert gw.stop() == 0  # a clean stop, with the scheduled job in place
+
+
+def test_dicomweb_source_with_basic_authentication(tmp_path: Path) -> None:
+    """An archive behind HTTP basic authentication: the password comes from the environment
+    variable named in backfill.source_password_env; a wrong one is a clear line, not a traceback."""
+    if orthanc_binary() is None or dicomweb_plugin() is None:
+        pytest.skip("Orthanc with its DICOMweb plugin is not installed")
+    with OrthancServer(tmp_path / "orthanc", dicomweb=True, users={"osteogate": "s3cret"}) as orthanc:
+        orthanc.upload(write_dataset(make_dataset(StudyDate="20240301"), tmp_path / "one.dcm"))
+        subprocess.run([sys.executable, "-m", "osteogate.gateway.operate.cli", "db", "upgrade", "--data-dir",
+                        str(tmp_path / "gw")], cwd=REPO, check=True, capture_output=True)
+        base = [sys.executable, "-m", "osteogate.gateway.operate.cli", "backfill", "--data-dir", str(tmp_path / "gw"),
+                "--from", f"{orthanc.http_url}/dicom-web", "--since", "2024-01-01", "--until", "2024-12-31", "--dry-run"]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("OSTEOGATE_")}
+        env.update({"OSTEOGATE_BACKFILL_SOURCE_USERNAME": "osteogate",
+                    "OSTEOGATE_BACKFILL_SOURCE_PASSWORD_ENV": "ARCHIVE_PASSWORD"})
+        good = subprocess.run(base, cwd=REPO, env={**env, "ARCHIVE_PASSWORD": "s3cret"}, capture_output=True,
+                              text=True, timeout=120)
+        assert good.returncode == 0 and "1 studies match; 1 would be retrieved" in good.stdout, good.stderr
+        bad = subprocess.run(base, cwd=REPO, env={**env, "ARCHIVE_PASSWORD": "wrong"}, capture_output=True,
+                             text=True, timeout=120)
+        assert bad.returncode == 69 and "401" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+        unset = subprocess.run(base, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        assert unset.returncode == 78 and "ARCHIVE_PASSWORD" in unset.stderr, unset.stderr

@@ -8,6 +8,7 @@ page, not the query.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from dicomweb_client.api import DICOMwebClient
 from osteogate.gateway.backfill.query import Chunk, Filters, FindError, FoundStudy
 from osteogate.gateway.backfill.retrieve import Retrieved, forward, scratch_dir
 from osteogate.gateway.core.dicomnet import Outcome, Peer
+from osteogate.gateway.core.errors import ConfigurationError
 from osteogate.gateway.core.logs import get_logger
 from pydicom.dataset import Dataset
 
@@ -31,6 +33,26 @@ def _value(item: dict[str, Any], keyword_tag: str) -> list[Any]:
 def _first(item: dict[str, Any], tag: str) -> str:
     values = _value(item, tag)
     return str(values[0]) if values else ""
+
+
+def web_session(username: str = "", password_env: str = "", token_env: str = "", ca_file: str = "") -> requests.Session:
+    """A requests session for the archive: HTTP basic or bearer authentication with the secret read
+    from the environment at start, HTTPS verified (against ``ca_file`` when given)."""
+    session = requests.Session()
+    if token_env:
+        token = os.environ.get(token_env, "")
+        if not token:
+            raise ConfigurationError("backfill.source_token_env", f"the environment variable {token_env} is empty or unset")
+        session.headers["Authorization"] = f"Bearer {token}"
+    elif username:
+        password = os.environ.get(password_env, "") if password_env else ""
+        if password_env and not password:
+            raise ConfigurationError("backfill.source_password_env",
+                                     f"the environment variable {password_env} is empty or unset")
+        session.auth = (username, password)
+    if ca_file:
+        session.verify = ca_file
+    return session
 
 
 class DicomwebSource:

@@ -85,10 +85,11 @@ def make_source(settings: Settings, filters: Filters) -> Source:
     calling = cfg.calling_ae_title or settings.dicom.ae_title
     scratch = settings.storage.data_dir / "backfill-scratch"
     if text.startswith(("http://", "https://")):
-        from osteogate.gateway.backfill.dicomweb import DicomwebSource
+        from osteogate.gateway.backfill.dicomweb import DicomwebSource, web_session
 
+        session = web_session(cfg.source_username, cfg.source_password_env, cfg.source_token_env, cfg.source_ca_file)
         return DicomwebSource(text, filters, forward_to=gateway_peer(settings), calling_aet=calling,
-                              timeout=cfg.timeout_seconds, scratch=scratch)
+                              timeout=cfg.timeout_seconds, scratch=scratch, session=session)
     try:
         destination = Destination.parse(text)
     except ValueError as exc:

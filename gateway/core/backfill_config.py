@@ -42,6 +42,12 @@ class BackfillConfig(BaseModel):
     enabled: bool = False
     # The archive: AET@HOST:PORT (DICOM Q/R) or https://host/dicom-web (QIDO-RS / WADO-RS).
     source: str = ""
+    # DICOMweb source only: HTTP basic user, and the names of environment variables holding the
+    # password or a bearer token (secrets never in the file); a CA bundle to verify HTTPS with.
+    source_username: str = ""
+    source_password_env: str = ""
+    source_token_env: str = ""
+    source_ca_file: str = ""
     since: str = ""  # study dates from (YYYYMMDD), empty: no lower bound
     until: str = ""  # study dates until, inclusive; empty: today
     modalities: list[str] = ["CR", "DX"]
