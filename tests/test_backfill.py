@@ -178,6 +178,9 @@ def test_sigkill_mid_run_resumes_without_duplicates(tmp_path: Path, archive: tup
         proc = _backfill(gw, orthanc, *FILTERS, "--rate", "12", model=tiny_model, popen=True)
         try:
             wait_until(lambda: len(_received(gw)) >= 1, 60)
+            # One backfill at a time: a second one while the first runs is refused, changing nothing.
+            second = _backfill(gw, orthanc, *FILTERS, model=tiny_model)
+            assert second.returncode == 75 and "another backfill is running" in second.stderr, second.stderr
         finally:
             proc.send_signal(signal.SIGKILL)
             proc.communicate(timeout=10)

@@ -427,3 +427,16 @@ def test_a_study_screened_by_another_model_is_replayed_not_fetched(tmp_path: Pat
     assert same.judge_found(uid) == "screened"
     assert current.start_run("PACS@h:1", {}) == (run_id, True)  # unfinished: resumed
     db.dispose()
+
+
+def test_a_hold_is_alive_while_its_process_is() -> None:
+    import os
+    import socket
+
+    from osteogate.gateway.backfill.ledger import holder_alive
+
+    here = socket.gethostname()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    assert holder_alive(f"{os.getppid()}@{here}")  # a live process on this host
+    assert not holder_alive(f"{int(dead.stdout)}@{here}")  # exited: taken over at once
+    assert holder_alive(f"{int(dead.stdout)}@another-host")  # elsewhere: until the hold expires

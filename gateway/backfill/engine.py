@@ -98,6 +98,7 @@ class _Pacing:
     on_progress: Callable[[Progress], None]
     run_id: int | None
     _retrieves: deque[float]
+    _held_at: float
 
     def _sleep(self, seconds: float) -> None:
         # The real sleep waits on the stop event, so a SIGTERM ends a long wait at once.
@@ -111,6 +112,9 @@ class _Pacing:
             self.progress.status = status
         if self.run_id is not None:
             self.progress.counts = self.ledger.counts(self.run_id)
+            if self.monotonic() - self._held_at >= 30:  # keep this process's hold on the store
+                self.ledger.hold(self.run_id)
+                self._held_at = self.monotonic()
         recent = [t for t in self._retrieves if self.monotonic() - t <= 600]
         if len(recent) >= 2:
             span = max(self.monotonic() - recent[0], 60 / self.options.rate_per_minute)
@@ -190,6 +194,7 @@ class Backfill(_Pacing):
         self._retrieves: deque[float] = deque(maxlen=50)
         self.run_id: int | None = None
         self._received_any = False
+        self._held_at = 0.0
         self._refused_rows: list[int] = []
 
     # -- the run -------------------------------------------------------------------------------
@@ -204,9 +209,13 @@ class Backfill(_Pacing):
         log.info("backfill_started", run=self.run_id, resumed=resumed, source_kind=type(self.source).__name__)
         if self.options.retry_failed:
             self.ledger.retry_failed(self.run_id)
-        self._plan(self.run_id)
-        self._retrieve_all(self.run_id)
-        self._wait_screened()
+        self._held_at = self.monotonic()
+        try:
+            self._plan(self.run_id)
+            self._retrieve_all(self.run_id)
+            self._wait_screened()
+        finally:
+            self.ledger.hold(self.run_id, release=True)
         counts = self.ledger.counts(self.run_id)
         if not self.stop.is_set() and counts.waiting == 0:
             self.ledger.finish_run(self.run_id)

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import socket
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 from osteogate.gateway.backfill.query import FoundStudy
+from osteogate.gateway.core.errors import TemporaryFailure
 from osteogate.gateway.core.logs import get_logger, study_key
 from osteogate.gateway.store.backfill import BackfillRun, BackfillState, BackfillStudy
 from osteogate.gateway.store.db import (
@@ -28,6 +31,27 @@ from sqlalchemy import func, select, update
 log = get_logger("osteogate.gateway.backfill.ledger")
 
 _FINISHED = (StudyStatus.DONE, StudyStatus.SKIPPED, StudyStatus.FAILED)
+# A run's hold on the store lasts this long without renewal (the engine renews it at every step,
+# and at least every poll while waiting).
+HOLD_SECONDS = 600
+HOLDER = f"{os.getpid()}@{socket.gethostname()}"[:64]
+
+
+def holder_alive(holder: str | None) -> bool:
+    """Whether the process holding a run may still be running: on this host, whether its pid
+    exists (a SIGKILLed backfill is taken over at once); elsewhere, until the hold expires."""
+    pid, _, host = (holder or "").partition("@")
+    if host != socket.gethostname() or not pid.isdigit():
+        return True
+    if int(pid) == os.getpid():
+        return False  # our own, from an earlier run in this process (the scheduled job)
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def fingerprint(source: str, filters: dict[str, Any]) -> str:
@@ -65,9 +89,18 @@ class PlanRecords(_LedgerBase):
     """The runs and what they found."""
 
     def start_run(self, source: str, filters: dict[str, Any]) -> tuple[int, bool]:
-        """(run id, resumed): an unfinished run of the same source and filters is continued."""
+        """(run id, resumed): an unfinished run of the same source and filters is continued.
+        Raises TemporaryFailure while another backfill holds this store (one at a time)."""
         print_ = fingerprint(source, filters)
         with self.db.session(write=True) as session:
+            busy = next((r for r in session.execute(select(BackfillRun).where(BackfillRun.held_until > utcnow())
+                                                    .with_for_update()).scalars() if holder_alive(r.holder)), None)
+            if busy is not None:
+                raise TemporaryFailure("another backfill is running on this store",
+                                       f"run {busy.id} held by {busy.holder} (renewed while it runs; the hold of a "
+                                       f"process killed on another host expires within {HOLD_SECONDS} s)",
+                                       "One backfill at a time keeps the load on the PACS predictable: wait for it, "
+                                       "or stop it")
             run = session.execute(
                 select(BackfillRun).where(BackfillRun.fingerprint == print_, BackfillRun.finished_at.is_(None))
                 .order_by(BackfillRun.id.desc()).limit(1)
@@ -76,8 +109,10 @@ class PlanRecords(_LedgerBase):
                 # A study killed mid-retrieve is fetched again: the gateway keeps one copy.
                 session.execute(update(BackfillStudy).where(BackfillStudy.state == BackfillState.RETRIEVING)
                                 .values(state=BackfillState.FOUND))
+                run.holder, run.held_until = HOLDER, utcnow() + timedelta(seconds=HOLD_SECONDS)
                 return run.id, True
-            run = BackfillRun(source=source[:255], fingerprint=print_, filters=filters, chunks_done=[])
+            run = BackfillRun(source=source[:255], fingerprint=print_, filters=filters, chunks_done=[],
+                              holder=HOLDER, held_until=utcnow() + timedelta(seconds=HOLD_SECONDS))
             session.add(run)
             session.flush()
             session.execute(update(BackfillStudy).where(BackfillStudy.state == BackfillState.RETRIEVING)
@@ -100,6 +135,13 @@ class PlanRecords(_LedgerBase):
             run = session.get(BackfillRun, run_id)
             if run is not None:
                 run.finished_at = utcnow()
+
+    def hold(self, run_id: int, *, release: bool = False) -> None:
+        """Renew this process's hold on the run (or give it up: a clean stop or the end)."""
+        with self.db.session(write=True) as session:
+            run = session.get(BackfillRun, run_id)
+            if run is not None and run.holder == HOLDER:
+                run.held_until = None if release else utcnow() + timedelta(seconds=HOLD_SECONDS)
 
     def judge_found(self, study_uid: str, *, dry_run: bool = False) -> str:
         """What a found study needs, read-only: "screened" (skip), "queued" (the gateway has it,

@@ -125,6 +125,14 @@ def make_backfill(settings: Settings, db: Database, *, patients_file: Path | Non
                     plan_chunks(filters, cfg.chunk_days), options, stop=stop, on_progress=on_progress)
 
 
-def run_scheduled(settings: Settings, db: Database, stop: threading.Event) -> Progress:
-    """The ``[backfill]`` job of `osteogate serve`: the same run, resumed at each interval."""
-    return make_backfill(settings, db, stop=stop).run()
+def run_scheduled(settings: Settings, db: Database, stop: threading.Event) -> Progress | None:
+    """The ``[backfill]`` job of `osteogate serve`: the same run, resumed at each interval. While
+    another backfill (`osteogate backfill` by hand) holds the store, this tick is skipped."""
+    from osteogate.gateway.core.errors import TemporaryFailure
+    from osteogate.gateway.core.logs import get_logger
+
+    try:
+        return make_backfill(settings, db, stop=stop).run()
+    except TemporaryFailure as exc:
+        get_logger("osteogate.gateway.backfill.setup").info("backfill_skipped", reason=exc.why)
+        return None

@@ -47,6 +47,10 @@ class BackfillRun(Base):
     chunks_done: Mapped[list[str]] = mapped_column(JSON, default=list)
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column()
+    # Who is running it (pid@host) until when: one backfill at a time per store, renewed while alive,
+    # so a killed run's hold simply expires.
+    holder: Mapped[str | None] = mapped_column(String(64))
+    held_until: Mapped[datetime | None] = mapped_column()
 
 
 class BackfillStudy(Base):

@@ -1,6 +1,6 @@
 """The archive backfill's plan and per-study state (gateway/store/backfill.py).
 
-* backfill_runs: one row a backfill run (source, filters, query chunks already asked).
+* backfill_runs: one row a backfill run (source, filters, query chunks already asked, who holds it).
 * backfill_studies: one row a study found in the archive: found, retrieving, received, screened,
   skipped or failed (with the reason), attempts and when to try again.
 
@@ -29,6 +29,8 @@ def upgrade() -> None:
         sa.Column("chunks_done", sa.JSON(), nullable=False),
         sa.Column("started_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("holder", sa.String(64), nullable=True),
+        sa.Column("held_until", sa.DateTime(timezone=True), nullable=True),
     )
     op.create_index("ix_backfill_runs_fingerprint", "backfill_runs", ["fingerprint"])
     op.create_table(
