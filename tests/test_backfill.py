@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -147,6 +148,10 @@ def test_backfill_retrieves_exactly_the_matching_studies_at_the_rate_and_a_secon
         first = _backfill(gw, orthanc, *FILTERS, "--rate", "30", model=tiny_model)
         assert first.returncode == 0, first.stderr + first.stdout
         assert "4 found, 3 retrieved, 3 screened, 1 skipped, 0 failed" in first.stdout, first.stdout
+        # The progress line (stderr; printed, not redrawn, when not on a terminal).
+        assert re.search(r"found \d+ · retrieved \d+ · screened \d+ · skipped \d+ · failed 0 · [\d.]+/min · ETA ",
+                         first.stderr), first.stderr
+        assert "· done" in first.stderr.strip().splitlines()[-1]  # the final figures, always
         assert set(_received(gw)) == wanted  # not the chest, the CT, nor 2023
         starts = sorted(_attempts(gw).values())
         gaps = [(b - a).total_seconds() for a, b in zip(starts, starts[1:], strict=False)]

@@ -110,7 +110,7 @@ class _Line:
 
         self.console = Console(stderr=True)
         self.live = None
-        self._last = ""
+        self._last = self._printed = ""
         self._printed_at = 0.0
         if self.console.is_terminal:
             from rich.live import Live
@@ -124,14 +124,21 @@ class _Line:
         text = progress.line()
         if self.live is not None:
             self.live.update(text)
-        elif text != self._last and time.monotonic() - self._printed_at >= 5:
-            print(text, file=sys.stderr, flush=True)
-            self._printed_at = time.monotonic()
+        elif text != self._printed and time.monotonic() - self._printed_at >= 5:
+            self._print(text)
         self._last = text
+
+    def _print(self, text: str) -> None:
+        import time
+
+        print(text, file=sys.stderr, flush=True)
+        self._printed, self._printed_at = text, time.monotonic()
 
     def close(self) -> None:
         if self.live is not None:
             self.live.stop()
+        elif self._last and self._last != self._printed:
+            self._print(self._last)  # the final figures, always
 
 
 def cmd_backfill(args: argparse.Namespace) -> int:

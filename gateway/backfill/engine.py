@@ -121,7 +121,7 @@ class _Pacing:
             self.progress.rate_per_minute = len(recent) / span * 60
         waiting = self.progress.counts.waiting
         pace = self.progress.rate_per_minute or self.options.rate_per_minute
-        self.progress.eta_seconds = waiting / pace * 60 if waiting else (0 if self.run_id else None)
+        self.progress.eta_seconds = waiting / pace * 60 if waiting else None
         self.on_progress(self.progress)
 
     def _wait_for_slot(self) -> bool:
