@@ -73,8 +73,12 @@ class DicomwebSource:
         while True:
             try:
                 page = call(limit=PAGE, offset=offset, **kwargs)
+            except requests.HTTPError as exc:
+                # Not str(exc): it quotes the query URL, and with --patients that names a patient.
+                code = exc.response.status_code if exc.response is not None else "?"
+                raise FindError(f"QIDO-RS to {self.name}: HTTP {code}") from None
             except (requests.RequestException, OSError) as exc:
-                raise FindError(f"QIDO-RS to {self.name}: {type(exc).__name__}: {str(exc)[:200]}") from None
+                raise FindError(f"QIDO-RS to {self.name}: {type(exc).__name__} (no answer)") from None
             yield from page
             if len(page) < PAGE:
                 return

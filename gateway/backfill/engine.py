@@ -23,7 +23,7 @@ from osteogate.gateway.backfill.sources import Source
 from osteogate.gateway.backfill.window import RateLimiter, Window
 from osteogate.gateway.core.dicomnet import Outcome, backoff_seconds
 from osteogate.gateway.core.errors import OsteoGateError, PeerUnavailable
-from osteogate.gateway.core.logs import get_logger
+from osteogate.gateway.core.logs import get_logger, scrub
 from osteogate.gateway.store.backfill import BackfillState
 
 log = get_logger("osteogate.gateway.backfill.engine")
@@ -299,14 +299,14 @@ class Backfill(_Pacing):
             wait = backoff_seconds(row.attempts, self.options.retry_base_seconds, self.options.retry_max_seconds)
             self.ledger.set_state(row_id, BackfillState.FOUND, result.detail, retry_in=wait)
             metrics.RETRIEVES.labels("retry").inc()
-            log.warning("backfill_retrieve_retry", study_key=key, detail=result.detail, attempt=row.attempts,
+            log.warning("backfill_retrieve_retry", study_key=key, detail=scrub(result.detail), attempt=row.attempts,
                         retry_in=wait)
         else:
             reason = result.detail if result.outcome is not Outcome.TRANSIENT else \
                 f"{result.detail} (gave up after {row.attempts} attempts)"
             self.ledger.set_state(row_id, BackfillState.FAILED, reason)
             metrics.RETRIEVES.labels("failed").inc()
-            log.warning("backfill_retrieve_failed", study_key=key, detail=reason)
+            log.warning("backfill_retrieve_failed", study_key=key, detail=scrub(reason))
         self._report()
 
     def _refused(self, row_id: int, detail: str, why: str) -> None:

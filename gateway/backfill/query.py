@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import date, timedelta
 
 from osteogate.gateway.core.dicomnet import Peer, response_status, status_text
-from osteogate.gateway.core.logs import get_logger
+from osteogate.gateway.core.logs import get_logger, hashed
 from pydicom.dataset import Dataset
 from pynetdicom.association import Association
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
@@ -63,8 +63,9 @@ class Chunk:
 
     @property
     def key(self) -> str:
+        """Names the chunk in SQL (chunks done), logs and warnings: the patient only as a salted hash."""
         days = f"{self.start:%Y%m%d}-{self.end:%Y%m%d}" if self.start and self.end else "all"
-        return days if self.patient is None else f"{days}|{'^'.join(self.patient)}"
+        return days if self.patient is None else f"{days}|patient {hashed('^'.join(self.patient))}"
 
     def halves(self) -> list[Chunk] | None:
         if self.start is None or self.end is None or self.start >= self.end:
