@@ -25,7 +25,6 @@ what serving computes.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import combinations
@@ -33,6 +32,7 @@ from typing import Any
 
 import numpy as np
 from osteogate.model.covariates import Covariates
+from osteogate.model.estimand import INTERVAL_LEVEL, REFERRAL, Z80, on_grid, referral_decision
 from osteogate.model.fusion import (
     FEATURES,
     FUSION_FORMAT,
@@ -42,8 +42,7 @@ from osteogate.model.fusion import (
     probabilities_from_t,
     situation_key,
 )
-from osteogate.model.scoring import decide_label
-from osteogate.model.taxonomy import CLASSES, COVARIATES
+from osteogate.model.taxonomy import CLASSES, COVARIATES, class_from_t_score
 from osteogate.training.metrics import OperatingRule, operating_thresholds
 from osteogate.training.splits import grouped_folds
 
@@ -208,7 +207,7 @@ def _head_params(x: np.ndarray, y: np.ndarray, t: np.ndarray, w: np.ndarray, alp
         classifier: dict[str, Any] = {"kind": "multinomial", "coef": fitted[0].tolist(), "intercept": fitted[1].tolist(),
                                       "C": candidate.c}
     else:
-        classifier = {"kind": "ordinal_t", "sigma": sigma}
+        classifier = {"kind": "normal_t", "sigma": sigma}
     return {"center": center.tolist(), "scale": scale.tolist(), "classifier": classifier,
             "regression": {"coef": reg_coef.tolist(), "intercept": reg_intercept, "alpha": alpha,
                            "residual_sd": sigma, "residual_quantiles": [0.0, 0.0]}}
@@ -238,7 +237,7 @@ def fit_head(
     for alpha in alphas:
         mu = np.zeros(len(y))
         for train, test in inner:
-            params = _head_params(x[train], y[train], t[train], w[train], alpha, Candidate("ordinal_t"), 1.0)
+            params = _head_params(x[train], y[train], t[train], w[train], alpha, Candidate("normal_t"), 1.0)
             assert params is not None
             mu[test] = _predict(params, names, x[test])[1]
         mse = float(np.average((t - mu) ** 2, weights=w))
@@ -249,35 +248,46 @@ def fit_head(
     residuals = t - mu_oof
     sigma = float(np.sqrt(np.average(residuals**2, weights=w)))
     q_low, q_high = (float(np.quantile(residuals, q)) for q in PI_QUANTILES)
-    # 2. 3-class head: by out-of-fold log-loss.
-    chosen: tuple[float, Candidate, np.ndarray] | None = None
-    for candidate in _candidates(fixed):
-        probs = np.zeros((len(y), len(CLASSES)))
-        ok = True
-        for train, test in inner:
-            params = _head_params(x[train], y[train], t[train], w[train], alpha, candidate, sigma)
-            if params is None:
-                ok = False
-                break
-            probs[test] = _predict(params, names, x[test])[0]
-        if not ok:
-            continue
-        loss = _log_loss(y, probs, w)
-        if chosen is None or loss < chosen[0]:
-            chosen = (loss, candidate, probs)
-    if chosen is None:  # e.g. a class missing: the T-score route always works
-        candidate = Candidate("ordinal_t")
-        chosen = (math.nan, candidate, probabilities_from_t(mu_oof, sigma))
-    loss, candidate, probs_oof = chosen
-    params = _head_params(x, y, t, w, alpha, candidate, sigma)
+    # 2. The predictive spread: calibrated so that the 80 % interval covers 80 % of the inner
+    # out-of-fold residuals (the estimate is rounded to the reporting grid first, as served).
+    sigma80 = calibrated_sigma(t, mu_oof, w)
+    probs_oof = probabilities_from_t(np.array([on_grid(m) for m in mu_oof]), sigma80)
+    candidate = Candidate("normal_t")
+    params = _head_params(x, y, t, w, alpha, candidate, sigma80)
     assert params is not None
+    params["regression"]["residual_sd"] = round(sigma, 4)
     params["regression"]["residual_quantiles"] = [round(q_low, 4), round(q_high, 4)]
+    thresholds = operating_thresholds(y, probs_oof, operating)
+    # The osteoporosis range is the estimate's WHO category (P(T <= -2.5) >= 0.5): no threshold.
+    thresholds = {k: v for k, v in thresholds.items() if k == "low_bmd"}
     return {
         "inputs": list(inputs), "features": list(names), **params,
-        "thresholds": operating_thresholds(y, probs_oof, operating),
-        "selection": {"ridge_alpha": alpha, "classifier": candidate.kind, "C": candidate.c,
-                      "inner_log_loss": None if math.isnan(loss) else round(loss, 4), "inner_folds": n_inner},
+        "thresholds": thresholds,
+        "selection": {"ridge_alpha": alpha, "classifier": candidate.kind, "sigma": round(sigma80, 4),
+                      "inner_log_loss": round(_log_loss(y, probs_oof, w), 4), "inner_folds": n_inner},
     }
+
+
+def calibrated_sigma(t: np.ndarray, mu: np.ndarray, w: np.ndarray) -> float:
+    """The normal spread whose central 80 % interval covers 80 % (weighted) of |t - mu|.
+
+    Parameters
+    ----------
+    t, mu : numpy.ndarray
+        Densitometry T-scores and out-of-fold estimates.
+    w : numpy.ndarray
+        Sample weights (1 / images of the duplicate group).
+
+    Returns
+    -------
+    float
+        sigma = weighted 80th percentile of |t - on_grid(mu)| / Phi^-1(0.9).
+    """
+    residual = np.abs(t - np.array([on_grid(m) for m in mu]))
+    order = np.argsort(residual)
+    cumulative = np.cumsum(w[order]) / w.sum()
+    q80 = float(residual[order][min(int(np.searchsorted(cumulative, INTERVAL_LEVEL)), len(order) - 1)])
+    return max(q80 / Z80, 0.05)
 
 
 # ------------------------------------------------------------------------------- cross-validation
@@ -293,8 +303,9 @@ class HeadCV:
     mu: np.ndarray
     low: np.ndarray
     high: np.ndarray
-    labels: np.ndarray  # class index of the reported label (fold's operating thresholds)
+    labels: np.ndarray  # class index of the reported category (WHO category of the estimate)
     selections: list[dict[str, Any]]
+    referred: np.ndarray | None = None  # DXA referral suggested (P(low) >= the fold's threshold)
 
 
 def cross_validate_head(data: FusionData, inputs: Sequence[str], operating: OperatingRule | float, seed: int = 0,
@@ -318,6 +329,7 @@ def _cross_validate_head(data: FusionData, inputs: Sequence[str], operating: Ope
     n = len(rows)
     probs, mu = np.zeros((n, len(CLASSES))), np.zeros(n)
     low, high, labels = np.zeros(n), np.zeros(n), np.zeros(n, dtype=int)
+    referred = np.zeros(n, dtype=bool)
     selections = []
     position = {row: k for k, row in enumerate(rows)}
     for fold in np.unique(data.folds[rows]):
@@ -329,11 +341,12 @@ def _cross_validate_head(data: FusionData, inputs: Sequence[str], operating: Ope
         p, m = head.predict_raw(x[test])
         at = [position[r] for r in test]
         probs[at], mu[at] = p, m
-        low[at], high[at] = m + head.q_low, m + head.q_high
-        thresholds = entry["thresholds"]
-        labels[at] = [CLASSES.index(decide_label(dict(zip(CLASSES, row, strict=True)), thresholds)) for row in p]
+        low[at], high[at] = head.interval_raw(m)
+        threshold = entry["thresholds"].get("low_bmd")
+        labels[at] = [CLASSES.index(class_from_t_score(float(v))) for v in m]
+        referred[at] = [referral_decision(1.0 - float(row[0]), threshold) == REFERRAL for row in p]
         selections.append(entry["selection"])
-    return HeadCV(tuple(inputs), rows, probs, mu, low, high, labels, selections)
+    return HeadCV(tuple(inputs), rows, probs, mu, low, high, labels, selections, referred)
 
 
 # ------------------------------------------------------------------------------- metrics (fast, for bootstraps)
@@ -387,6 +400,7 @@ class Predictions:
     low: np.ndarray | None = None
     high: np.ndarray | None = None
     correlate: np.ndarray | None = None  # a score to correlate with the T-score when there is no estimate
+    referred: np.ndarray | None = None  # the screening decision, when it is not "category is low BMD"
 
 
 def row_metrics(y: np.ndarray, t: np.ndarray, p: Predictions) -> dict[str, float]:
@@ -412,7 +426,8 @@ def row_metrics(y: np.ndarray, t: np.ndarray, p: Predictions) -> dict[str, float
     if p.low is not None and p.high is not None:
         out["pi80_coverage"] = float(((t >= p.low) & (t <= p.high)).mean())
     if p.labels is not None:
-        flagged_low, flagged_op = p.labels >= 1, p.labels == 2
+        flagged_low = p.referred if p.referred is not None else p.labels >= 1
+        flagged_op = p.labels == 2
         out["sensitivity_low_bmd"] = _rate(flagged_low, y_low)
         out["specificity_low_bmd"] = _rate(~flagged_low, ~y_low)
         out["sensitivity_osteoporosis"] = _rate(flagged_op, y_op)
@@ -471,6 +486,16 @@ def covariate_situations() -> list[tuple[str, ...]]:
     return [covs for n in range(len(COVARIATES) + 1) for covs in combinations(COVARIATES, n)]
 
 
+def validation_population(data: FusionData) -> str:
+    """Who the figures were measured on, in words for the SR and the card (from the training data,
+    i.e. the data set's manifest): "155 patients of one public knee data set, ages 17-107"."""
+    ages = data.columns["age"][np.isfinite(data.columns["age"])]
+    text = f"{len(np.unique(data.groups))} patients of one public knee data set"
+    if len(ages):
+        text += f", ages {ages.min():.0f}-{ages.max():.0f}"
+    return text
+
+
 def covariate_ranges(data: FusionData) -> dict[str, list[float]]:
     """Validated ranges: age as seen in training (a linear head must not extrapolate to children);
     weight, height and BMI widened by 10 % of their span (a slightly heavier patient is fine)."""
@@ -484,12 +509,36 @@ def covariate_ranges(data: FusionData) -> dict[str, list[float]]:
     return ranges
 
 
+def operating_rules(operating: OperatingRule) -> dict[str, dict[str, Any]]:
+    """The card's statement of the decision rule and of the category rule (the SR and card quote ``rule``).
+
+    Parameters
+    ----------
+    operating : OperatingRule
+        Its ``target_sensitivity`` sets the referral threshold; the osteoporosis rule of older
+        cards is not used (the osteoporosis range is the category of the estimate).
+
+    Returns
+    -------
+    dict
+        ``{"low_bmd": {...}, "osteoporosis": {...}}`` with ``rule`` and ``target``.
+    """
+    return {
+        "low_bmd": {"rule": f"sensitivity >= {operating.target_sensitivity:g} for low BMD on validation predictions: "
+                            "DXA referral suggested when P(T < -1.0) >= thresholds.low_bmd",
+                    "target": {"sensitivity": operating.target_sensitivity}},
+        "osteoporosis": {"rule": "the WHO category of the estimate: osteoporosis range when the estimated T-score is "
+                                 "at or below -2.5 (P(T <= -2.5) >= 0.5)",
+                         "target": {"median": -2.5}},
+    }
+
+
 def operating_points(operating: OperatingRule, figures: Mapping[str, Any],
                      thresholds: Mapping[str, float] | None = None) -> dict[str, Any]:
     """Each operating point's rule with its cross-validated sensitivity and specificity (95 % CIs):
     what the SR and the result card state beside a label. ``thresholds``: the shipped head's."""
     out: dict[str, Any] = {}
-    for name, rule in operating.describe().items():
+    for name, rule in operating_rules(operating).items():
         point: dict[str, Any] = dict(rule)
         if thresholds is not None and name in thresholds:
             point["threshold"] = thresholds[name]
@@ -503,7 +552,7 @@ def operating_points(operating: OperatingRule, figures: Mapping[str, Any],
 def validation_figures(data: FusionData, cv: HeadCV, draws_for: Callable[[np.ndarray], list[np.ndarray]],
                        operating: OperatingRule) -> dict[str, Any]:
     rows = cv.rows
-    p = Predictions(probs=cv.probs, labels=cv.labels, mu=cv.mu, low=cv.low, high=cv.high)
+    p = Predictions(probs=cv.probs, labels=cv.labels, mu=cv.mu, low=cv.low, high=cv.high, referred=cv.referred)
     figures: dict[str, Any] = with_ci(data.y[rows], data.t[rows], p, draws_for(rows))
     figures["operating_points"] = operating_points(operating, figures)
     figures["n_images"] = len(rows)
@@ -584,14 +633,18 @@ def build_fusion(
             f"[{figures[use_key]['auc_low_bmd']['ci_low']:.2f}, {figures[use_key]['auc_low_bmd']['ci_high']:.2f}]")
     fusion = {
         "format": FUSION_FORMAT,
-        "method": ("late fusion: per input situation, a ridge T-score regression and a 3-class head (multinomial "
-                   "logistic or the T-score through the WHO cut-offs) on standardised covariates and the image "
-                   "network's calibrated low-BMD / osteoporosis logits; chosen and thresholded by inner grouped CV"),
+        "method": ("late fusion: per input situation, one predictive distribution of the T-score, Normal(mu, "
+                   "sigma): mu from a ridge regression on standardised covariates (and the image network's "
+                   "calibrated low-BMD / osteoporosis logits), sigma calibrated on inner grouped-CV residuals so "
+                   "the 80 % interval covers 80 %; estimate, interval, class probabilities, WHO category and the "
+                   "referral threshold on P(T < -1.0) all derive from it; chosen and thresholded by inner grouped CV"),
         "image_regions": list(image_regions) if has_image else [],
         "covariate_ranges": covariate_ranges(data),
         "target_sensitivity": operating.target_sensitivity,
-        "operating_rules": operating.describe(),
+        "operating_rules": operating_rules(operating),
         "pi_quantiles": list(PI_QUANTILES),
+        "population": validation_population(data),
+        "covariates_model": "osteogate-covariates",
         "image_decisions": decisions,
         "situations": situations,
     }
