@@ -106,11 +106,12 @@ class TScoreDistribution:
         """P(T < -1.0): low bone density (osteopenia or osteoporosis range).
 
         An estimate exactly on -1.0 is in the normal range (WHO: -1.0 or above) while the symmetric
-        distribution gives exactly one half; the value is then one ulp below 0.5, so that
-        P(low) >= 0.5 holds exactly when the estimate is below -1.0.
+        distribution gives exactly one half; the value is then 2**-53 below 0.5 (so that 1 - P(low),
+        P(normal range), is exactly representable above 0.5), and P(low) >= 0.5 holds exactly when
+        the estimate is below -1.0.
         """
         p = self.cdf(T_SCORE_OSTEOPENIA)
-        return math.nextafter(0.5, 0.0) if self.estimate == T_SCORE_OSTEOPENIA else p
+        return 0.5 - 2.0**-53 if self.estimate == T_SCORE_OSTEOPENIA else p
 
     @property
     def p_osteoporosis(self) -> float:
