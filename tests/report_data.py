@@ -29,7 +29,7 @@ ALGORITHM = AlgorithmInfo(
 )
 ALL_INPUTS = ("image", "age", "sex", "weight", "height")
 KNEE_P = {"normal": 0.125, "osteopenia": 0.25, "osteoporosis": 0.625}
-OTHER_P = {"normal": 0.5, "osteopenia": 0.375, "osteoporosis": 0.125}
+OTHER_P = {"normal": 0.625, "osteopenia": 0.25, "osteoporosis": 0.125}
 STUDY_P = {"normal": 0.2, "osteopenia": 0.7213, "osteoporosis": 0.0787}
 COVARIATES = Covariates(age_years=67.4, sex="F", weight_kg=58.0, height_m=1.62)
 NO_COVARIATES = Covariates(notes=("PatientAge, PatientBirthDate absent",))

@@ -160,7 +160,7 @@ def test_analysed_regions_outlined(tmp_path: Path) -> None:
 
 def test_many_images_and_missing_thumbnails(tmp_path: Path) -> None:
     sources = tuple(make_image(DX, "study-a", "s", f"k{n}", "KNEE", "RL"[n % 2], number=n) for n in range(7))
-    images = tuple(image_result(assessed("osteopenia", OTHER_P, ("image",))) for _ in sources)
+    images = tuple(image_result(assessed("normal", OTHER_P, ("image",))) for _ in sources)
     skipped = (SkippedImage(make_image(DX, "study-a", "s", "chest", "CHEST"), "out of scope: CHEST"),)
     report = knee_report(sources=sources, images=images, skipped=skipped, thumbnails=False)
     picture = render_card(report, version=3, created=WHEN)

@@ -185,7 +185,8 @@ def _caption(number: int, image: Any) -> str:
 def _image_cell(card: Image.Image, draw: ImageDraw.ImageDraw, layout: Layout, report: StudyReport, image: Any,
                 thumb: Any, number: int, cell: tuple[int, int, int, int]) -> None:
     cx, cy, cx1, cy1 = cell
-    caption_h = 120
+    # Small cells (a grid of many images) give the caption more of their height: a long reason wraps.
+    caption_h = 120 if cy1 - cy > 420 else min((cy1 - cy) // 2, 170)
     draw.rectangle(cell, fill=PANEL)
     result = image.result.assessment
     # Outline analysed regions only where the result read this radiograph: a result from the header
@@ -217,7 +218,8 @@ def _images(card: Image.Image, draw: ImageDraw.ImageDraw, layout: Layout, report
         place(draw, layout, "the radiographs were not used for this result", (x0 + 220, y0 + 8, x1, y0 + 36), 20,
               MUTED, align="right")
     y0 += 48
-    footer = 56 if skipped else 0
+    # Room for the skipped images' reasons grows with how many different reasons there are.
+    footer = min(40 + 26 * len({s.reason for s in skipped}), 150) if skipped else 0
     cols, rows = _grid(len(images))
     capacity = cols * rows
     shown = images if len(images) <= capacity else images[: capacity - 1]
