@@ -10,7 +10,7 @@
    * after: ``ClassifierWorker.classify`` as it is now: decode at the model's size and make the
      network inputs in decoder processes (gateway/work/decoding.py, gateway/work/prefetch.py, ``--decoders``) while the model
      scores the previous images in small batches, with
-     the worker's ONNX Runtime thread count (gateway.prefetch.model_threads: one core left to the
+     the worker's ONNX Runtime thread count (gateway.work.prefetch.model_threads: one core left to the
      decode thread; "before" uses ONNX Runtime's default, one thread per core, as the gateway did).
    Rounds alternate before/after, so each pair sees the same background load; printed: best and
    median images/s of each, and the ratio after/before as the median of the per-round ratios, with
@@ -101,9 +101,10 @@ def main() -> int:
     args = parser.parse_args()
 
     from osteogate.gateway.core.config import ModelConfig, Settings
+    from osteogate.gateway.report.publisher import ReportPublisher
     from osteogate.gateway.store.db import Instance
-    from osteogate.gateway.work.prefetch import decode_workers, model_threads
     from osteogate.gateway.store.spool import Spool
+    from osteogate.gateway.work.prefetch import decode_workers, model_threads
     from osteogate.gateway.work.worker import ClassifierWorker
     from osteogate.model.inference import INPUT_NAME, OUTPUT_NAME, Classifier
     from osteogate.model.pixels import dataset_to_image
@@ -126,7 +127,7 @@ def main() -> int:
 
         settings = Settings(model={"batch_size": batch_size, "decoders": args.decoders,
                                    "decode_in_subprocess": not args.decode_in_threads})
-        worker = ClassifierWorker(settings, None, Spool(work / "spool"), Spool(work / "reports"),  # type: ignore[arg-type]
+        worker = ClassifierWorker(settings, None, Spool(work / "spool"), ReportPublisher(settings, Spool(work / "reports")),  # type: ignore[arg-type]
                                   lambda _: worker_classifier)
         files = stage_files(work, args.size, args.images)
         if args.only:

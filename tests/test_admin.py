@@ -19,9 +19,10 @@ import pytest
 from osteogate.gateway.core.config import Settings, load_settings
 from osteogate.gateway.deliver.delivery import DeliveryManager
 from osteogate.gateway.operate.admin import recover_stale_jobs
-from osteogate.gateway.operate.service import ClassifierCache
+from osteogate.gateway.operate.preflight import ClassifierCache
 from osteogate.gateway.receive.ingest import Ingestor
 from osteogate.gateway.receive.tracker import StudyTracker
+from osteogate.gateway.report.publisher import ReportPublisher
 from osteogate.gateway.store.db import (
     Database,
     Delivery,
@@ -97,7 +98,7 @@ class Store:
             job_id = session.execute(select(Job.id).join(Study).where(
                 Study.study_uid == study_uid, Job.status == JobStatus.PENDING)).scalar_one()
         settings = self.settings(destinations)
-        worker = ClassifierWorker(settings, self.db, self.spool, self.reports, ClassifierCache(settings))
+        worker = ClassifierWorker(settings, self.db, self.spool, ReportPublisher(settings, self.reports), ClassifierCache(settings))
         assert worker.run_once(only=[job_id])
 
     def age(self, days: float) -> None:

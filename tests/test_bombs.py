@@ -17,6 +17,7 @@ import pydicom
 import pytest
 from osteogate.gateway.core.config import Settings
 from osteogate.gateway.receive.ingest import Ingestor
+from osteogate.gateway.report.publisher import ReportPublisher
 from osteogate.gateway.store.db import Database, Instance
 from osteogate.gateway.store.spool import Spool
 from osteogate.gateway.work.worker import ClassifierWorker
@@ -115,7 +116,7 @@ def test_spooled_bomb_failed_by_worker_before_decoding(tmp_path: Path, tiny_mode
     bomb.file_meta.MediaStorageSOPInstanceUID = good.SOPInstanceUID
     bomb.save_as(spool.absolute(instance.path), enforce_file_format=True)
     classifier = Classifier.load(tiny_model, backend="onnx")
-    worker = ClassifierWorker(Settings(), db, spool, Spool(tmp_path / "reports"), lambda _: classifier)
+    worker = ClassifierWorker(Settings(), db, spool, ReportPublisher(Settings(), Spool(tmp_path / "reports")), lambda _: classifier)
     t0 = time.perf_counter()
     outcome = worker.classify([instance], classifier)
     assert time.perf_counter() - t0 < 2

@@ -13,6 +13,7 @@ import pydicom
 import pytest
 from osteogate.gateway.core.config import Settings
 from osteogate.gateway.receive.ingest import Ingestor
+from osteogate.gateway.report.publisher import ReportPublisher
 from osteogate.gateway.store.db import Database, Instance
 from osteogate.gateway.store.spool import Spool
 from osteogate.gateway.work.decoding import (
@@ -219,7 +220,7 @@ def test_worker_scores_the_same_with_decoder_processes_and_threads(tmp_path, tin
     outcomes = {}
     for in_subprocess in (True, False):
         settings = Settings(model={"decode_in_subprocess": in_subprocess, "decoders": 2})
-        worker = ClassifierWorker(settings, db, spool, Spool(tmp_path / "reports"), lambda _: classifier)
+        worker = ClassifierWorker(settings, db, spool, ReportPublisher(settings, Spool(tmp_path / "reports")), lambda _: classifier)
         try:
             outcomes[in_subprocess] = worker.classify(instances, classifier)
             if in_subprocess:  # the decoder processes are kept for the next slow-codec study

@@ -211,7 +211,7 @@ def test_conformance_lists_every_transfer_syntax():
 
 
 def test_conformance_lists_no_transfer_syntax_the_scp_lacks():
-    """Rows of the transfer syntax table are exactly gateway.scp.TRANSFER_SYNTAXES."""
+    """Rows of the transfer syntax table are exactly gateway.receive.scp.TRANSFER_SYNTAXES."""
     text = CONFORMANCE.read_text(encoding="utf-8")
     table = text.split("Table 3.2.2.2-b", 1)[1].split("\n\n", 2)[1]
     listed = re.findall(r"\|\s*(1\.2\.840\.10008\.1\.2[0-9.]*)\s*\|", table)

@@ -1,4 +1,4 @@
-"""Pure decision logic of the network layer (gateway.dicomnet) and of job and delivery claiming:
+"""Pure decision logic of the network layer (gateway.core.dicomnet) and of job and delivery claiming:
 what a status or a rejection means, how long to wait, when a crashing job is given up; plus the
 durability of new spool directories and the log scrubber."""
 
@@ -29,9 +29,11 @@ from osteogate.gateway.core.dicomnet import (
 from osteogate.gateway.core.logs import configure_logging, format_exception, get_logger, scrub
 from osteogate.gateway.core.metrics import OTHER, ae_label
 from osteogate.gateway.operate.admin import recover_stale_jobs
+from osteogate.gateway.report.publisher import ReportPublisher
 from osteogate.gateway.store.db import Database, Job, JobStatus, Study, StudyStatus, utcnow
 from osteogate.gateway.store.spool import Spool
-from osteogate.gateway.work.worker import ClassifierWorker, worker_id
+from osteogate.gateway.work.jobs import worker_id
+from osteogate.gateway.work.worker import ClassifierWorker
 from pydicom.uid import generate_uid
 from pynetdicom.sop_class import Verification
 
@@ -146,27 +148,27 @@ def _state(db: Database, job_id: int) -> tuple[JobStatus, str | None, StudyStatu
 def test_dead_worker_jobs_are_failed_once_attempts_are_spent(db: Database, tmp_path: Path) -> None:
     settings = load_settings(environ={}, overrides={"worker": {"max_attempts": 3},
                                                     "storage": {"data_dir": str(tmp_path)}})
-    worker = ClassifierWorker(settings, db, Spool(tmp_path / "spool"), Spool(tmp_path / "reports"), lambda _: None)
+    worker = ClassifierWorker(settings, db, Spool(tmp_path / "spool"), ReportPublisher(settings, Spool(tmp_path / "reports")), lambda _: None)
     dead = _dead_worker_id()
     retry = _job(db, status=JobStatus.RUNNING, attempts=2, worker=dead, lease_seconds=300)
     spent = _job(db, status=JobStatus.RUNNING, attempts=3, worker=dead, lease_seconds=300)
-    assert worker.recover_own_dead_jobs() == 2
+    assert worker.jobs.recover_own_dead_jobs() == 2
     assert _state(db, retry)[0] == JobStatus.PENDING
     status, error, study = _state(db, spent)
     assert status == JobStatus.FAILED and study == StudyStatus.FAILED
     assert error is not None and error.startswith("worker died 3 times")
     # The pending one is claimed (its third attempt); nothing is claimed after it.
-    assert worker.claim() == retry
-    assert worker.claim() is None
+    assert worker.jobs.claim() == retry
+    assert worker.jobs.claim() is None
 
 
 def test_spent_jobs_are_never_claimed_and_stale_recovery_fails_them(db: Database, tmp_path: Path) -> None:
     settings = load_settings(environ={}, overrides={"worker": {"max_attempts": 2},
                                                     "storage": {"data_dir": str(tmp_path)}})
-    worker = ClassifierWorker(settings, db, Spool(tmp_path / "spool"), Spool(tmp_path / "reports"), lambda _: None)
+    worker = ClassifierWorker(settings, db, Spool(tmp_path / "spool"), ReportPublisher(settings, Spool(tmp_path / "reports")), lambda _: None)
     expired = _job(db, status=JobStatus.RUNNING, attempts=2, worker="otherhost:1:abcd", lease_seconds=-5)
     leftover = _job(db, status=JobStatus.PENDING, attempts=2)  # requeued by an older release
-    assert worker.claim() is None
+    assert worker.jobs.claim() is None
     assert recover_stale_jobs(db, max_attempts=2) == {"requeued": 0, "failed": 2}
     for job_id in (expired, leftover):
         status, error, study = _state(db, job_id)

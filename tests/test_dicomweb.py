@@ -35,9 +35,10 @@ from osteogate.gateway.deliver.stow import (
     send_files,
     store,
 )
-from osteogate.gateway.operate.service import ClassifierCache
+from osteogate.gateway.operate.preflight import ClassifierCache
 from osteogate.gateway.receive.ingest import Ingestor
 from osteogate.gateway.receive.tracker import StudyTracker
+from osteogate.gateway.report.publisher import ReportPublisher
 from osteogate.gateway.store.db import Database, Delivery, DeliveryStatus, Job, JobStatus, Study
 from osteogate.gateway.store.spool import Spool
 from osteogate.gateway.work.worker import ClassifierWorker
@@ -477,7 +478,7 @@ class _Store:
             job_id = session.execute(select(Job.id).join(Study).where(
                 Study.study_uid == study_uid, Job.status == JobStatus.PENDING)).scalar_one()
         settings = self.settings(destinations)
-        worker = ClassifierWorker(settings, self.db, self.spool, self.reports, ClassifierCache(settings))
+        worker = ClassifierWorker(settings, self.db, self.spool, ReportPublisher(settings, self.reports), ClassifierCache(settings))
         assert worker.run_once(only=[job_id])
         return study_uid
 

@@ -17,7 +17,7 @@ import pytest
 from osteogate.gateway.core.config import ConfigError, load_settings
 from osteogate.gateway.core.errors import EXIT_CODE_MEANINGS, ExitCode, OsteoGateError, translate
 from osteogate.gateway.core.logs import configure_logging
-from osteogate.gateway.operate import cli, service
+from osteogate.gateway.operate import cli, preflight
 from osteogate.gateway.operate.admin import AdminError, ResendTarget, _purge_safe, plan_resend
 from osteogate.gateway.operate.queries import DeliveryRow, destination_problems
 from osteogate.gateway.store.db import (
@@ -84,7 +84,7 @@ def test_main_turns_an_unexpected_exception_into_one_line(monkeypatch: pytest.Mo
     def boom(args: argparse.Namespace) -> int:
         raise RuntimeError("something\nbroke")
 
-    monkeypatch.setattr(cli, "cmd_studies", boom)
+    monkeypatch.setattr(cli.studies, "cmd_studies", boom)
     monkeypatch.delenv("OSTEOGATE_DEBUG", raising=False)
     assert cli.main(["studies"]) == ExitCode.SOFTWARE
     err = capsys.readouterr().err
@@ -187,18 +187,18 @@ def test_missing_onnx_without_torch_is_a_config_problem(tmp_path: Path, tiny_mod
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real_find_spec(name, *a))
     settings = load_settings(environ={}, overrides={"model": {"path": str(checkpoint), "backend": "onnx"},
                                                     "storage": {"data_dir": str(tmp_path / "gw")}})
-    problems = service.preflight_problems(settings)
+    problems = preflight.preflight_problems(settings)
     assert len(problems) == 1 and "no ONNX file made from" in problems[0] and "torch" in problems[0]
     assert not (tmp_path / "gw" / "models" / "onnx").exists() or not list((tmp_path / "gw").rglob("*.onnx"))
-    monkeypatch.setattr(service, "SHIPPED_MODEL", tmp_path / "absent.safetensors")
+    monkeypatch.setattr(preflight, "SHIPPED_MODEL", tmp_path / "absent.safetensors")
     bare = load_settings(environ={}, overrides={"storage": {"data_dir": str(tmp_path / "gw")}})
-    assert "no model to serve" in service.preflight_problems(bare)[0]
+    assert "no model to serve" in preflight.preflight_problems(bare)[0]
 
 
 def test_config_check_accepts_the_shipped_model(tmp_path: Path) -> None:
     settings = load_settings(environ={}, overrides={"storage": {"data_dir": str(tmp_path)}})
-    assert service.preflight_problems(settings) == []
-    assert service.SHIPPED_MODEL.with_suffix(".onnx").is_file(), "the ONNX file ships with the checkpoint"
+    assert preflight.preflight_problems(settings) == []
+    assert preflight.SHIPPED_MODEL.with_suffix(".onnx").is_file(), "the ONNX file ships with the checkpoint"
 
 
 # -- CLI surface ---------------------------------------------------------------------------------

@@ -242,7 +242,7 @@ sys.meta_path.insert(0, _Blocker())
 def test_serve_classifies_with_the_shipped_model_without_torch(tmp_path: Path, dcmtk_pacs: object) -> None:
     """With torch made unimportable, `serve` with the shipped model (and its shipped ONNX file)
     receives, classifies and delivers: what a serving-only install does."""
-    from osteogate.gateway.operate.service import SHIPPED_MODEL
+    from osteogate.gateway.operate.preflight import SHIPPED_MODEL
 
     from tests.helpers import storescu
 

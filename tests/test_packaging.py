@@ -102,7 +102,7 @@ def test_importing_the_cli_and_service_leaves_torch_unloaded() -> None:
 def test_shipped_onnx_is_the_export_of_the_shipped_checkpoint() -> None:
     """Serving without torch needs the ONNX file that matches the checkpoint (its sha256 inside)."""
     import onnxruntime as ort
-    from osteogate.gateway.operate.service import SHIPPED_MODEL
+    from osteogate.gateway.operate.preflight import SHIPPED_MODEL
     from osteogate.model.checkpoint import checkpoint_sha256
     from osteogate.model.inference import SHA_KEY
 
@@ -128,9 +128,9 @@ def test_wheel_carries_samples_model_migrations_and_configs(wheel: tuple[Path, s
         "osteogate/model/shipped/osteogate-knee.safetensors",
         "osteogate/model/shipped/osteogate-knee.onnx",
         "osteogate/model/shipped/osteogate-knee.card.json",
-        "osteogate/gateway/migrations/script.py.mako",
-        "osteogate/gateway/migrations/env.py",
-        *(f"osteogate/gateway/migrations/versions/{p.name}" for p in (REPO / "gateway/migrations/versions").glob("*.py")),
+        "osteogate/gateway/store/migrations/script.py.mako",
+        "osteogate/gateway/store/migrations/env.py",
+        *(f"osteogate/gateway/store/migrations/versions/{p.name}" for p in (REPO / "gateway/store/migrations/versions").glob("*.py")),
         *(f"osteogate/training/configs/{p.name}" for p in (REPO / "training/configs").glob("*.toml")),
     }
     assert len(expected) > 10

@@ -19,10 +19,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from osteogate.gateway.core.config import load_settings
-from osteogate.gateway.operate.service import ClassifierCache
+from osteogate.gateway.operate.preflight import ClassifierCache
 from osteogate.gateway.receive.ingest import Ingestor
 from osteogate.gateway.receive.tracker import StudyTracker
 from osteogate.gateway.report.card import build_result_card
+from osteogate.gateway.report.publisher import ReportPublisher
 from osteogate.gateway.report.sr import build_result_sr, read_result
 from osteogate.gateway.store.db import Database, Job, JobStatus, ResultObject, Study, StudyResult, StudyStatus
 from osteogate.gateway.store.spool import Spool
@@ -179,7 +180,7 @@ def test_worker_screens_valid_cr(tmp_path: Path, tiny_model: Path, overrides: di
     StudyTracker(db, 0).queue_stable_studies()
     settings_ = load_settings(environ={}, overrides={"storage": {"data_dir": str(tmp_path), "min_free_mb": 0},
                                                      "model": {"path": str(tiny_model)}})
-    worker = ClassifierWorker(settings_, db, spool, reports, ClassifierCache(settings_))
+    worker = ClassifierWorker(settings_, db, spool, ReportPublisher(settings_, reports), ClassifierCache(settings_))
     assert worker.run_once()
     with db.session() as session:
         study = session.execute(select(Study)).scalar_one()

@@ -59,7 +59,7 @@ def _check_round_trip(db: Database) -> None:
         assert skipped_image.probabilities is None and skipped_image.reason == "out of scope: CHEST"
 
     with db.engine.connect() as connection:
-        if db.engine.dialect.name == "sqlite":  # as gateway.migrations.upgrade does (batch copies tables)
+        if db.engine.dialect.name == "sqlite":  # as gateway.store.migrations.upgrade does (batch copies tables)
             connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
         command.downgrade(alembic_config(connection), BEFORE)
         connection.commit()

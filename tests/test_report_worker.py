@@ -9,9 +9,10 @@ from pathlib import Path
 import pydicom
 import pytest
 from osteogate.gateway.core.config import load_settings
-from osteogate.gateway.operate.service import ClassifierCache
+from osteogate.gateway.operate.preflight import ClassifierCache
 from osteogate.gateway.receive.ingest import Ingestor
 from osteogate.gateway.receive.tracker import StudyTracker
+from osteogate.gateway.report.publisher import ReportPublisher
 from osteogate.gateway.report.sr import read_result
 from osteogate.gateway.store.db import Database, ResultObject, Study, StudyResult, StudyStatus
 from osteogate.gateway.store.spool import Spool
@@ -40,7 +41,7 @@ def run(tmp_path: Path, model: Path, report: dict | None = None, **overrides: ob
     StudyTracker(db, 0).queue_stable_studies()
     settings = load_settings(environ={}, overrides={"storage": {"data_dir": str(tmp_path), "min_free_mb": 0},
                                                     "model": {"path": str(model)}, "report": report or {}})
-    worker = ClassifierWorker(settings, db, spool, reports, ClassifierCache(settings))
+    worker = ClassifierWorker(settings, db, spool, ReportPublisher(settings, reports), ClassifierCache(settings))
     assert worker.run_once()
     return db, reports
 
@@ -76,7 +77,7 @@ def test_card_failure_does_not_withhold_the_sr(tmp_path: Path, image_model: Path
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("drawing failed")
 
-    monkeypatch.setattr(ClassifierWorker, "build_card", broken)
+    monkeypatch.setattr(ReportPublisher, "build_card", broken)
     db, _ = run(tmp_path, image_model)
     assert [o.kind for o in objects(db)] == ["sr"]
     with db.session() as session:

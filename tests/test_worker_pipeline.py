@@ -92,7 +92,7 @@ def test_model_threads_one_per_core_unless_set():
 def test_the_workers_onnx_session_does_not_spin_wait(tmp_path, tiny_model):
     """The decoders share the cores with ONNX Runtime; its idle threads must sleep, not spin."""
     from osteogate.gateway.core.config import Settings
-    from osteogate.gateway.operate.service import ClassifierCache
+    from osteogate.gateway.operate.preflight import ClassifierCache
 
     settings = Settings(storage={"data_dir": str(tmp_path)}, model={"path": str(tiny_model), "backend": "onnx"})
     session = ClassifierCache(settings)().backend.session
@@ -114,6 +114,7 @@ from osteogate.gateway.store.db import Database, Instance
 from osteogate.gateway.receive.ingest import Ingestor
 from osteogate.gateway.store.spool import Spool
 from osteogate.gateway.work.worker import ClassifierWorker
+from osteogate.gateway.report.publisher import ReportPublisher
 from osteogate.model.inference import Classifier
 from pydicom.uid import generate_uid
 from tests.helpers import make_dataset
@@ -140,7 +141,7 @@ del base, buffer
 with db.session() as session:
     instances = session.query(Instance).all()
 classifier = Classifier.load(model, backend="onnx")
-worker = ClassifierWorker(Settings(), db, spool, Spool(work / "reports"), lambda _: classifier)
+worker = ClassifierWorker(Settings(), db, spool, ReportPublisher(Settings(), Spool(work / "reports")), lambda _: classifier)
 worker.classify(instances[:1], classifier)  # warm-up: libraries, model, allocator pools
 Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
 before = kib("VmRSS")

@@ -1,6 +1,6 @@
 """Operator-facing failures: one line (what, why, what to do) and a sysexits-style exit code.
 
-Every command ends in ``gateway.cli.main``, which catches :class:`OsteoGateError` and prints
+Every command ends in ``gateway.operate.cli.main``, which catches :class:`OsteoGateError` and prints
 ``osteogate: <what>: <why>. <what to do>`` on stderr, then exits with the error's ``exit_code``.
 Errors raised by libraries (a port already taken, a database that does not answer, a host name
 that does not resolve, a file that is not a checkpoint...) are translated by :func:`translate`;

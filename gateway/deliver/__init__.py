@@ -3,5 +3,5 @@ destination, exponential backoff that survives restarts, a result's objects sent
 the C-STORE SCU and the DICOMweb STOW-RS sender.
 
 Hands on: delivery outcomes (deliveries rows).
-May import: ``gateway.core``, ``gateway.store``; never ``work`` or ``report`` (it sends files).
+May import: ``gateway.core``, ``gateway.store.wiring``; never ``work`` or ``report`` (it sends files).
 """

@@ -26,7 +26,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pydicom
 import requests
@@ -35,11 +35,9 @@ import urllib3
 from dicomweb_client.api import DICOMwebClient
 from osteogate.gateway.core.config import Destination
 from osteogate.gateway.core.logs import hashed
+from osteogate.gateway.deliver.outcome import SendOutcome
 from pydicom.uid import UID
 from pynetdicom.status import GENERAL_STATUS, STORAGE_SERVICE_CLASS_STATUS
-
-if TYPE_CHECKING:
-    from osteogate.gateway.deliver.delivery import SendOutcome
 
 # dicomweb-client logs study and SOP Instance UIDs at info and error level; identifiers stay
 # out of our logs (the outcome detail below says what failed without them).
@@ -205,7 +203,6 @@ def _body_excerpt(response: requests.Response) -> str:
 
 
 def outcome_of_failures(failures: list[tuple[str, int]], http_status: int, detail_prefix: str) -> SendOutcome:
-    from osteogate.gateway.deliver.delivery import SendOutcome
 
     reasons = "; ".join(f"{name}: {failure_reason_text(code)}" for name, code in failures)
     transient = not http_status_is_permanent(http_status) or any(failure_is_transient(c) for _, c in failures)
@@ -214,7 +211,6 @@ def outcome_of_failures(failures: list[tuple[str, int]], http_status: int, detai
 
 def store(client: DICOMwebClient, datasets: Sequence[pydicom.Dataset], study_uid: str | None) -> SendOutcome:
     """POST ``datasets`` in one STOW-RS request and classify the answer."""
-    from osteogate.gateway.deliver.delivery import SendOutcome
 
     try:
         answer = client.store_instances(datasets, study_instance_uid=study_uid)
@@ -258,7 +254,6 @@ def _short(exc: BaseException) -> str:
 
 def send_files(paths: Sequence[str | Path], destination: Destination, timeout: float = 30) -> SendOutcome:
     """STOW-RS the files (in this order, one request) to a DICOMweb destination."""
-    from osteogate.gateway.deliver.delivery import SendOutcome
 
     if destination.url is None:
         raise ValueError(f"{destination} is not a DICOMweb destination")

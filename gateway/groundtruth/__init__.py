@@ -2,5 +2,5 @@
 screened studies of the same patient, the site's own validation of the gateway and the gate
 that opens or closes on that evidence.
 
-May import: ``gateway.core``, ``gateway.store``, ``osteogate.model``.
+May import: ``gateway.core``, ``gateway.store.wiring``, ``osteogate.model``.
 """

@@ -90,7 +90,7 @@ def run_demo(model: Path | None = None, timeout: float = 180, cards: Path | None
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline and not _all_settled(gateway, len(studies)):
                 time.sleep(0.2)
-            rows = list_studies(gateway.db)
+            rows = list_studies(gateway.store.db)
             expected_srs = sum(row["status"] == "done" for row in rows)
             srs = [d for d in pacs.received if str(d.get("Modality", "")) == "SR"]
             result_cards = [d for d in pacs.received if str(d.get("Modality", "")) != "SR"]
@@ -104,7 +104,7 @@ def run_demo(model: Path | None = None, timeout: float = 180, cards: Path | None
                 _save_cards(result_cards, cards)
             for row in rows:
                 if row["status"] != "done":
-                    details = describe_study(gateway.db, settings, row["study_uid"]) or ""
+                    details = describe_study(gateway.store.db, settings, row["study_uid"]) or ""
                     reasons = [line.strip() for line in details.splitlines() if line.strip().startswith("image ")]
                     print(f"study {row['study_key']}: {row['status']}, no SR sent; " + "; ".join(reasons))
             return 0 if len(rows) == len(studies) and len(got) == expected_srs else 1
@@ -127,7 +127,7 @@ def _save_cards(datasets: list[Dataset], folder: Path) -> None:
 
 def _all_settled(gateway: Gateway, count: int) -> bool:
     """Every study processed, and every SR made has been delivered (or given up on)."""
-    rows = list_studies(gateway.db)
+    rows = list_studies(gateway.store.db)
     finished = [r for r in rows if r["status"] in ("done", "skipped", "failed")]
     delivered = all(r["delivered"] is None or r["delivered"].split("/")[0] == r["delivered"].split("/")[1]
                     for r in finished)

@@ -26,7 +26,7 @@ from osteogate.gateway.store.spool import Spool
 from sqlalchemy import Select, func, inspect, or_, select
 from sqlalchemy.orm import Session, selectinload
 
-# study_key: the first 16 hex characters of a salted sha256 (gateway.logs.study_key).
+# study_key: the first 16 hex characters of a salted sha256 (gateway.core.logs.study_key).
 _STUDY_KEY_RE = re.compile(r"^[0-9a-fA-F]{16}$")
 # A destination whose SR was rejected this recently (and that took nothing since) counts as failing.
 REJECTED_WINDOW = timedelta(hours=24)

@@ -3,5 +3,5 @@ and streaming socket, ingest (parse, validate, integrity rules, spool, SQL recor
 success status) and the study tracker that turns a quiet study into a job.
 
 Hands on: a spooled instance (file + instances row), then a classify job (jobs row).
-May import: ``gateway.core``, ``gateway.store``, ``osteogate.model`` (pixel budget checks).
+May import: ``gateway.core``, ``gateway.store.wiring``, ``osteogate.model`` (pixel budget checks).
 """

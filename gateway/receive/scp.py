@@ -2,7 +2,7 @@
 class acknowledged) plus Verification.
 
 Handlers are bound to pynetdicom events; the C-STORE handler returns only after the instance is
-on disk and in SQL (see gateway.ingest). Around pynetdicom's threaded server, three things bound
+on disk and in SQL (see gateway.receive.ingest). Around pynetdicom's threaded server, three things bound
 what one peer can cost everyone else:
 
 * **Connections** (``AssociationListener``): a host not on ``dicom.allowed_hosts`` is closed in

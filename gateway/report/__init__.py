@@ -3,6 +3,6 @@ inputs, reasons: worded once), the TID 1500 Structured Report (highdicom) and th
 (a Secondary Capture image any viewer shows).
 
 Hands on: SR and card datasets (files under reports/) for delivery.
-May import: ``gateway.core``, ``gateway.store``, ``gateway.work`` (thumbnails, outcomes),
+May import: ``gateway.core``, ``gateway.store.wiring``, ``gateway.work`` (thumbnails, outcomes),
 ``osteogate.model``; never ``receive``, ``deliver`` or ``operate``.
 """

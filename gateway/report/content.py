@@ -7,6 +7,7 @@ from typing import Any
 
 import pydicom
 from osteogate.gateway.report import wording as reporting
+from osteogate.gateway.work.outcome import image_order_key
 from osteogate.model.assessment import ImageAssessment, StudyAssessment
 
 
@@ -91,7 +92,7 @@ class StudyReport:
         thumbs = self.thumbnails or (None,) * len(self.sources)
         items = sorted(
             zip(self.sources, self.assessment.images, thumbs, strict=True),
-            key=lambda t: reporting.image_order_key(t[0]),
+            key=lambda t: image_order_key(t[0]),
         )
         return [(n, ReportedImage(s, r), t) for n, (s, r, t) in enumerate(items, start=1)]
 

@@ -1,7 +1,7 @@
-"""Header hygiene and image bookkeeping shared by the SR and the result card: stable image order,
-laterality, and copies of source headers cleaned so that a PACS accepts what we write.
+"""Header hygiene shared by the SR and the result card: laterality, and copies of source headers cleaned so that a PACS accepts what we write.
 
-Pure (no I/O); split out of gateway/report/wording.py so that module holds only the words.
+Pure (no I/O); split out of gateway/report/wording.py so that module holds only the words. (Image order lives in
+gateway/work/outcome.image_order_key.)
 """
 
 from __future__ import annotations
@@ -19,31 +19,6 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.valuerep import STR_VR, validate_value
 
 # -- images --------------------------------------------------------------------------------------
-
-
-def _int_or_none(value: Any) -> int | None:
-    try:
-        number = int(str(value).strip())
-    except (TypeError, ValueError):
-        return None
-    return number
-
-
-def image_order_key(header: Dataset) -> tuple[int, int, str]:
-    """Stable image numbering: InstanceNumber (missing or malformed last), then SOPInstanceUID.
-
-    Parameters
-    ----------
-    header : pydicom.dataset.Dataset
-        A source image's header.
-
-    Returns
-    -------
-    tuple
-        A sort key.
-    """
-    number = _int_or_none(_safe_get(header, "InstanceNumber"))
-    return (0 if number is not None else 1, number or 0, str(_safe_get(header, "SOPInstanceUID") or ""))
 
 
 def laterality(header: Dataset) -> str | None:

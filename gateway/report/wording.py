@@ -21,7 +21,6 @@ from osteogate.gateway.report.hygiene import (  # noqa: F401 - re-exported: one 
     clean_dataset,
     ensure_charset,
     evidence_header,
-    image_order_key,
     laterality,
     text_value,
 )

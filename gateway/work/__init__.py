@@ -4,6 +4,6 @@ covariates and asks the model for a StudyAssessment, then persists it with the r
 made by the publisher it was given (the report stage, wired in by ``operate``).
 
 Hands on: a study result (study_results/image_results rows) and its objects for delivery.
-May import: ``gateway.core``, ``gateway.store``, ``gateway.groundtruth`` (site gate),
+May import: ``gateway.core``, ``gateway.store.wiring``, ``gateway.groundtruth`` (site gate),
 ``osteogate.model``; never ``report``, ``deliver`` or ``operate``.
 """

@@ -1,8 +1,8 @@
 """Schema migrations (Alembic), run through Alembic's Python API, never a CLI subprocess.
 
 ``upgrade(engine, metadata)`` is what the gateway runs at start and what ``osteogate db upgrade``
-runs (through ``gateway.db.Database.migrate``, which hands over the models' metadata: this package
-never imports ``gateway.db``, so the two do not import each other):
+runs (through ``gateway.store.db.Database.migrate``, which hands over the models' metadata: this package
+never imports ``gateway.store.db``, so the two do not import each other):
 
 * fresh database (no tables): ``upgrade head``;
 * database at a known revision: ``upgrade head``;
@@ -173,7 +173,7 @@ def _stamp_legacy(connection: Connection, config: Config, metadata: MetaData) ->
 def upgrade(engine: Engine, metadata: MetaData) -> tuple[str | None, str]:
     """Bring the database to the head revision; returns (revision before, revision after).
 
-    ``metadata``: the models the schema must match (``gateway.db.Base.metadata``).
+    ``metadata``: the models the schema must match (``gateway.store.db.Base.metadata``).
     """
     with _locked(engine) as connection:
         config = alembic_config(connection, metadata)

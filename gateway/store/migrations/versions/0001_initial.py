@@ -1,4 +1,4 @@
-"""Initial schema: the tables gateway.db defined before migrations existed (create_all).
+"""Initial schema: the tables gateway.store.db defined before migrations existed (create_all).
 
 Revision ID: 0001_initial
 Revises: (none)
