@@ -256,12 +256,19 @@ def covariates_from_dataset(ds: Any) -> Covariates:
     age, note = parse_age(_get(ds, "PatientAge"))
     if note:
         notes.append(f"PatientAge: {note}")
+    birth = _get(ds, "PatientBirthDate")
     if age is None:
-        from_dates, date_notes = age_from_dates(
-            _get(ds, "PatientBirthDate"), [(name, _get(ds, name)) for name in _DATE_ATTRIBUTES]
-        )
+        from_dates, date_notes = age_from_dates(birth, [(name, _get(ds, name)) for name in _DATE_ATTRIBUTES])
         notes.extend(date_notes)
         age = from_dates
+    elif _text(birth):
+        # A second source: when PatientAge disagrees with the birth and study dates by more than a
+        # year (a typo such as 120Y for a 40-year-old), the dates win and the reader is told.
+        from_dates, date_notes = age_from_dates(birth, [(name, _get(ds, name)) for name in _DATE_ATTRIBUTES])
+        if from_dates is not None and abs(from_dates - age) > 1.0:
+            notes.append(f"PatientAge {age:.0f} y disagrees with the birth and study dates: "
+                         f"{date_notes[-1]} ({from_dates:.0f} y) used")
+            age = from_dates
     sex, note = parse_sex(_get(ds, "PatientSex"))
     if note:
         notes.append(f"PatientSex: {note}")

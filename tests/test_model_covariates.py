@@ -93,9 +93,12 @@ def test_age_from_birth_date_and_each_reference_date():
     assert any("StudyDate" in n and "not a DICOM date" in n for n in cov.notes)
 
 
-def test_patient_age_wins_over_dates_and_bad_age_falls_back_to_dates():
+def test_dates_win_over_a_disagreeing_patient_age_and_bad_age_falls_back_to_dates():
+    # PatientAge 70 vs 65 from the birth and study dates: a typed PatientAge loses to two dates (issue 16).
     cov = covariates_from_dataset(header(PatientAge="070Y", PatientBirthDate="19610519", StudyDate="20260601"))
-    assert cov.age_years == 70.0
+    assert cov.age_years == 65.0 and "disagrees with the birth and study dates" in cov.notes[0]
+    cov = covariates_from_dataset(header(PatientAge="065Y", PatientBirthDate="19610519", StudyDate="20260601"))
+    assert cov.age_years == 65.0 and cov.notes == ()
     cov = covariates_from_dataset(raw_dataset(PatientAge=("AS", b"70 years"), PatientBirthDate=("DA", b"19610519"),
                                               StudyDate=("DA", b"20260601")))
     assert cov.age_years == 65.0
@@ -219,3 +222,18 @@ def test_values_from_a_manifest_row():
     assert empty.present == () and empty.notes == ()
     dated = covariates_from_values(birth_date="19610519", reference_date="20260601")
     assert dated.age_years == 65.0
+
+
+def test_patient_age_that_disagrees_with_the_dates_falls_back_to_them() -> None:
+    """PatientAge 120Y on a 40-year-old (issue 16): the birth and study dates are the second source."""
+    from osteogate.model.covariates import covariates_from_dataset
+    from pydicom import Dataset
+
+    ds = Dataset()
+    ds.PatientAge, ds.PatientBirthDate, ds.StudyDate = "120Y", "19840101", "20240102"
+    covariates = covariates_from_dataset(ds)
+    assert covariates.age_years == 40.0
+    assert covariates.notes == ("PatientAge 120 y disagrees with the birth and study dates: age from "
+                                "PatientBirthDate and StudyDate (40 y) used",)
+    ds.PatientAge = "040Y"
+    assert covariates_from_dataset(ds).age_years == 40.0 and covariates_from_dataset(ds).notes == ()

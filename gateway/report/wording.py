@@ -83,6 +83,11 @@ def fmt_t_score(value: float) -> str:
     return f"{value:+.1f}".replace("+0.0", "0.0").replace("-0.0", "0.0")
 
 
+def interval_text(low: float, high: float) -> tuple[str, str]:
+    """The two printed endpoints of an interval already rounded once ("-2.4", "-1.4")."""
+    return fmt_t_score(low), fmt_t_score(high)
+
+
 def interval_endpoints(assessment: Assessment) -> tuple[str, str] | None:
     """The 80 % interval as the two printed endpoints: the one helper the SR, the card and ``show`` use.
 
@@ -98,8 +103,7 @@ def interval_endpoints(assessment: Assessment) -> tuple[str, str] | None:
     """
     if assessment.t_score_interval is None:
         return None
-    low, high = assessment.t_score_interval
-    return fmt_t_score(low), fmt_t_score(high)
+    return interval_text(*assessment.t_score_interval)
 
 
 def interval_phrase(assessment: Assessment, *, long: bool = True) -> str | None:
