@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date
 from typing import Any
 
@@ -43,6 +43,9 @@ class Covariates:
     height_m: float | None = None
     # Why a value was converted or dropped, e.g. "PatientSize 165 read as centimetres".
     notes: tuple[str, ...] = ()
+    # A second source for the age (years, how it was derived): the birth and study dates when they
+    # give another age than PatientAge. Used only when PatientAge is out of the validated range.
+    age_fallback: tuple[float, str] | None = None
 
     @property
     def bmi(self) -> float | None:
@@ -257,18 +260,18 @@ def covariates_from_dataset(ds: Any) -> Covariates:
     if note:
         notes.append(f"PatientAge: {note}")
     birth = _get(ds, "PatientBirthDate")
+    dates = [(name, _get(ds, name)) for name in _DATE_ATTRIBUTES]
+    second: tuple[float, str] | None = None
     if age is None:
-        from_dates, date_notes = age_from_dates(birth, [(name, _get(ds, name)) for name in _DATE_ATTRIBUTES])
+        from_dates, date_notes = age_from_dates(birth, dates)
         notes.extend(date_notes)
         age = from_dates
     elif _text(birth):
-        # A second source: when PatientAge disagrees with the birth and study dates by more than a
-        # year (a typo such as 120Y for a 40-year-old), the dates win and the reader is told.
-        from_dates, date_notes = age_from_dates(birth, [(name, _get(ds, name)) for name in _DATE_ATTRIBUTES])
-        if from_dates is not None and abs(from_dates - age) > 1.0:
-            notes.append(f"PatientAge {age:.0f} y disagrees with the birth and study dates: "
-                         f"{date_notes[-1]} ({from_dates:.0f} y) used")
-            age = from_dates
+        # The second source, kept for model/scoring.py: a PatientAge outside the validated range
+        # (e.g. 120Y for a 40-year-old) falls back to the birth and study dates when those are usable.
+        from_dates, date_notes = age_from_dates(birth, dates)
+        if from_dates is not None and from_dates != age:
+            second = (from_dates, date_notes[-1])
     sex, note = parse_sex(_get(ds, "PatientSex"))
     if note:
         notes.append(f"PatientSex: {note}")
@@ -278,7 +281,8 @@ def covariates_from_dataset(ds: Any) -> Covariates:
     height, note = parse_height(_get(ds, "PatientSize"))
     if note:
         notes.append(f"PatientSize: {note}")
-    return _assemble(age, sex, weight, height, notes)
+    covariates = _assemble(age, sex, weight, height, notes)
+    return replace(covariates, age_fallback=second) if second else covariates
 
 
 def covariates_from_values(age: Any = None, sex: Any = None, weight_kg: Any = None, height_m: Any = None,

@@ -11,6 +11,7 @@ real data (an untrained region head, e.g. spine, never yields a label).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from osteogate.model.covariates import Covariates
@@ -145,7 +146,19 @@ def out_of_range(covariates: Covariates, ranges: Mapping[str, Sequence[float]]) 
 
 
 def without(covariates: Covariates, names: Sequence[str]) -> Covariates:
-    """A copy of ``covariates`` with the named ones set to missing (notes kept)."""
+    """A copy of ``covariates`` with the named ones set to missing (notes kept).
+
+    Parameters
+    ----------
+    covariates : Covariates
+        The covariates.
+    names : Sequence[str]
+        Names (``taxonomy.COVARIATES``) to drop.
+
+    Returns
+    -------
+    Covariates
+    """
     return Covariates(
         age_years=None if "age" in names else covariates.age_years,
         sex=None if "sex" in names else covariates.sex,
@@ -153,3 +166,31 @@ def without(covariates: Covariates, names: Sequence[str]) -> Covariates:
         height_m=None if "height" in names else covariates.height_m,
         notes=covariates.notes,
     )
+
+
+def with_age_fallback(covariates: Covariates, ranges: Mapping[str, Sequence[float]]) -> tuple[Covariates, str | None]:
+    """The covariates with the age from the second source when PatientAge is out of the validated
+    range and the birth and study dates give an age inside it; else unchanged.
+
+    Parameters
+    ----------
+    covariates : Covariates
+        As read from the header.
+    ranges : Mapping
+        The card's validated ranges (``fusion.covariate_ranges``).
+
+    Returns
+    -------
+    tuple of (Covariates, str or None)
+        The covariates to use and the note that says what was done (None when nothing was).
+    """
+    bounds = ranges.get("age")
+    fallback = covariates.age_fallback
+    if covariates.age_years is None or fallback is None or not isinstance(bounds, list | tuple) or len(bounds) != 2:
+        return covariates, None
+    low, high = float(bounds[0]), float(bounds[1])
+    if low <= covariates.age_years <= high or not low <= fallback[0] <= high:
+        return covariates, None
+    note = (f"PatientAge {covariates.age_years:g} y is outside the validated range {low:g}-{high:g}: "
+            f"{fallback[1]} ({fallback[0]:g} y) used")
+    return replace(covariates, age_years=fallback[0], age_fallback=None), note

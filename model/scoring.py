@@ -24,6 +24,7 @@ from osteogate.model.gate import (
     out_of_range,
     situation_reason,
     trained_regions,
+    with_age_fallback,
     without,
 )
 from osteogate.model.taxonomy import CLASSES, COVARIATES, LOW_BMD_CLASSES
@@ -244,6 +245,9 @@ def assess_study(card: ModelCard, heads: Mapping[str, FusionHead], scores: Seque
         return StudyAssessment(region=region, study=study, images=images, covariates=covariates)
 
     fusion = card.fusion
+    covariates, fallback_note = with_age_fallback(covariates, fusion.get("covariate_ranges") or {})
+    if fallback_note:
+        notes.append(fallback_note)
     dropped = out_of_range(covariates, fusion.get("covariate_ranges") or {})
     for reason in dict.fromkeys(dropped.values()):
         notes.append(reason)

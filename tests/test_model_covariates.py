@@ -93,12 +93,9 @@ def test_age_from_birth_date_and_each_reference_date():
     assert any("StudyDate" in n and "not a DICOM date" in n for n in cov.notes)
 
 
-def test_dates_win_over_a_disagreeing_patient_age_and_bad_age_falls_back_to_dates():
-    # PatientAge 70 vs 65 from the birth and study dates: a typed PatientAge loses to two dates (issue 16).
+def test_patient_age_wins_over_dates_and_bad_age_falls_back_to_dates():
     cov = covariates_from_dataset(header(PatientAge="070Y", PatientBirthDate="19610519", StudyDate="20260601"))
-    assert cov.age_years == 65.0 and "disagrees with the birth and study dates" in cov.notes[0]
-    cov = covariates_from_dataset(header(PatientAge="065Y", PatientBirthDate="19610519", StudyDate="20260601"))
-    assert cov.age_years == 65.0 and cov.notes == ()
+    assert cov.age_years == 70.0
     cov = covariates_from_dataset(raw_dataset(PatientAge=("AS", b"70 years"), PatientBirthDate=("DA", b"19610519"),
                                               StudyDate=("DA", b"20260601")))
     assert cov.age_years == 65.0
@@ -224,16 +221,19 @@ def test_values_from_a_manifest_row():
     assert dated.age_years == 65.0
 
 
-def test_patient_age_that_disagrees_with_the_dates_falls_back_to_them() -> None:
-    """PatientAge 120Y on a 40-year-old (issue 16): the birth and study dates are the second source."""
-    from osteogate.model.covariates import covariates_from_dataset
+def test_out_of_range_patient_age_falls_back_to_the_birth_and_study_dates() -> None:
+    """PatientAge 120Y on a 40-year-old (issue 16): the dates are the second source, used when
+    PatientAge is out of the validated range; a plausible PatientAge still wins."""
+    from osteogate.model.gate import with_age_fallback
     from pydicom import Dataset
 
     ds = Dataset()
     ds.PatientAge, ds.PatientBirthDate, ds.StudyDate = "120Y", "19840101", "20240102"
-    covariates = covariates_from_dataset(ds)
-    assert covariates.age_years == 40.0
-    assert covariates.notes == ("PatientAge 120 y disagrees with the birth and study dates: age from "
-                                "PatientBirthDate and StudyDate (40 y) used",)
-    ds.PatientAge = "040Y"
-    assert covariates_from_dataset(ds).age_years == 40.0 and covariates_from_dataset(ds).notes == ()
+    read = covariates_from_dataset(ds)
+    assert read.age_years == 120.0 and read.age_fallback == (40.0, "age from PatientBirthDate and StudyDate")
+    used, note = with_age_fallback(read, {"age": [17, 107]})
+    assert used.age_years == 40.0
+    assert note == ("PatientAge 120 y is outside the validated range 17-107: age from PatientBirthDate and "
+                    "StudyDate (40 y) used")
+    ds.PatientAge = "070Y"  # in range: PatientAge wins, the dates are not consulted
+    assert with_age_fallback(covariates_from_dataset(ds), {"age": [17, 107]}) == (covariates_from_dataset(ds), None)

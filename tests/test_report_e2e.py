@@ -83,12 +83,18 @@ def test_demographics_change_the_inputs_and_versions_travel_together(
     assert study.t_score is not None and study.t_interval is not None
     assert any(c.startswith("Validation (grouped cross-validation") for c in study.comments)
     assert not assessed.groups[1].assessed  # the image alone shows no discrimination
+    # One decision, the estimate and its interval first; what was read; the head's own name.
+    low, high = (f"{v:+.1f}".replace("+0.0", "0.0").replace("-0.0", "0.0") for v in study.t_interval)
+    assert study.decision in ("DXA referral suggested", "below the referral threshold")
+    assert f"{low} to {high})" in assessed.summary.split("; ")[0]  # the NUM's interval, as printed
+    assert "from age, sex, weight and height in the header; the radiograph was not used" in assessed.summary
+    assert assessed.algorithm.startswith("osteogate-test-covariates ")
     # Without: not assessed, never Detected, and the SR says which inputs were missing.
     declined = read_result(pydicom.dcmread(srs[study_without]))
     assert [g.assessed for g in declined.groups] == [False, False]
     assert declined.groups[0].inputs == {}
     assert any("missing: age, sex, weight, height" in c for c in declined.groups[0].comments)
-    assert declined.summary.startswith("Not assessed: ")
+    assert declined.summary.startswith("NOT ASSESSED - ")
     dump = subprocess.run(["dsrdump", "+Pl", str(srs[study_without])], capture_output=True, text=True).stdout
     assert "Detected" not in dump and "Probability" not in dump
     # The two SRs differ in the inputs items.
@@ -98,6 +104,8 @@ def test_demographics_change_the_inputs_and_versions_travel_together(
 
     # show and studies say the same.
     assert "inputs used: age, sex, weight, height" in show_with and "estimated T-score" in show_with
+    assert f"80 % interval {low} to {high}" in show_with and study.decision in show_with
+    assert "normal" not in show_with.lower().replace("abnormal", "")
     assert "result card" in show_with
     assert "NOT ASSESSED: " in show_without and "missing: age, sex, weight, height" in show_without
     assert rows[study_without]["label"] == "not assessed" and rows[study_with]["assessed"] is True
