@@ -4,6 +4,7 @@ dciodvfy (dicom3tools), dsrdump and dsr2html (dcmtk) and read back through highd
 from __future__ import annotations
 
 import datetime
+import html
 import re
 import subprocess
 from pathlib import Path
@@ -84,7 +85,7 @@ def dsr2html_text(path: Path) -> str:
     require("dsr2html")
     result = subprocess.run(["dsr2html", str(path)], capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
-    return re.sub(r"<[^>]+>", " ", result.stdout)
+    return html.unescape(re.sub(r"<[^>]+>", " ", result.stdout))
 
 
 # -- validity ------------------------------------------------------------------------------------
@@ -161,8 +162,9 @@ def test_dsr2html_shows_results_without_footnotes(tmp_path: Path) -> None:
     first = text.index("DXA REFERRAL SUGGESTED - estimated T-score -1.8 (80 % interval -2.6 to -1.0), osteopenia range")
     assert first < text.index("Image Library") and first < text.index("Measurement Group")
     assert "Result: DXA referral suggested; estimated T-score -1.8 (80 % interval -2.6 to -1.0), osteopenia range; " \
-           "normal 10 %, osteopenia 77 %, osteoporosis 13 %" in text
-    assert "Result: DXA referral suggested; osteoporosis range; normal 13 %, osteopenia 25 %, osteoporosis 62 %" in text
+           "T >= -1.0 10 %, osteopenia range 77 %, osteoporosis range 13 %" in text
+    assert "Result: DXA referral suggested; osteoporosis range; T >= -1.0 13 %, osteopenia range 25 %, " \
+           "osteoporosis range 62 %" in text
     assert f"Not assessed: {UNDISCRIMINATING}" in text
     # Long decimals other than UIDs (dotted digit runs) would be unrounded numbers.
     assert not re.search(r"(?<![\d.])\d+\.\d{3,}(?![\d.])", text), "unrounded numbers"
@@ -347,7 +349,8 @@ def test_summary_text(tmp_path: Path) -> None:
     assert any("OsteoGate fused knee model" in line and ALGORITHM.checkpoint_sha256 in line for line in lines)
     [study] = [line for line in lines if line.startswith("study result")]
     assert "Knee Right and left" in study
-    assert ": DXA referral suggested; osteopenia range (normal 10 %, osteopenia 77 %, osteoporosis 13 %)" in study
+    assert ": DXA referral suggested; osteopenia range (T >= -1.0 10 %, osteopenia range 77 %, " \
+           "osteoporosis range 13 %)" in study
     assert "T-score -1.8 (80 % interval -2.6 to -1.0)" in study and "age 67.4 y" in study
     [image_2] = [line for line in lines if line.startswith("image 2 (knee, left)")]
     assert f"not assessed: {UNDISCRIMINATING}" in image_2

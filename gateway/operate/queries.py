@@ -43,9 +43,10 @@ def _fmt_probs(obj: Any) -> str:
     """Probabilities in CLASSES order as whole percentages (the numbers the SR and card show)."""
     if not obj.probabilities:
         return ""
-    from osteogate.gateway.report.wording import percentages
+    from osteogate.gateway.report.wording import PROBABILITY_WORDS, percentages
 
-    return "  ".join(f"{name} {value} %" for name, value in percentages(obj.probabilities).items())
+    return "  ".join(f"{PROBABILITY_WORDS.get(name, name)} {value} %"
+                     for name, value in percentages(obj.probabilities).items())
 
 
 def _result_words(result: StudyResult | None) -> str | None:

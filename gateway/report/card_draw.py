@@ -77,7 +77,7 @@ def _bars(draw: ImageDraw.ImageDraw, layout: Layout, study: Assessment, x: int, 
     rounded = reporting.percentages(study.probabilities)
     label_w, pct_w = 230, 100
     bar_w = width - label_w - pct_w - 20
-    names = {"normal": "Above -1.0", "osteopenia": "Osteopenia", "osteoporosis": "Osteoporosis"}
+    names = {name: words[0].upper() + words[1:] for name, words in reporting.PROBABILITY_WORDS.items()}
     for name in CLASSES:
         emphasis = name == study.label  # the category of the estimate, never another class
         place(draw, layout, names[name], (x, y + 2, x + label_w - 10, y + 44), 30, TEXT if emphasis else MUTED,

@@ -233,7 +233,7 @@ def _result_items(assessment: Assessment) -> tuple[list[hd.sr.Measurement], list
         rounded = reporting.percentages(assessment.probabilities)
         measurements += [ClassProbability(name, rounded[name]) for name in CLASSES]
         basis = reporting.decision_basis(assessment)
-        text += "; " + ", ".join(f"{name} {rounded[name]} %" for name in CLASSES) + (f"; {basis}" if basis else "")
+        text += "; " + reporting.probability_phrase(assessment.probabilities) + (f"; {basis}" if basis else "")
     if assessment.t_score is not None:
         measurements.append(t_score_measurement(assessment))
     return measurements, [text]

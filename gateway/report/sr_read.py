@@ -154,7 +154,7 @@ def read_result(ds: pydicom.Dataset) -> ResultReading:
 
 def _group_line(group: GroupReading) -> str:
     if group.assessed:
-        probs = ", ".join(f"{k} {v:g} %" for k, v in group.percent.items())
+        probs = ", ".join(f"{reporting.PROBABILITY_WORDS.get(k, k)} {v:g} %" for k, v in group.percent.items())
         result = f"{group.decision or 'no decision'}; {reporting.CATEGORY_WORDS.get(str(group.label), group.label)}"
         result += f" ({probs})" if probs else ""
     else:

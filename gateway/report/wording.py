@@ -42,6 +42,12 @@ SEX_WORDS = {"F": "female", "M": "male"}
 # -- numbers -------------------------------------------------------------------------------------
 
 
+def probability_phrase(probabilities: Mapping[str, float]) -> str:
+    """ "T >= -1.0 10 %, osteopenia range 77 %, osteoporosis range 13 %" (whole percentages)."""
+    rounded = percentages(probabilities)
+    return ", ".join(f"{PROBABILITY_WORDS.get(name, name)} {rounded[name]} %" for name in CLASSES)
+
+
 def percentages(probabilities: Mapping[str, float]) -> dict[str, int]:
     """Whole percentages that add up to 100 (largest-remainder rounding), in CLASSES order.
 
@@ -142,6 +148,8 @@ CATEGORY_WORDS = {
     "osteopenia": "osteopenia range",
     "osteoporosis": "osteoporosis range",
 }
+# The class probabilities named by their T-score ranges (SR comments, card bars, ``show``).
+PROBABILITY_WORDS = {"normal": "T >= -1.0", "osteopenia": "osteopenia range", "osteoporosis": "osteoporosis range"}
 DECISION_HEADS = {REFERRAL: "DXA REFERRAL SUGGESTED"}
 BELOW_HEAD = "BELOW REFERRAL THRESHOLD"
 CANNOT_RULE_OUT = "this screen cannot rule out low bone density"
