@@ -37,6 +37,10 @@ _DATE_ATTRIBUTES = ("StudyDate", "AcquisitionDate", "ContentDate")
 
 @dataclass(frozen=True)
 class Covariates:
+    """The header covariates of a study (None = missing), with the notes a reader needs.
+
+
+    """
     age_years: float | None = None
     sex: str | None = None  # "F" or "M"
     weight_kg: float | None = None
@@ -102,7 +106,17 @@ def _number(value: Any) -> float | None:
 def parse_age(value: Any) -> tuple[float | None, str | None]:
     """(age in years, note) from a DICOM AS string (or a plain number of years).
 
-    Returns (None, reason) for malformed or implausible values and (None, None) for blank."""
+    Returns (None, reason) for malformed or implausible values and (None, None) for blank.
+
+    Parameters
+    ----------
+    value : Any
+        A PatientAge value (AS).
+
+    Returns
+    -------
+    tuple of (float or None, str or None)
+    """
     if value is None or isinstance(value, bool):
         return None, None
     if isinstance(value, int | float):
@@ -132,7 +146,17 @@ def parse_age(value: Any) -> tuple[float | None, str | None]:
 
 
 def parse_date(value: Any) -> date | None:
-    """A DICOM DA (YYYYMMDD, also the old YYYY.MM.DD form) or a date object; None if malformed."""
+    """A DICOM DA (YYYYMMDD, also the old YYYY.MM.DD form) or a date object; None if malformed.
+
+    Parameters
+    ----------
+    value : Any
+        A DA value.
+
+    Returns
+    -------
+    datetime.date or None
+    """
     if isinstance(value, date):
         return value
     text = _text(value)
@@ -147,7 +171,19 @@ def parse_date(value: Any) -> date | None:
 
 def completed_years(birth: date, on: date) -> int:
     """Age in completed years on ``on`` (how PatientAge is written: a birthday not yet reached
-    this year does not count)."""
+    this year does not count).
+
+    Parameters
+    ----------
+    birth : datetime.date
+        Birth date.
+    on : datetime.date
+        Reference date.
+
+    Returns
+    -------
+    int
+    """
     years = on.year - birth.year
     if (on.month, on.day) < (birth.month, birth.day):
         years -= 1
@@ -155,7 +191,20 @@ def completed_years(birth: date, on: date) -> int:
 
 
 def age_from_dates(birth_value: Any, reference_values: list[tuple[str, Any]]) -> tuple[float | None, list[str]]:
-    """(age in years, notes) from a birth date and the first usable (name, date) reference."""
+    """(age in years, notes) from a birth date and the first usable (name, date) reference.
+
+    Parameters
+    ----------
+    birth_value : Any
+        PatientBirthDate.
+    reference_values : list
+        (name, value) of the reference dates, in order of preference.
+
+    Returns
+    -------
+    tuple of (float or None, list of str)
+        The age and the notes (the last says how it was derived).
+    """
     notes: list[str] = []
     birth_text = _text(birth_value)
     if not birth_text and not isinstance(birth_value, date):
@@ -177,6 +226,17 @@ def age_from_dates(birth_value: Any, reference_values: list[tuple[str, Any]]) ->
 
 
 def parse_sex(value: Any) -> tuple[str | None, str | None]:
+    """parse_sex
+
+    Parameters
+    ----------
+    value : Any
+        PatientSex.
+
+    Returns
+    -------
+    tuple of (str or None, str or None)
+    """
     text = _text(value).upper()
     if text in ("M", "F"):
         return text, None
@@ -188,6 +248,17 @@ def parse_sex(value: Any) -> tuple[str | None, str | None]:
 
 
 def parse_weight(value: Any) -> tuple[float | None, str | None]:
+    """parse_weight
+
+    Parameters
+    ----------
+    value : Any
+        PatientWeight (kg).
+
+    Returns
+    -------
+    tuple of (float or None, str or None)
+    """
     raw = _text(value) if not isinstance(value, int | float) else str(value)
     if not raw:
         return None, None
@@ -203,7 +274,17 @@ def parse_weight(value: Any) -> tuple[float | None, str | None]:
 
 
 def parse_height(value: Any) -> tuple[float | None, str | None]:
-    """(metres, note). A value that can only be centimetres (40-250) is converted and noted."""
+    """(metres, note). A value that can only be centimetres (40-250) is converted and noted.
+
+    Parameters
+    ----------
+    value : Any
+        PatientSize (m; centimetres are converted).
+
+    Returns
+    -------
+    tuple of (float or None, str or None)
+    """
     raw = _text(value) if not isinstance(value, int | float) else str(value)
     if not raw:
         return None, None
@@ -254,7 +335,17 @@ def _get(ds: Any, keyword: str) -> Any:
 
 
 def covariates_from_dataset(ds: Any) -> Covariates:
-    """Covariates from a pydicom Dataset (header only; pixel data is never touched)."""
+    """Covariates from a pydicom Dataset (header only; pixel data is never touched).
+
+    Parameters
+    ----------
+    ds : pydicom.Dataset
+        A header.
+
+    Returns
+    -------
+    Covariates
+    """
     notes: list[str] = []
     age, note = parse_age(_get(ds, "PatientAge"))
     if note:
@@ -290,7 +381,19 @@ def covariates_from_values(age: Any = None, sex: Any = None, weight_kg: Any = No
     """The same rules for plain values (a training manifest's columns: any may be empty).
 
     ``age`` is years or a DICOM AS string; without it, ``birth_date`` and ``reference_date``
-    (DICOM DA strings or dates) give the age in completed years."""
+    (DICOM DA strings or dates) give the age in completed years.
+
+    Parameters
+    ----------
+    age, sex, weight_kg, height_m : Any
+        Raw values (as in a header).
+    notes : Sequence[str]
+        Notes to carry.
+
+    Returns
+    -------
+    Covariates
+    """
     notes: list[str] = []
     years, note = parse_age(age)
     if note:

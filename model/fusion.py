@@ -180,7 +180,17 @@ def probabilities_from_t(mu: np.ndarray, sigma: float) -> np.ndarray:
 
 def sigma_from_quantiles(q_low: float, q_high: float) -> float:
     """The normal spread whose 80 % interval is as wide as the residual 10th-90th percentiles
-    (how a card of format 1 without a calibrated ``sigma`` is read as a distribution)."""
+    (how a card of format 1 without a calibrated ``sigma`` is read as a distribution).
+
+    Parameters
+    ----------
+    q_low, q_high : float
+        The residual 10th and 90th percentiles.
+
+    Returns
+    -------
+    float
+    """
     return max((float(q_high) - float(q_low)) / (2 * Z80), 1e-3)
 
 

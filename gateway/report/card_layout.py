@@ -81,7 +81,12 @@ def find_font(bold: bool = False) -> Path:
 @functools.cache
 def find_cjk_font() -> Path | None:
     """A font with Chinese, Japanese and Korean glyphs when one is installed (fonts-noto-cjk,
-    fonts-wqy-*), else None."""
+    fonts-wqy-*), else None.
+
+    Returns
+    -------
+    pathlib.Path or None
+    """
     path = _fontconfig(":lang=zh")
     return path if path is not None and _covers_path(path, "中文") else None
 
@@ -103,20 +108,63 @@ def _covers_path(path: Path, text: str) -> bool:
 
 
 def covers(text: str, bold: bool = False) -> bool:
-    """Whether DejaVu Sans has a glyph for every character of ``text``."""
+    """Whether DejaVu Sans has a glyph for every character of ``text``.
+
+    Parameters
+    ----------
+    text : str
+        The text.
+    bold : bool
+        The bold face.
+
+    Returns
+    -------
+    bool
+    """
     return _covers_path(find_font(bold), text)
 
 
 @functools.cache
 def font(size: int, bold: bool = False, cjk: bool = False) -> ImageFont.FreeTypeFont:
-    """The card's font at ``size`` px (``cjk``: the CJK fallback font, when installed)."""
+    """The card's font at ``size`` px (``cjk``: the CJK fallback font, when installed).
+
+    Parameters
+    ----------
+    size : int
+        Pixels.
+    bold : bool
+        Bold face.
+    cjk : bool
+        The CJK fallback font (when installed).
+
+    Returns
+    -------
+    PIL.ImageFont.FreeTypeFont
+
+    Raises
+    ------
+    FontUnavailable
+        Without a scalable font.
+    """
     path = find_cjk_font() if cjk else None
     return ImageFont.truetype(str(path or find_font(bold)), size)
 
 
 def drawable(text: str, bold: bool = False) -> tuple[str, bool]:
     """(text to draw, whether to use the CJK font): the text itself when a font covers it, else
-    ``NOT_SHOWN``."""
+    ``NOT_SHOWN``.
+
+    Parameters
+    ----------
+    text : str
+        The text.
+    bold : bool
+        Bold face.
+
+    Returns
+    -------
+    tuple of (str, bool)
+    """
     if covers(text, bold):
         return text, False
     cjk = find_cjk_font()

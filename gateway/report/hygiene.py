@@ -181,6 +181,8 @@ def ensure_charset(ds: Dataset) -> None:
     ----------
     ds : pydicom.dataset.Dataset
         The dataset to fix in place.
+
+
     """
     if _non_ascii(ds) and ds.get("SpecificCharacterSet") != "ISO_IR 192":
         ds.SpecificCharacterSet = "ISO_IR 192"

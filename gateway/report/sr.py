@@ -104,7 +104,12 @@ def _tracking_uid(*parts: str) -> str:
 
 
 def software_version() -> str:
-    """The installed osteogate version ("unknown" outside an install)."""
+    """The installed osteogate version ("unknown" outside an install).
+
+    Returns
+    -------
+    str
+    """
     try:
         return metadata.version("osteogate")
     except metadata.PackageNotFoundError:
@@ -125,7 +130,21 @@ def _library_headers(headers: Sequence[pydicom.Dataset]) -> list[pydicom.Dataset
 
 
 def image_identifier(number: int, region: str, header: pydicom.Dataset) -> str:
-    """ "image 2 (knee, right)": the name of an image in the SR and on the card."""
+    """ "image 2 (knee, right)": the name of an image in the SR and on the card.
+
+    Parameters
+    ----------
+    number : int
+        The image's number in the report.
+    region : str
+        Its region.
+    header : pydicom.Dataset
+        Its header (laterality).
+
+    Returns
+    -------
+    str
+    """
     side = reporting.laterality(header)
     return f"image {number} ({region}{', ' + reporting.SIDE_WORDS[side] if side else ''})"
 

@@ -120,7 +120,19 @@ class QualitativeEvaluationsContainer(Template):
 
 
 def text_item(name: Code, value: str) -> hd.sr.TextContentItem:
-    """A CONTAINS TEXT content item."""
+    """A CONTAINS TEXT content item.
+
+    Parameters
+    ----------
+    name : Code
+        Concept name.
+    value : str
+        The text.
+
+    Returns
+    -------
+    highdicom.sr.TextContentItem
+    """
     return hd.sr.TextContentItem(name=name, value=value, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
 
 
@@ -131,6 +143,13 @@ def check_assessment(assessment: Assessment, what: str) -> None:
     ------
     ValueError
         On a category outside ``CLASSES``, probabilities with other keys, or an unknown decision.
+
+    Parameters
+    ----------
+    assessment : Assessment
+        The result.
+    what : str
+        Its name in the error message.
     """
     if not assessment.assessed:
         return
@@ -149,6 +168,17 @@ def anatomy(region: str, header: pydicom.Dataset | None) -> Code:
     ------
     ValueError
         On an unknown region.
+
+    Parameters
+    ----------
+    region : str
+        The region.
+    header : pydicom.Dataset or None
+        A source header (BodyPartExamined).
+
+    Returns
+    -------
+    Code
     """
     if region == "knee":
         return KNEE
@@ -159,7 +189,17 @@ def anatomy(region: str, header: pydicom.Dataset | None) -> Code:
 
 
 def study_side(headers: Sequence[pydicom.Dataset]) -> str | None:
-    """The study's side only when every image states one: R, L, or B for both; else none."""
+    """The study's side only when every image states one: R, L, or B for both; else none.
+
+    Parameters
+    ----------
+    headers : Sequence[pydicom.Dataset]
+        The study's source headers.
+
+    Returns
+    -------
+    str or None
+    """
     sides = [reporting.laterality(h) for h in headers]
     if not sides or any(s is None for s in sides):
         return None
@@ -183,6 +223,15 @@ def t_score_measurement(assessment: Assessment) -> hd.sr.Measurement:
     The interval endpoints were rounded once by the model; the half-widths here are their exact
     distances from the estimate (all on the 0.1 grid), so estimate - lower and estimate + upper give
     back the endpoints the summary, the card and ``show`` print.
+
+    Parameters
+    ----------
+    assessment : Assessment
+        An assessed result with a T-score.
+
+    Returns
+    -------
+    highdicom.sr.Measurement
     """
     properties = None
     estimate = float(assessment.t_score)  # type: ignore[arg-type]
@@ -196,7 +245,13 @@ def t_score_measurement(assessment: Assessment) -> hd.sr.Measurement:
 
 
 def compact(item: pydicom.Dataset) -> None:
-    """Write every numeric value of an item tree the way people write it ("58", not "58.0")."""
+    """Write every numeric value of an item tree the way people write it ("58", not "58.0").
+
+    Parameters
+    ----------
+    item : pydicom.Dataset
+        A content item (changed in place).
+    """
     for measured in item.get("MeasuredValueSequence", []):
         measured.NumericValue = f"{float(measured.NumericValue):.6g}"
         if "FloatingPointValue" in measured:

@@ -43,7 +43,17 @@ SEX_WORDS = {"F": "female", "M": "male"}
 
 
 def probability_phrase(probabilities: Mapping[str, float]) -> str:
-    """ "T >= -1.0 10 %, osteopenia range 77 %, osteoporosis range 13 %" (whole percentages)."""
+    """ "T >= -1.0 10 %, osteopenia range 77 %, osteoporosis range 13 %" (whole percentages).
+
+    Parameters
+    ----------
+    probabilities : Mapping[str, float]
+        Class probabilities.
+
+    Returns
+    -------
+    str
+    """
     rounded = percentages(probabilities)
     return ", ".join(f"{PROBABILITY_WORDS.get(name, name)} {rounded[name]} %" for name in CLASSES)
 
@@ -53,6 +63,15 @@ def percentages(probabilities: Mapping[str, float]) -> dict[str, int]:
 
     Calibrated probabilities do not support more than whole percent, and a card whose three bars
     read 33 + 33 + 33 looks broken; each value is its exact percentage rounded down or up.
+
+    Parameters
+    ----------
+    probabilities : Mapping[str, float]
+        Class probabilities.
+
+    Returns
+    -------
+    dict of str to int
     """
     values = {name: max(0.0, float(probabilities.get(name, 0.0))) for name in CLASSES}
     total = sum(values.values())
@@ -69,6 +88,18 @@ def percentages(probabilities: Mapping[str, float]) -> dict[str, int]:
 
 
 def low_bmd_percent(probabilities: Mapping[str, float]) -> int:
+    """low_bmd_percent
+
+    Parameters
+    ----------
+    probabilities : Mapping[str, float]
+        Class probabilities.
+
+    Returns
+    -------
+    int
+        The whole-percent P(osteopenia) + P(osteoporosis) as displayed.
+    """
     rounded = percentages(probabilities)
     return sum(rounded[name] for name in LOW_BMD_CLASSES)
 
@@ -90,7 +121,17 @@ def fmt_t_score(value: float) -> str:
 
 
 def interval_text(low: float, high: float) -> tuple[str, str]:
-    """The two printed endpoints of an interval already rounded once ("-2.4", "-1.4")."""
+    """The two printed endpoints of an interval already rounded once ("-2.4", "-1.4").
+
+    Parameters
+    ----------
+    low, high : float
+        Endpoints already on the 0.1 grid.
+
+    Returns
+    -------
+    tuple of str
+    """
     return fmt_t_score(low), fmt_t_score(high)
 
 
@@ -113,7 +154,19 @@ def interval_endpoints(assessment: Assessment) -> tuple[str, str] | None:
 
 
 def interval_phrase(assessment: Assessment, *, long: bool = True) -> str | None:
-    """ "80 % interval -2.4 to -1.4" (``long``) or "-2.4 to -1.4"."""
+    """ "80 % interval -2.4 to -1.4" (``long``) or "-2.4 to -1.4".
+
+    Parameters
+    ----------
+    assessment : Assessment
+        A result.
+    long : bool
+        Prefix "80 % interval".
+
+    Returns
+    -------
+    str or None
+    """
     ends = interval_endpoints(assessment)
     if ends is None:
         return None
@@ -157,14 +210,34 @@ NOT_ASSESSED_HEAD = "NOT ASSESSED"
 
 
 def category_phrase(assessment: Assessment) -> str | None:
-    """The WHO category of the estimate in words ("osteopenia range"), or None when not assessed."""
+    """The WHO category of the estimate in words ("osteopenia range"), or None when not assessed.
+
+    Parameters
+    ----------
+    assessment : Assessment
+        A result.
+
+    Returns
+    -------
+    str or None
+    """
     if not assessment.assessed or assessment.label is None:
         return None
     return CATEGORY_WORDS.get(assessment.label, assessment.label)
 
 
 def decision_words(assessment: Assessment) -> str:
-    """ "DXA referral suggested", "below the referral threshold" or "not assessed"."""
+    """ "DXA referral suggested", "below the referral threshold" or "not assessed".
+
+    Parameters
+    ----------
+    assessment : Assessment
+        A result.
+
+    Returns
+    -------
+    str
+    """
     if not assessment.assessed:
         return "not assessed"
     return str(assessment.decision or ("DXA referral suggested" if assessment.label in LOW_BMD_CLASSES
@@ -179,7 +252,17 @@ def _covariate_list(names: list[str]) -> str:
 
 def read_phrase(assessment: Assessment) -> str | None:
     """What was read, when the radiograph was not: "from age, sex, weight and height in the header;
-    the radiograph was not used". None when the image contributed (or nothing was assessed)."""
+    the radiograph was not used". None when the image contributed (or nothing was assessed).
+
+    Parameters
+    ----------
+    assessment : Assessment
+        A result.
+
+    Returns
+    -------
+    str or None
+    """
     if not assessment.assessed or "image" in assessment.inputs_used:
         return None
     used = [n for n in COVARIATES if n in assessment.inputs_used]
@@ -245,7 +328,17 @@ def low_bmd_threshold(assessment: Assessment) -> float | None:
 
 
 def decision_basis(assessment: Assessment) -> str | None:
-    """Why the decision is what it is: "P(T < -1.0) 62 %, referral threshold 84 %"."""
+    """Why the decision is what it is: "P(T < -1.0) 62 %, referral threshold 84 %".
+
+    Parameters
+    ----------
+    assessment : Assessment
+        A result.
+
+    Returns
+    -------
+    str or None
+    """
     if assessment.probabilities is None:
         return None
     text = f"P(T < -1.0) {low_bmd_percent(assessment.probabilities)} %"
@@ -278,7 +371,17 @@ def result_phrase(assessment: Assessment) -> str:
 
 
 def inputs_phrase(assessment: Assessment) -> str:
-    """ "Inputs used: age, sex; missing: weight, height"."""
+    """ "Inputs used: age, sex; missing: weight, height".
+
+    Parameters
+    ----------
+    assessment : Assessment
+        A result.
+
+    Returns
+    -------
+    str
+    """
     used = ", ".join(INPUT_LABELS.get(n, n) for n in assessment.inputs_used) or "none"
     text = f"Inputs used: {used}"
     if assessment.inputs_missing:
@@ -287,7 +390,19 @@ def inputs_phrase(assessment: Assessment) -> str:
 
 
 def algorithm_name(assessment: Assessment, default: str) -> str:
-    """The name of the head that produced the result (``default``: the checkpoint's)."""
+    """The name of the head that produced the result (``default``: the checkpoint's).
+
+    Parameters
+    ----------
+    assessment : Assessment
+        A result.
+    default : str
+        The checkpoint's name.
+
+    Returns
+    -------
+    str
+    """
     return assessment.model_name or default
 
 
@@ -343,12 +458,34 @@ def validation_text(assessment: Assessment) -> str | None:
 
 
 def notes(assessment: Assessment, covariates: Covariates | None = None) -> tuple[str, ...]:
-    """What a reader should know about the inputs (values converted or dropped, inputs left out)."""
+    """What a reader should know about the inputs (values converted or dropped, inputs left out).
+
+    Parameters
+    ----------
+    assessment : Assessment
+        A result.
+    covariates : Covariates or None
+        The study's covariates (their notes when the result has none).
+
+    Returns
+    -------
+    tuple of str
+    """
     return tuple(assessment.notes) or (tuple(covariates.notes) if covariates is not None else ())
 
 
 def covariate_values(covariates: Covariates) -> dict[str, str]:
-    """Display values of the covariates that are present (patient data: SR, card, show; never logs)."""
+    """Display values of the covariates that are present (patient data: SR, card, show; never logs).
+
+    Parameters
+    ----------
+    covariates : Covariates
+        The covariates.
+
+    Returns
+    -------
+    dict of str to str
+    """
     values: dict[str, str] = {}
     if covariates.age_years is not None:
         values["age"] = f"{covariates.age_years:.0f} y"
