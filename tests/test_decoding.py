@@ -224,13 +224,13 @@ def test_worker_scores_the_same_with_decoder_processes_and_threads(tmp_path, tin
         try:
             outcomes[in_subprocess] = worker.classify(instances, classifier)
             if in_subprocess:  # the decoder processes are kept for the next slow-codec study
-                pool = worker._decoders
+                pool = worker.pipeline._decoders
                 assert pool is not None and pool.processes == 2
                 worker.classify(instances[:2], classifier)
-                assert worker._decoders is pool
+                assert worker.pipeline._decoders is pool
         finally:
             worker.stop()
-        assert worker._decoders is None
+        assert worker.pipeline._decoders is None
     processes, threads = outcomes[True], outcomes[False]
     assert len(processes.scored) == len(threads.scored) == 6
     for a, b in zip(processes.images, threads.images, strict=True):

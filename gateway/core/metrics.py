@@ -55,3 +55,8 @@ STUDY_PROCESSING_SECONDS = Histogram(
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
 DELIVERIES = Counter("osteogate_deliveries", "SR delivery attempts", ["outcome"], registry=REGISTRY)
+HL7_MESSAGES = Counter(
+    "osteogate_hl7_messages",
+    "DXA results listener (HL7 MLLP): messages answered AA / AE / AR, frames timed out, hosts refused",
+    ["outcome"], registry=REGISTRY,
+)

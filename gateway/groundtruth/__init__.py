@@ -2,5 +2,10 @@
 screened studies of the same patient, the site's own validation of the gateway and the gate
 that opens or closes on that evidence.
 
-May import: ``gateway.core``, ``gateway.store.wiring``, ``osteogate.model``.
+Owns: ``hl7`` (ORU^R01 -> DXA results, ACKs), ``mllp`` (the listener ``serve`` runs),
+``csvimport`` (``osteogate dxa import``), ``exams`` (saving an exam once per patient and day),
+``matching`` (``load_pairs``: DXA exams paired with screened studies), ``cli`` (``osteogate dxa``).
+The tables are ``gateway.store.dxa``.
+
+May import: ``gateway.core``, ``gateway.store``, ``osteogate.model``.
 """

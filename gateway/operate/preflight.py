@@ -77,6 +77,9 @@ def check_ports(settings: Settings) -> None:
     listeners = [(settings.dicom.bind, settings.dicom.port, "dicom.port", "--port")]
     if settings.http.enabled:
         listeners.append((settings.http.bind, settings.http.port, "http.port", "OSTEOGATE_HTTP_PORT"))
+    if settings.groundtruth.mllp_enabled:
+        listeners.append((settings.groundtruth.bind, settings.groundtruth.mllp_port, "groundtruth.mllp_port",
+                          "OSTEOGATE_GROUNDTRUTH_MLLP_PORT"))
     for host, port, key, flag in listeners:
         if port == 0:
             continue  # any free port: cannot be taken
@@ -162,6 +165,13 @@ def _tls_problems(settings: Settings) -> list[str]:
             server_tls_context(settings.dicom.tls)
         except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
             problems.append(f"dicom.tls: the certificate or key cannot be used: {exc}")
+    if settings.groundtruth.tls_cert:
+        from osteogate.gateway.groundtruth.mllp import tls_context
+
+        try:
+            tls_context(settings.groundtruth)
+        except (OSError, ValueError) as exc:
+            problems.append(f"groundtruth.tls_cert: the certificate or key cannot be used: {exc}")
     if any(d.tls for d in settings.delivery.destinations):
         try:
             client_tls_context(settings.delivery.tls)

@@ -12,6 +12,7 @@ from osteogate.gateway.core.config import Settings
 from osteogate.gateway.core.logs import get_logger, study_key
 from osteogate.gateway.core.metrics import REGISTRY
 from osteogate.gateway.deliver.delivery import DeliveryManager
+from osteogate.gateway.groundtruth.mllp import MllpListener
 from osteogate.gateway.operate.health import HealthServer, StoreCollector
 from osteogate.gateway.operate.preflight import ClassifierCache, preflight, warn_unsafe_defaults
 from osteogate.gateway.operate.scheduler import GatewayScheduler, add_maintenance_jobs
@@ -44,6 +45,8 @@ class Gateway:
         )
         ingestor = Ingestor(self.db, self.spool, max_instance_bytes=settings.dicom.max_instance_mb * 2**20)
         self.scp = StorageSCP(settings.dicom, ingestor, accepting=self.refusal_reason, on_stored=self._instance_stored)
+        # DXA results (HL7 ORU over MLLP): only where the site configured a port for its feed.
+        self.mllp = MllpListener(settings.groundtruth, self.db) if settings.groundtruth.mllp_enabled else None
         self._stopped = threading.Event()
         self.http: HealthServer | None = None
         self._collector = StoreCollector(self.db, self.spool.free_bytes)
@@ -119,6 +122,8 @@ class Gateway:
             self.http = HealthServer(self.settings.http.bind, self.settings.http.port, self.health)
             self.http.start()
         self.scp.start()
+        if self.mllp:
+            self.mllp.start()
         log.info("gateway_started", ae_title=self.settings.dicom.ae_title, port=self.port,
                  destinations=[str(d) for d in self.settings.delivery.destinations],
                  stable_seconds=self.settings.study.stable_seconds)
@@ -129,6 +134,8 @@ class Gateway:
             return
         self._stopped.set()
         self.scp.stop()  # stop taking new work first
+        if self.mllp:
+            self.mllp.stop()
         if self.http:
             self.http.stop()
             REGISTRY.unregister(self._collector)

@@ -36,6 +36,7 @@ from osteogate.gateway.core.logs import get_logger, hashed, study_key
 from osteogate.gateway.core.uids import InvalidUIDError, require_uid
 from osteogate.gateway.store.db import Database, Instance, Series, Study, StudyResult, StudyStatus, utcnow
 from osteogate.gateway.store.spool import Spool, SpoolError
+from osteogate.model.covariates import covariates_from_dataset
 from osteogate.model.pixels import PixelDecodeError, check_pixel_budget
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
@@ -285,6 +286,16 @@ def _patient(ds: Dataset) -> tuple[str, str]:
     return (str(ds.get("PatientID", "") or "").strip(), str(ds.get("IssuerOfPatientID", "") or "").strip())
 
 
+def _patient_columns(ds: Dataset) -> dict[str, object]:
+    """Who and what the study imaged (from its first instance): DXA results are matched on the
+    patient (groundtruth/), the site's validation is split by sex, age and manufacturer."""
+    patient_id, issuer = _patient(ds)
+    covariates = covariates_from_dataset(ds)
+    return {"patient_id": patient_id[:64] or None, "issuer_of_patient_id": issuer[:64] or None,
+            "patient_sex": covariates.sex, "patient_age": covariates.age_years,
+            "manufacturer": _text(ds, "Manufacturer")}
+
+
 def pixel_digest(source: Dataset | Path) -> str | None:
     """sha256 of the decoded pixels (shape, type and values of every frame), or None when they
     cannot be decoded. Equal for the same image in any lossless transfer syntax."""
@@ -464,7 +475,7 @@ class Ingestor:
                     study_uid=study_uid, study_key=study_key(study_uid), status=StudyStatus.RECEIVING,
                     version=1, modality=_text(ds, "Modality", 16), study_date=_text(ds, "StudyDate", 8),
                     description=_text(ds, "StudyDescription"), first_received_at=now, last_received_at=now,
-                    instance_count=0,
+                    instance_count=0, **_patient_columns(ds),
                 )
                 session.add(study)
                 session.flush()

@@ -89,6 +89,13 @@ class Study(Base):
     first_received_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_received_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     instance_count: Mapped[int] = mapped_column(Integer, default=0)
+    # Who and what was imaged, from the first instance, for matching DXA results (groundtruth/)
+    # and for the site's validation by sex, age and manufacturer. PHI stays in SQL, never in logs.
+    patient_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    issuer_of_patient_id: Mapped[str | None] = mapped_column(String(64))
+    patient_sex: Mapped[str | None] = mapped_column(String(1))  # F | M | O (model/covariates.py)
+    patient_age: Mapped[float | None] = mapped_column(Float)  # years at the study
+    manufacturer: Mapped[str | None] = mapped_column(String(64))
 
     series: Mapped[list[Series]] = relationship(back_populates="study", cascade="all, delete-orphan")
     instances: Mapped[list[Instance]] = relationship(back_populates="study", cascade="all, delete-orphan")
@@ -177,6 +184,10 @@ class StudyResult(Base):
     t_score: Mapped[float | None] = mapped_column(Float)
     t_score_low: Mapped[float | None] = mapped_column(Float)  # 80 % prediction interval
     t_score_high: Mapped[float | None] = mapped_column(Float)
+    # The screening decision ("DXA referral suggested" / "below the referral threshold") and the
+    # threshold on P(T < -1.0) behind it, as reported: the site's validation checks exactly these.
+    decision: Mapped[str | None] = mapped_column(String(32))
+    referral_threshold: Mapped[float | None] = mapped_column(Float)
     inputs_used: Mapped[list[str] | None] = mapped_column(JSON)  # names from taxonomy.INPUTS
     inputs_missing: Mapped[list[str] | None] = mapped_column(JSON)
     notes: Mapped[list[str] | None] = mapped_column(JSON)  # the reasons the SR and card give (0009)

@@ -73,6 +73,8 @@ class ResultRecorder:
                 t_score=study.t_score if study else None,
                 t_score_low=study.t_score_interval[0] if study and study.t_score_interval else None,
                 t_score_high=study.t_score_interval[1] if study and study.t_score_interval else None,
+                # The estimand's screening decision, where the assessment carries one (model/estimand.py).
+                decision=getattr(study, "decision", None), referral_threshold=getattr(study, "referral_threshold", None),
                 inputs_used=list(study.inputs_used) if study else None,
                 inputs_missing=list(study.inputs_missing) if study else None,
                 model_name=((study.model_name if study else '') or classifier.card.display_name)[:128], model_version=classifier.card.version[:32],

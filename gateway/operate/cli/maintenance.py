@@ -65,6 +65,11 @@ def cmd_config_check(args: argparse.Namespace) -> int:
         print("  warning: no delivery.destinations: SRs are made but sent nowhere")
     if not dicom.allowed_calling_aets and not dicom.allowed_hosts:
         print("  warning: dicom.allowed_calling_aets and dicom.allowed_hosts are empty: any caller is accepted")
+    hl7 = settings.groundtruth
+    if hl7.mllp_enabled:
+        print(f"  HL7 DXA results (MLLP) on {hl7.bind}:{hl7.mllp_port}{' with TLS' if hl7.tls_cert else ''}")
+        if not hl7.allowed_hosts:
+            print("  warning: groundtruth.allowed_hosts is empty: any host may send DXA results")
     return 0
 
 
