@@ -177,8 +177,6 @@ class StudyResult(Base):
     assessed: Mapped[bool | None] = mapped_column(Boolean)
     reason: Mapped[str | None] = mapped_column(Text)
     label: Mapped[str | None] = mapped_column(String(16))  # the WHO category of the estimate
-    # The screening decision (model.estimand.DECISIONS); NULL when not assessed (migration 0009).
-    decision: Mapped[str | None] = mapped_column(String(40))
     # Keyed by class name (model.taxonomy.CLASSES is the one source of truth), full precision.
     probabilities: Mapped[dict[str, float] | None] = mapped_column(JSON)
     t_score: Mapped[float | None] = mapped_column(Float)
