@@ -144,3 +144,23 @@ def test_demographics_change_the_inputs_and_versions_travel_together(
     assert {pydicom.dcmread(p, stop_before_pixels=True).Modality for p in resent} == {"SR", "OT"}
     assert "sent" in resend.stdout
     json.dumps(rows)  # the listing stays JSON-serialisable with the new fields
+
+
+def test_implausible_age_falls_back_and_show_gives_the_sr_reason(
+        tmp_path: Path, fused_model: Path, dcmtk_pacs: StoreSCP) -> None:
+    """PatientAge 120Y on a 40-year-old (issue 16): the age comes from the birth and study dates,
+    and `show` states the same reason as the SR (the card draws the same notes)."""
+    require("storescu", "storescp")
+    ds = make_dataset(seed=11, PatientAge="120Y", PatientBirthDate="19840101", StudyDate="20240102",
+                      PatientSex="M", PatientWeight="74", PatientSize="1.61")
+    path = write_dataset(ds, tmp_path / "in" / "old.dcm")
+    with GatewayProcess(tmp_path / "gw", model=fused_model,
+                        destinations=[f"PACS@127.0.0.1:{dcmtk_pacs.port}"]) as gw:
+        assert storescu([path], "127.0.0.1", gw.port, "OSTEOGATE").returncode == 0
+        [sr_path] = dcmtk_pacs.wait_for_files(SR_PATTERN, count=1, timeout=120)
+        show = gw.cli("show", ds.StudyInstanceUID).stdout
+    study = read_result(pydicom.dcmread(sr_path)).groups[0]
+    note = ("PatientAge 120 y is outside the validated range 17-107: age from PatientBirthDate and StudyDate "
+            "(40 y) used")
+    assert note in study.comments and study.inputs["age"] == "40 y"
+    assert f"note: {note}" in show
