@@ -50,7 +50,17 @@ def _read_header(path: Path) -> dict[str, Any]:
 
 
 def read_metadata(path: Path | str) -> dict[str, str]:
-    """The ``__metadata__`` string map of a safetensors file (empty when absent)."""
+    """The ``__metadata__`` string map of a safetensors file (empty when absent).
+
+    Parameters
+    ----------
+    path : Path or str
+        A safetensors file.
+
+    Returns
+    -------
+    dict of str to str
+    """
     metadata = _read_header(Path(path)).get("__metadata__") or {}
     if not isinstance(metadata, dict):
         raise CheckpointError(f"{path}: __metadata__ is not an object")
@@ -58,7 +68,22 @@ def read_metadata(path: Path | str) -> dict[str, str]:
 
 
 def read_card(path: Path | str) -> ModelCard:
-    """Parse the card straight from the safetensors header (no torch import)."""
+    """Parse the card straight from the safetensors header (no torch import).
+
+    Parameters
+    ----------
+    path : Path or str
+        A checkpoint.
+
+    Returns
+    -------
+    ModelCard
+
+    Raises
+    ------
+    ValueError
+        When the file has no valid card.
+    """
     metadata = read_metadata(path)
     if CARD_KEY not in metadata:
         raise CheckpointError(f"{path} has no {CARD_KEY!r} metadata: not an OsteoGate checkpoint")
@@ -69,7 +94,18 @@ def read_card(path: Path | str) -> ModelCard:
 
 
 def checkpoint_sha256(path: Path | str) -> str:
-    """sha256 of the whole file: the identity recorded in results, SRs and the ONNX sibling."""
+    """sha256 of the whole file: the identity recorded in results, SRs and the ONNX sibling.
+
+    Parameters
+    ----------
+    path : Path or str
+        A checkpoint.
+
+    Returns
+    -------
+    str
+        Hex digest.
+    """
     digest = hashlib.sha256()
     with Path(path).open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -78,7 +114,22 @@ def checkpoint_sha256(path: Path | str) -> str:
 
 
 def save_checkpoint(path: Path | str, state_dict: Mapping[str, torch.Tensor], card: ModelCard) -> str:
-    """Write weights + card atomically (temp file then rename); returns the file's sha256."""
+    """Write weights + card atomically (temp file then rename); returns the file's sha256.
+
+    Parameters
+    ----------
+    path : Path or str
+        Where to write.
+    state_dict : Mapping[str, torch.Tensor]
+        The weights.
+    card : ModelCard
+        The card stored in the header.
+
+    Returns
+    -------
+    str
+        The written file's sha256.
+    """
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -96,7 +147,22 @@ def save_checkpoint(path: Path | str, state_dict: Mapping[str, torch.Tensor], ca
 
 
 def load_checkpoint(path: Path | str) -> tuple[dict[str, torch.Tensor], ModelCard]:
-    """Weights (on CPU) and card."""
+    """Weights (on CPU) and card.
+
+    Parameters
+    ----------
+    path : Path or str
+        A checkpoint.
+
+    Returns
+    -------
+    tuple of (dict of str to torch.Tensor, ModelCard)
+
+    Raises
+    ------
+    ValueError
+        When the card is missing or invalid.
+    """
     from safetensors.torch import load_file
 
     card = read_card(path)

@@ -47,7 +47,22 @@ def _torch_export(network: Any, dummy: Any, target: Path, opset: int) -> None:
 
 
 def export_onnx(checkpoint_path: Path | str, onnx_path: Path | str | None = None, opset: int = 17) -> Path:
-    """Export to ONNX (dynamic batch axis) next to the checkpoint unless ``onnx_path`` is given."""
+    """Export to ONNX (dynamic batch axis) next to the checkpoint unless ``onnx_path`` is given.
+
+    Parameters
+    ----------
+    checkpoint_path : Path or str
+        The checkpoint.
+    onnx_path : Path or str or None
+        Target (default: the ``.onnx`` sibling).
+    opset : int
+        ONNX opset.
+
+    Returns
+    -------
+    pathlib.Path
+        The ONNX file.
+    """
     import onnx
     import torch
 
@@ -81,7 +96,27 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def check_parity(checkpoint_path: Path | str, onnx_path: Path | str, atol: float = 1e-4) -> float:
-    """Max |p_torch - p_onnx| over all regions/classes on a fixed random batch; ValueError above ``atol``."""
+    """Max |p_torch - p_onnx| over all regions/classes on a fixed random batch; ValueError above ``atol``.
+
+    Parameters
+    ----------
+    checkpoint_path : Path or str
+        The checkpoint.
+    onnx_path : Path or str
+        Its ONNX export.
+    atol : float
+        Largest allowed difference.
+
+    Returns
+    -------
+    float
+        The largest difference found.
+
+    Raises
+    ------
+    ValueError
+        When it exceeds ``atol``.
+    """
     import onnxruntime as ort
     import torch
 
@@ -103,7 +138,18 @@ def check_parity(checkpoint_path: Path | str, onnx_path: Path | str, atol: float
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m osteogate.model.export CHECKPOINT [ONNX]``: used by serving to export in a child process,
-    so the serving process itself never imports torch (hundreds of MB of RSS)."""
+    so the serving process itself never imports torch (hundreds of MB of RSS).
+
+    Parameters
+    ----------
+    argv : list of str or None
+        Command-line arguments.
+
+    Returns
+    -------
+    int
+        Exit status.
+    """
     import argparse
 
     parser = argparse.ArgumentParser(description="export an OsteoGate checkpoint to ONNX and check parity")

@@ -3,13 +3,12 @@
 The fusion head is small on purpose: one linear model per *input situation* (which of image, age,
 sex, weight, height a study has), fitted by training/fusion.py and stored in ``card.fusion``:
 
-* a 3-class head: multinomial logistic ``softmax(W x + b)`` (``kind = "multinomial"``), or the
-  T-score regression read through the WHO cut-offs (``kind = "ordinal_t"``:
-  P(T <= c) = Phi((c - mu) / sigma)), whichever grouped CV chose;
-* a T-score regression ``mu = w . x + c`` with an 80 % prediction interval ``mu + [q10, q90]`` from
-  cross-validated residuals (a point estimate alone over-claims);
-* operating thresholds chosen on out-of-fold predictions at a stated sensitivity, and the
-  grouped-CV figures of that situation (model/gate.py decides from them whether to report).
+* a T-score regression ``mu = w . x + c`` (ridge) and a calibrated spread ``sigma``
+  (``classifier = {"kind": "normal_t", "sigma": ...}``): together the predictive distribution
+  Normal(mu, sigma) of model/estimand.py, from which the estimate, its 80 % interval and every
+  probability derive (P(T <= c) = Phi((c - mu) / sigma) through the WHO cut-offs);
+* the operating threshold on P(low) chosen on out-of-fold predictions at a stated sensitivity,
+  and the grouped-CV figures of that situation (model/gate.py decides from them whether to report).
 
 Features (``FEATURES``) are computed here from ``Covariates`` and the image probabilities, so
 training and serving cannot drift apart. Situations are keyed by the inputs available, in
@@ -26,7 +25,8 @@ from typing import Any
 
 import numpy as np
 from osteogate.model.covariates import Covariates
-from osteogate.model.taxonomy import CLASSES, INPUTS, T_SCORE_OSTEOPENIA, T_SCORE_OSTEOPOROSIS
+from osteogate.model.estimand import Z80, TScoreDistribution, on_grid
+from osteogate.model.taxonomy import CLASSES, INPUTS
 
 FUSION_FORMAT = 1
 LOGIT_CLIP = 6.0  # image probabilities of 0.0025 / 0.9975 already say all an image can say
@@ -90,18 +90,59 @@ FEATURES: dict[str, tuple[tuple[str, ...], Callable[[FusionInputs], float | None
 
 
 def situation_key(inputs: Sequence[str]) -> str:
-    """Canonical key of a set of inputs ("none" when empty)."""
+    """Canonical key of a set of inputs ("none" when empty).
+
+    Parameters
+    ----------
+    inputs : Sequence[str]
+        Input names (``taxonomy.INPUTS``), in any order.
+
+    Returns
+    -------
+    str
+        The names in ``INPUTS`` order joined by "+", e.g. ``"age+sex"``.
+    """
     chosen = [name for name in INPUTS if name in set(inputs)]
     return "+".join(chosen) if chosen else "none"
 
 
 def features_for(inputs: Sequence[str]) -> tuple[str, ...]:
-    """Every feature computable from these inputs (FEATURES order)."""
+    """Every feature computable from these inputs (FEATURES order).
+
+    Parameters
+    ----------
+    inputs : Sequence[str]
+        Available input names.
+
+    Returns
+    -------
+    tuple of str
+        Feature names.
+    """
     have = set(inputs)
     return tuple(name for name, (needs, _) in FEATURES.items() if set(needs) <= have)
 
 
 def feature_vector(x: FusionInputs, names: Sequence[str]) -> np.ndarray:
+    """The raw feature values of one study.
+
+    Parameters
+    ----------
+    x : FusionInputs
+        The study's inputs.
+    names : Sequence[str]
+        Feature names (``FEATURES``).
+
+    Returns
+    -------
+    numpy.ndarray
+        [F] float64 values.
+
+    Raises
+    ------
+    ValueError
+        On an unknown feature, or one whose input the study lacks.
+    """
     values = []
     for name in names:
         if name not in FEATURES:
@@ -118,28 +159,89 @@ def _normal_cdf(z: np.ndarray) -> np.ndarray:
 
 
 def probabilities_from_t(mu: np.ndarray, sigma: float) -> np.ndarray:
-    """[N, 3] class probabilities of a Gaussian T-score estimate, through the WHO cut-offs."""
+    """[N, 3] class probabilities of normal T-score distributions, through the WHO cut-offs.
+
+    Parameters
+    ----------
+    mu : array_like
+        [N] T-score estimates (put them on the reporting grid first: ``on_grid``).
+    sigma : float
+        The predictive standard deviation.
+
+    Returns
+    -------
+    numpy.ndarray
+        [N, 3] probabilities in ``CLASSES`` order, exactly those of ``TScoreDistribution``.
+    """
     mu = np.atleast_1d(np.asarray(mu, dtype=np.float64))
-    p_op = _normal_cdf((T_SCORE_OSTEOPOROSIS - mu) / sigma)
-    p_low = _normal_cdf((T_SCORE_OSTEOPENIA - mu) / sigma)
-    return np.stack([1.0 - p_low, p_low - p_op, p_op], axis=1).clip(0.0, 1.0)
+    rows = [TScoreDistribution(float(m), float(sigma)).probabilities for m in mu]
+    return np.array([[row[c] for c in CLASSES] for row in rows], dtype=np.float64).reshape(len(mu), len(CLASSES))
 
 
-def _softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
+def sigma_from_quantiles(q_low: float, q_high: float) -> float:
+    """The normal spread whose 80 % interval is as wide as the residual 10th-90th percentiles
+    (how a card of format 1 without a calibrated ``sigma`` is read as a distribution).
+
+    Parameters
+    ----------
+    q_low, q_high : float
+        The residual 10th and 90th percentiles.
+
+    Returns
+    -------
+    float
+    """
+    return max((float(q_high) - float(q_low)) / (2 * Z80), 1e-3)
 
 
 @dataclass(frozen=True)
 class FusionResult:
-    probabilities: dict[str, float]
-    t_score: float
-    t_score_interval: tuple[float, float]
+    """One study's predictive T-score distribution from one head.
+
+    Parameters
+    ----------
+    distribution : TScoreDistribution
+        Normal(estimate, sd); every reported number derives from it.
+    """
+
+    distribution: TScoreDistribution
+
+    @property
+    def probabilities(self) -> dict[str, float]:
+        """The three WHO class probabilities of the distribution."""
+        return self.distribution.probabilities
+
+    @property
+    def t_score(self) -> float:
+        """The estimate (median, on the 0.1 grid)."""
+        return self.distribution.estimate
+
+    @property
+    def t_score_interval(self) -> tuple[float, float]:
+        """The 80 % prediction interval, rounded once."""
+        return self.distribution.interval
 
 
 class FusionHead:
-    """One situation's head, from its card entry (see module docstring for the schema)."""
+    """One situation's head, from its card entry (see module docstring for the schema).
+
+    The head's output is one predictive distribution of the T-score, Normal(mu, sigma): mu from the
+    ridge regression, sigma the calibrated residual scale (``classifier.sigma`` of kind
+    ``"normal_t"``). Entries of older cards (kind ``"multinomial"`` or ``"ordinal_t"``) are read
+    the same way, sigma from their cross-validated residual quantiles: a 3-class head that could
+    disagree with the T-score estimate is no longer evaluated.
+
+    Parameters
+    ----------
+    entry : Mapping
+        The card's ``fusion.situations[key]`` entry.
+
+    Raises
+    ------
+    ValueError
+        When the entry is malformed (missing keys, shapes that do not match its features, unknown
+        features or classifier kinds).
+    """
 
     def __init__(self, entry: Mapping[str, Any]) -> None:
         try:
@@ -149,49 +251,61 @@ class FusionHead:
             self.scale = np.asarray(entry["scale"], dtype=np.float64)
             classifier, regression = entry["classifier"], entry["regression"]
             self.kind = str(classifier["kind"])
-            self.temperature = float(classifier.get("temperature", 1.0))
             self.reg_coef = np.asarray(regression["coef"], dtype=np.float64)
             self.reg_intercept = float(regression["intercept"])
             self.residual_sd = float(regression["residual_sd"])
             q_low, q_high = regression["residual_quantiles"]
-            self.q_low, self.q_high = float(q_low), float(q_high)
-            if self.kind == "multinomial":
-                self.coef = np.asarray(classifier["coef"], dtype=np.float64)
-                self.intercept = np.asarray(classifier["intercept"], dtype=np.float64)
-            elif self.kind == "ordinal_t":
-                self.sigma = float(classifier.get("sigma", self.residual_sd))
+            if self.kind == "normal_t":
+                self.sigma = float(classifier["sigma"])
+            elif self.kind in ("multinomial", "ordinal_t"):
+                self.sigma = sigma_from_quantiles(q_low, q_high)
             else:
                 raise ValueError(f"unknown classifier kind {self.kind!r}")
         except (KeyError, TypeError) as exc:
             raise ValueError(f"malformed fusion head: {exc!r}") from exc
         n = len(self.features)
         shapes_ok = self.center.shape == (n,) and self.scale.shape == (n,) and self.reg_coef.shape == (n,)
-        if self.kind == "multinomial":
-            shapes_ok = shapes_ok and self.coef.shape == (len(CLASSES), n) and self.intercept.shape == (len(CLASSES),)
-        if not shapes_ok or not np.all(self.scale > 0) or self.temperature <= 0:
+        if not shapes_ok or not np.all(self.scale > 0) or not (math.isfinite(self.sigma) and self.sigma > 0):
             raise ValueError(f"fusion head for {list(self.inputs)}: parameter shapes do not match its features")
         unknown = [f for f in self.features if f not in FEATURES]
         if unknown:
             raise ValueError(f"fusion head uses unknown features {unknown}")
 
     def standardise(self, raw: np.ndarray) -> np.ndarray:
+        """Standardise [N, F] raw features with the head's centre and scale."""
         return (np.atleast_2d(raw) - self.center) / self.scale
 
     def predict_raw(self, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """[N, F] raw features -> ([N, 3] probabilities, [N] T-score estimates)."""
+        """[N, F] raw features -> ([N, 3] probabilities, [N] T-score estimates on the 0.1 grid).
+
+        Training evaluates heads through this function, so its figures are those of what serving
+        reports (the same rounding included)."""
         z = self.standardise(raw)
-        mu = z @ self.reg_coef + self.reg_intercept
-        if self.kind == "multinomial":
-            probs = _softmax((z @ self.coef.T + self.intercept) / self.temperature)
-        else:
-            probs = probabilities_from_t(mu, self.sigma)
-        return probs, mu
+        mu = np.array([on_grid(float(m)) for m in z @ self.reg_coef + self.reg_intercept], dtype=np.float64)
+        return probabilities_from_t(mu, self.sigma), mu
+
+    def interval_raw(self, mu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The 80 % interval endpoints of [N] estimates (rounded once, as reported)."""
+        pairs = [TScoreDistribution(float(m), self.sigma).interval for m in np.atleast_1d(mu)]
+        return np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
 
     def predict(self, x: FusionInputs) -> FusionResult:
-        probs, mu = self.predict_raw(feature_vector(x, self.features)[None])
-        t = float(mu[0])
-        return FusionResult(
-            probabilities={name: float(p) for name, p in zip(CLASSES, probs[0], strict=True)},
-            t_score=round(t, 2),
-            t_score_interval=(round(t + self.q_low, 2), round(t + self.q_high, 2)),
-        )
+        """The predictive distribution for one study.
+
+        Parameters
+        ----------
+        x : FusionInputs
+            The study's covariates (and image probabilities when the head uses the image).
+
+        Returns
+        -------
+        FusionResult
+
+        Raises
+        ------
+        ValueError
+            When the study lacks an input one of the head's features needs.
+        """
+        z = self.standardise(feature_vector(x, self.features)[None])
+        mu = float((z @ self.reg_coef + self.reg_intercept)[0])
+        return FusionResult(TScoreDistribution.from_regression(mu, self.sigma))

@@ -11,6 +11,7 @@ real data (an untrained region head, e.g. spine, never yields a label).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from osteogate.model.covariates import Covariates
@@ -38,7 +39,19 @@ def _figure(validation: Mapping[str, Any], name: str) -> Mapping[str, Any] | Non
 
 
 def discrimination_reason(validation: Mapping[str, Any], what: str) -> str | None:
-    """None if ``validation`` shows low-BMD discrimination above chance, else why not."""
+    """None if ``validation`` shows low-BMD discrimination above chance, else why not.
+
+    Parameters
+    ----------
+    validation : Mapping
+        Grouped-CV figures of a situation.
+    what : str
+        What the figures are of, for the reason.
+
+    Returns
+    -------
+    str or None
+    """
     auc = _figure(validation, "auc_low_bmd")
     if auc is None:
         return f"no grouped-validation figures for {what}"
@@ -55,7 +68,19 @@ def operating_point_reason(validation: Mapping[str, Any], what: str) -> str | No
     every study "low BMD", which says nothing about the patient. That is the case when the low-BMD
     specificity's 95 % CI reaches 0, or when the flag's positive likelihood ratio is below
     ``MIN_POSITIVE_LR`` (it flags most patients without low BMD too). Figures absent (older cards):
-    no objection here; the discrimination rule still applies."""
+    no objection here; the discrimination rule still applies.
+
+    Parameters
+    ----------
+    validation : Mapping
+        Grouped-CV figures of a situation.
+    what : str
+        What the figures are of, for the reason.
+
+    Returns
+    -------
+    str or None
+    """
     specificity = _figure(validation, "specificity_low_bmd")
     if specificity is None:
         return None
@@ -77,7 +102,17 @@ def operating_point_reason(validation: Mapping[str, Any], what: str) -> str | No
 
 
 def trained_regions(card: Any) -> tuple[str, ...]:
-    """Regions whose image head saw real images in training (from the card)."""
+    """Regions whose image head saw real images in training (from the card).
+
+    Parameters
+    ----------
+    card : ModelCard
+        The checkpoint's card.
+
+    Returns
+    -------
+    tuple of str
+    """
     if not getattr(card, "trained", False):
         return ()
     fusion = getattr(card, "fusion", None) or {}
@@ -89,7 +124,17 @@ def trained_regions(card: Any) -> tuple[str, ...]:
 
 def image_validation(card: Any) -> Mapping[str, Any]:
     """Grouped-CV figures of the image alone: the fusion's image-only head when the card has one,
-    else the network's own cross-validation (older cards)."""
+    else the network's own cross-validation (older cards).
+
+    Parameters
+    ----------
+    card : ModelCard
+        The checkpoint's card.
+
+    Returns
+    -------
+    Mapping
+    """
     fusion = getattr(card, "fusion", None) or {}
     entry = (fusion.get("situations") or {}).get("image")
     if isinstance(entry, Mapping) and isinstance(entry.get("validation"), Mapping):
@@ -99,7 +144,19 @@ def image_validation(card: Any) -> Mapping[str, Any]:
 
 
 def image_path_reason(card: Any, region: str) -> str | None:
-    """None if the image network may report for ``region``, else why not."""
+    """None if the image network may report for ``region``, else why not.
+
+    Parameters
+    ----------
+    card : ModelCard
+        The checkpoint's card.
+    region : str
+        The region.
+
+    Returns
+    -------
+    str or None
+    """
     if not getattr(card, "trained", False):
         return "the image network is untrained (random weights)"
     if region not in trained_regions(card):
@@ -110,7 +167,19 @@ def image_path_reason(card: Any, region: str) -> str | None:
 
 
 def situation_reason(entry: Mapping[str, Any] | None, available: Sequence[str]) -> str | None:
-    """None if the card's head for this input situation may report, else why not."""
+    """None if the card's head for this input situation may report, else why not.
+
+    Parameters
+    ----------
+    entry : Mapping or None
+        The card's head for the situation.
+    available : Sequence[str]
+        The inputs the study offers.
+
+    Returns
+    -------
+    str or None
+    """
     if not available:
         return "no usable inputs (no image path and no age, sex, weight or height in the header)"
     if entry is None:
@@ -125,7 +194,19 @@ def out_of_range(covariates: Covariates, ranges: Mapping[str, Sequence[float]]) 
     """Covariates outside the range the fusion head was validated on: name -> reason.
 
     A linear head extrapolates without warning; a value outside the validated range (e.g. a child's
-    age for a model fitted on adults) is treated as missing rather than trusted."""
+    age for a model fitted on adults) is treated as missing rather than trusted.
+
+    Parameters
+    ----------
+    covariates : Covariates
+        The covariates.
+    ranges : Mapping
+        The card's validated ranges.
+
+    Returns
+    -------
+    dict of str to str
+    """
     reasons: dict[str, str] = {}
     for name, attribute in _RANGE_ATTRIBUTES.items():
         bounds = ranges.get(name)
@@ -145,7 +226,19 @@ def out_of_range(covariates: Covariates, ranges: Mapping[str, Sequence[float]]) 
 
 
 def without(covariates: Covariates, names: Sequence[str]) -> Covariates:
-    """A copy of ``covariates`` with the named ones set to missing (notes kept)."""
+    """A copy of ``covariates`` with the named ones set to missing (notes kept).
+
+    Parameters
+    ----------
+    covariates : Covariates
+        The covariates.
+    names : Sequence[str]
+        Names (``taxonomy.COVARIATES``) to drop.
+
+    Returns
+    -------
+    Covariates
+    """
     return Covariates(
         age_years=None if "age" in names else covariates.age_years,
         sex=None if "sex" in names else covariates.sex,
@@ -153,3 +246,31 @@ def without(covariates: Covariates, names: Sequence[str]) -> Covariates:
         height_m=None if "height" in names else covariates.height_m,
         notes=covariates.notes,
     )
+
+
+def with_age_fallback(covariates: Covariates, ranges: Mapping[str, Sequence[float]]) -> tuple[Covariates, str | None]:
+    """The covariates with the age from the second source when PatientAge is out of the validated
+    range and the birth and study dates give an age inside it; else unchanged.
+
+    Parameters
+    ----------
+    covariates : Covariates
+        As read from the header.
+    ranges : Mapping
+        The card's validated ranges (``fusion.covariate_ranges``).
+
+    Returns
+    -------
+    tuple of (Covariates, str or None)
+        The covariates to use and the note that says what was done (None when nothing was).
+    """
+    bounds = ranges.get("age")
+    fallback = covariates.age_fallback
+    if covariates.age_years is None or fallback is None or not isinstance(bounds, list | tuple) or len(bounds) != 2:
+        return covariates, None
+    low, high = float(bounds[0]), float(bounds[1])
+    if low <= covariates.age_years <= high or not low <= fallback[0] <= high:
+        return covariates, None
+    note = (f"PatientAge {covariates.age_years:g} y is outside the validated range {low:g}-{high:g}: "
+            f"{fallback[1]} ({fallback[0]:g} y) used")
+    return replace(covariates, age_years=fallback[0], age_fallback=None), note

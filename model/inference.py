@@ -56,7 +56,12 @@ class Backend(Protocol):
 
 
 def cuda_present() -> bool:
-    """Cheap GPU probe that avoids importing torch on machines without an NVIDIA driver."""
+    """Cheap GPU probe that avoids importing torch on machines without an NVIDIA driver.
+
+    Returns
+    -------
+    bool
+    """
     if Path("/dev/nvidiactl").exists():
         return True
     if shutil.which("nvidia-smi") is None:
@@ -152,7 +157,25 @@ def open_onnx(checkpoint_path: Path, sha256: str, cache_dir: Path | None, thread
               spin_wait: bool = True) -> OnnxBackend:
     """ONNX backend for the checkpoint: the ``<stem>.onnx`` sibling if its sha matches, else
     ``<cache_dir>/<stem>-<sha16>.onnx`` (exported now if missing or stale; without torch that
-    is refused with ModelUnavailable instead of attempted)."""
+    is refused with ModelUnavailable instead of attempted).
+
+    Parameters
+    ----------
+    checkpoint_path : Path
+        The checkpoint.
+    sha256 : str
+        Its sha256 (the sibling must match it).
+    cache_dir : Path or None
+        Where an export is cached when there is no current sibling.
+    threads : int or None
+        ONNX Runtime intra-op threads.
+    spin_wait : bool
+        Let ONNX Runtime spin-wait.
+
+    Returns
+    -------
+    OnnxBackend
+    """
     sibling = checkpoint_path.with_suffix(".onnx")
     cache = Path(cache_dir if cache_dir is not None else DEFAULT_CACHE_DIR).expanduser()
     cached = cache / f"{checkpoint_path.stem}-{sha256[:16]}.onnx"

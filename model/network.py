@@ -117,6 +117,18 @@ def load_backbone_weights(backbone: nn.Module, path: Path) -> tuple[list[str], l
 
     Accepts a bare timm state dict or an OsteoGate checkpoint (``backbone.`` prefix stripped); timm's
     classifier head keys are dropped because the backbone is built with ``num_classes=0``.
+
+    Parameters
+    ----------
+    backbone : torch.nn.Module
+        The backbone.
+    path : Path
+        A local state dict.
+
+    Returns
+    -------
+    tuple of (list of str, list of str)
+        Missing and unexpected keys.
     """
     state = _read_state_dict(Path(path))
     if any(key.startswith("backbone.") for key in state):
@@ -142,7 +154,21 @@ def load_backbone_weights(backbone: nn.Module, path: Path) -> tuple[list[str], l
 
 
 def build_network(card: ModelCard, pretrained: bool = False, init_from: Path | None = None) -> OsteoNet:
-    """Network for ``card``: backbone by ``card.architecture``, heads per ``card.regions``."""
+    """Network for ``card``: backbone by ``card.architecture``, heads per ``card.regions``.
+
+    Parameters
+    ----------
+    card : ModelCard
+        The card (architecture, regions, classes, input).
+    pretrained : bool
+        Load pretrained backbone weights where available locally.
+    init_from : Path or None
+        A local backbone state dict.
+
+    Returns
+    -------
+    OsteoNet
+    """
     if card.architecture in CUSTOM_ARCHITECTURES:
         if pretrained:
             raise RuntimeError(f"{card.architecture!r} has no pretrained weights; use --init-from FILE")
@@ -165,7 +191,21 @@ UNTRAINED_LIMITATIONS = (
 
 
 def create_untrained_checkpoint(path: Path | str, architecture: str = "efficientnet_b0", seed: int = 0) -> Path:
-    """Write a randomly initialised checkpoint (trained=False) so the gateway runs end to end without data."""
+    """Write a randomly initialised checkpoint (trained=False) so the gateway runs end to end without data.
+
+    Parameters
+    ----------
+    path : Path or str
+        Where to write.
+    architecture : str
+        Backbone name.
+    seed : int
+        Initialisation seed.
+
+    Returns
+    -------
+    pathlib.Path
+    """
     path = Path(path)
     card = ModelCard(
         name=f"osteogate-{architecture}", version="0.0.0", architecture=architecture, trained=False,

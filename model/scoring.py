@@ -16,13 +16,15 @@ import numpy as np
 from osteogate.model.assessment import Assessment, ImageAssessment, ImageScore, StudyAssessment
 from osteogate.model.card import ModelCard
 from osteogate.model.covariates import Covariates
-from osteogate.model.fusion import FUSION_FORMAT, FusionHead, FusionInputs, situation_key
+from osteogate.model.estimand import category_from_probabilities, referral_decision
+from osteogate.model.fusion import FUSION_FORMAT, FusionHead, FusionInputs, FusionResult, situation_key
 from osteogate.model.gate import (
     image_path_reason,
     image_validation,
     out_of_range,
     situation_reason,
     trained_regions,
+    with_age_fallback,
     without,
 )
 from osteogate.model.taxonomy import CLASSES, COVARIATES, LOW_BMD_CLASSES
@@ -45,7 +47,20 @@ def decide_label(probabilities: Mapping[str, float], thresholds: Mapping[str, fl
     osteoporosis when P(osteoporosis) >= thresholds.osteoporosis (a severity grade), else osteopenia;
     normal when low BMD is not flagged. The grade never overrides the screening threshold, so the
     low-BMD label keeps exactly the sensitivity and specificity the card states for it. Without
-    thresholds: the most probable class.
+    thresholds: the most probable class. Kept for the legacy per-image ``Classifier.predict`` API;
+    reported results name the category of their T-score distribution instead (model/estimand.py).
+
+    Parameters
+    ----------
+    probabilities : Mapping[str, float]
+        Calibrated class probabilities.
+    thresholds : Mapping[str, float]
+        Operating thresholds (``low_bmd``, optionally ``osteoporosis``).
+
+    Returns
+    -------
+    str
+        One of ``taxonomy.CLASSES``.
     """
     low_bmd = thresholds.get("low_bmd")
     osteoporosis = thresholds.get("osteoporosis")
@@ -59,7 +74,23 @@ def decide_label(probabilities: Mapping[str, float], thresholds: Mapping[str, fl
 
 
 def load_fusion_heads(card: ModelCard) -> dict[str, FusionHead]:
-    """Situation key -> head; a malformed fusion section raises ValueError (at checkpoint load)."""
+    """Situation key -> head, from the card's fusion section.
+
+    Parameters
+    ----------
+    card : ModelCard
+        The checkpoint's card.
+
+    Returns
+    -------
+    dict
+        Situation key -> ``FusionHead`` (empty for a card without fusion heads).
+
+    Raises
+    ------
+    ValueError
+        When the fusion section is malformed (checked at checkpoint load).
+    """
     fusion = card.fusion
     if not fusion:
         return {}
@@ -92,6 +123,60 @@ def _rounded(probabilities: Mapping[str, float]) -> dict[str, float]:
     return {c: round(float(probabilities[c]), 4) for c in CLASSES}
 
 
+def model_identity(card: ModelCard, inputs_used: Sequence[str]) -> tuple[str, str]:
+    """(name, validation population) of the head behind a result.
+
+    A result that used no image comes from the covariates head, not from the image network the
+    checkpoint is named after: it is named ``fusion.covariates_model`` (default: the card's name with
+    its region replaced by "covariates", e.g. "osteogate-covariates").
+
+    Parameters
+    ----------
+    card : ModelCard
+        The checkpoint's card.
+    inputs_used : Sequence[str]
+        The inputs the result used.
+
+    Returns
+    -------
+    tuple of str
+        The head's name and the population its validation figures come from ("" when unknown).
+    """
+    fusion = card.fusion or {}
+    population = str(fusion.get("population") or "")
+    if "image" in inputs_used:
+        return card.name, population
+    base = card.name.rsplit("-", 1)[0] if "-" in card.name else card.name
+    return str(fusion.get("covariates_model") or f"{base}-covariates"), population
+
+
+def _from_distribution(card: ModelCard, result: FusionResult, entry: Mapping[str, Any], **fields: Any) -> Assessment:
+    """An assessed result whose every number derives from the head's one T-score distribution."""
+    distribution = result.distribution
+    threshold = (entry.get("thresholds") or {}).get("low_bmd")
+    name, population = model_identity(card, fields.get("inputs_used", ()))
+    return Assessment(
+        assessed=True, label=distribution.category, probabilities=distribution.probabilities,
+        t_score=distribution.estimate, t_score_interval=distribution.interval, t_score_sd=round(distribution.sd, 4),
+        decision=referral_decision(distribution.p_low, threshold),
+        referral_threshold=None if threshold is None else float(threshold),
+        validation=_validation(entry.get("validation")), model_name=name, population=population, **fields,
+    )
+
+
+def _from_probabilities(card: ModelCard, probabilities: Mapping[str, float], thresholds: Mapping[str, float],
+                        **fields: Any) -> Assessment:
+    """An assessed result of an image network without a T-score head (older cards)."""
+    rounded = _rounded(probabilities)
+    threshold = thresholds.get("low_bmd")
+    p_low = sum(probabilities[c] for c in LOW_BMD_CLASSES)
+    name, population = model_identity(card, ("image",))
+    return Assessment(assessed=True, label=category_from_probabilities(probabilities), probabilities=rounded,
+                      decision=referral_decision(p_low, threshold),
+                      referral_threshold=None if threshold is None else float(threshold),
+                      model_name=name, population=population, **fields)
+
+
 def _image_assessment(card: ModelCard, heads: Mapping[str, FusionHead], score: ImageScore,
                       reason: str | None) -> Assessment:
     if reason is not None:
@@ -102,15 +187,9 @@ def _image_assessment(card: ModelCard, heads: Mapping[str, FusionHead], score: I
     if head is not None:  # the fusion's recalibrated image-only head
         entry = card.fusion["situations"]["image"]
         result = head.predict(FusionInputs(Covariates(), score.probabilities))
-        return Assessment(
-            assessed=True, label=decide_label(result.probabilities, entry.get("thresholds", {})),
-            probabilities=_rounded(result.probabilities), t_score=result.t_score,
-            t_score_interval=result.t_score_interval, inputs_used=("image",), situation="image",
-            validation=_validation(entry.get("validation")),
-        )
-    return Assessment(assessed=True, label=decide_label(score.probabilities, card.thresholds),
-                      probabilities=_rounded(score.probabilities), inputs_used=("image",), situation="image",
-                      validation=_validation(image_validation(card)))
+        return _from_distribution(card, result, entry, inputs_used=("image",), situation="image")
+    return _from_probabilities(card, score.probabilities, card.thresholds, inputs_used=("image",),
+                               situation="image", validation=_validation(image_validation(card)))
 
 
 def _legacy_study(card: ModelCard, scores: Sequence[ImageScore], covariates: Covariates,
@@ -121,9 +200,9 @@ def _legacy_study(card: ModelCard, scores: Sequence[ImageScore], covariates: Cov
         probabilities = _mean_probabilities(scores)
         if covariates.present:
             notes.append("header covariates not used: no covariate model in this checkpoint")
-        return Assessment(assessed=True, label=decide_label(probabilities, card.thresholds),
-                          probabilities=_rounded(probabilities), inputs_used=("image",), inputs_missing=missing,
-                          situation="image", validation=_validation(image_validation(card)), notes=tuple(notes))
+        return _from_probabilities(card, probabilities, card.thresholds, inputs_used=("image",),
+                                   inputs_missing=missing, situation="image",
+                                   validation=_validation(image_validation(card)), notes=tuple(notes))
     reasons = []
     if covariates.present:
         reasons.append("no covariate model in this checkpoint")
@@ -136,6 +215,27 @@ def _legacy_study(card: ModelCard, scores: Sequence[ImageScore], covariates: Cov
 
 def assess_study(card: ModelCard, heads: Mapping[str, FusionHead], scores: Sequence[ImageScore],
                  covariates: Covariates, region: str) -> StudyAssessment:
+    """A study's assessment: the card's head for the input situation the study offers, gated.
+
+    Parameters
+    ----------
+    card : ModelCard
+        The checkpoint's card.
+    heads : Mapping[str, FusionHead]
+        ``load_fusion_heads(card)``.
+    scores : Sequence[ImageScore]
+        The image network's scores of the study's images of this region.
+    covariates : Covariates
+        The header covariates.
+    region : str
+        The study's region.
+
+    Returns
+    -------
+    StudyAssessment
+        Per image and for the study: assessed (estimate, interval, probabilities, category and
+        decision from one T-score distribution) or not assessed with the reason.
+    """
     image_reason = image_path_reason(card, region)
     images = tuple(ImageAssessment(region=region, assessment=_image_assessment(card, heads, s, image_reason), score=s)
                    for s in scores)
@@ -145,6 +245,9 @@ def assess_study(card: ModelCard, heads: Mapping[str, FusionHead], scores: Seque
         return StudyAssessment(region=region, study=study, images=images, covariates=covariates)
 
     fusion = card.fusion
+    covariates, fallback_note = with_age_fallback(covariates, fusion.get("covariate_ranges") or {})
+    if fallback_note:
+        notes.append(fallback_note)
     dropped = out_of_range(covariates, fusion.get("covariate_ranges") or {})
     for reason in dict.fromkeys(dropped.values()):
         notes.append(reason)
@@ -171,12 +274,8 @@ def assess_study(card: ModelCard, heads: Mapping[str, FusionHead], scores: Seque
         notes.append(str(entry.get("note") or "image not used: it added nothing measurable in grouped validation"))
     image_probabilities = _mean_probabilities(scores) if "image" in head.inputs else None
     result = head.predict(FusionInputs(usable, image_probabilities))
-    study = Assessment(
-        assessed=True, label=decide_label(result.probabilities, entry.get("thresholds", {})),
-        probabilities=_rounded(result.probabilities), t_score=result.t_score,
-        t_score_interval=result.t_score_interval, inputs_used=tuple(head.inputs), inputs_missing=missing,
-        situation=key, validation=_validation(entry.get("validation")), notes=tuple(notes),
-    )
+    study = _from_distribution(card, result, entry, inputs_used=tuple(head.inputs), inputs_missing=missing,
+                               situation=key, notes=tuple(notes))
     return StudyAssessment(region=region, study=study, images=images, covariates=covariates)
 
 

@@ -23,7 +23,18 @@ T_SCORE_OSTEOPOROSIS = -2.5
 
 
 def class_from_t_score(t_score: float) -> str:
-    """WHO class of a densitometry T-score (<= -2.5 osteoporosis, < -1.0 osteopenia)."""
+    """WHO class of a densitometry T-score (<= -2.5 osteoporosis, < -1.0 osteopenia).
+
+    Parameters
+    ----------
+    t_score : float
+        A T-score.
+
+    Returns
+    -------
+    str
+        One of CLASSES.
+    """
     if t_score <= T_SCORE_OSTEOPOROSIS:
         return "osteoporosis"
     if t_score < T_SCORE_OSTEOPENIA:
@@ -36,6 +47,22 @@ class TaxonomyError(ValueError):
 
 
 def check_card_taxonomy(classes: Sequence[str], regions: Sequence[str], what: str = "model card") -> None:
+    """Refuse a card whose classes or regions differ from this gateway's.
+
+    Parameters
+    ----------
+    classes : Sequence[str]
+        The card's classes.
+    regions : Sequence[str]
+        The card's regions.
+    what : str
+        The card's name in the error.
+
+    Raises
+    ------
+    TaxonomyError
+        On other classes or unknown regions.
+    """
     if tuple(classes) != CLASSES:
         raise TaxonomyError(f"{what} has classes {list(classes)}; this gateway reports exactly {list(CLASSES)}")
     unknown = [r for r in regions if r not in REGIONS]

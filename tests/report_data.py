@@ -16,6 +16,7 @@ import pytest
 from osteogate.gateway.report.sr import AlgorithmInfo, SkippedImage, StudyReport
 from osteogate.model.assessment import Assessment, ImageAssessment, ImageScore, StudyAssessment
 from osteogate.model.covariates import Covariates
+from osteogate.model.estimand import Z80, TScoreDistribution, category_from_probabilities, referral_decision
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
@@ -28,7 +29,7 @@ ALGORITHM = AlgorithmInfo(
 )
 ALL_INPUTS = ("image", "age", "sex", "weight", "height")
 KNEE_P = {"normal": 0.125, "osteopenia": 0.25, "osteoporosis": 0.625}
-OTHER_P = {"normal": 0.5, "osteopenia": 0.375, "osteoporosis": 0.125}
+OTHER_P = {"normal": 0.625, "osteopenia": 0.25, "osteoporosis": 0.125}
 STUDY_P = {"normal": 0.2, "osteopenia": 0.7213, "osteoporosis": 0.0787}
 COVARIATES = Covariates(age_years=67.4, sex="F", weight_kg=58.0, height_m=1.62)
 NO_COVARIATES = Covariates(notes=("PatientAge, PatientBirthDate absent",))
@@ -102,11 +103,29 @@ def make_image(
     return ds
 
 
+REFERRAL_THRESHOLD = 0.7
+
+
 def assessed(label: str, probabilities: dict[str, float], inputs: tuple[str, ...] = ALL_INPUTS,
-             t_score: float | None = None, interval: tuple[float, float] | None = None) -> Assessment:
+             t_score: float | None = None, interval: tuple[float, float] | None = None,
+             threshold: float = REFERRAL_THRESHOLD, **fields) -> Assessment:
+    """An assessed result as the model makes it: with a T-score, every number from one distribution
+    (Normal(t_score, sd), sd from the interval's width); without, the category of ``probabilities``.
+    ``label`` states what the test expects: it must be the category that comes out."""
     missing = tuple(n for n in ALL_INPUTS if n not in inputs)
-    return Assessment(True, label=label, probabilities=probabilities, t_score=t_score, t_score_interval=interval,
-                      inputs_used=inputs, inputs_missing=missing)
+    if t_score is not None:
+        low, high = interval if interval is not None else (t_score - 0.6, t_score + 0.6)
+        dist = TScoreDistribution.from_regression(t_score, (high - low) / (2 * Z80))
+        probabilities, category, p_low = dist.probabilities, dist.category, dist.p_low
+        numbers = {"t_score": dist.estimate, "t_score_interval": dist.interval, "t_score_sd": dist.sd}
+    else:
+        category = category_from_probabilities(probabilities)
+        p_low = probabilities["osteopenia"] + probabilities["osteoporosis"]
+        numbers = {}
+    assert category == label, f"{label} is not the category of these numbers ({category})"
+    return Assessment(True, label=category, probabilities=probabilities, inputs_used=inputs, inputs_missing=missing,
+                      decision=referral_decision(p_low, threshold), referral_threshold=threshold,
+                      **numbers, **fields)
 
 
 def not_assessed(reason: str = UNDISCRIMINATING, inputs: tuple[str, ...] = ("image",)) -> Assessment:

@@ -275,5 +275,5 @@ def test_demo_prints_sr_summaries(tiny_model: Path, tmp_path: Path) -> None:
     assert len(cards) == 4 and all(Image.open(p).size == (1600, 1200) for p in cards)
     assert demo.stdout.count("Screening aid, not a diagnosis: it cannot rule out low bone density") == 4
     # The demo's model is untrained: every SR says "not assessed", none claims a finding.
-    assert demo.stdout.count("Summary: Not assessed: ") == 4 and "Detected" not in demo.stdout
+    assert demo.stdout.count("Summary: NOT ASSESSED - ") == 4 and "Detected" not in demo.stdout
     assert "skipped, no SR sent" in demo.stdout and "CHEST" in demo.stdout

@@ -219,3 +219,21 @@ def test_values_from_a_manifest_row():
     assert empty.present == () and empty.notes == ()
     dated = covariates_from_values(birth_date="19610519", reference_date="20260601")
     assert dated.age_years == 65.0
+
+
+def test_out_of_range_patient_age_falls_back_to_the_birth_and_study_dates() -> None:
+    """PatientAge 120Y on a 40-year-old (issue 16): the dates are the second source, used when
+    PatientAge is out of the validated range; a plausible PatientAge still wins."""
+    from osteogate.model.gate import with_age_fallback
+    from pydicom import Dataset
+
+    ds = Dataset()
+    ds.PatientAge, ds.PatientBirthDate, ds.StudyDate = "120Y", "19840101", "20240102"
+    read = covariates_from_dataset(ds)
+    assert read.age_years == 120.0 and read.age_fallback == (40.0, "age from PatientBirthDate and StudyDate")
+    used, note = with_age_fallback(read, {"age": [17, 107]})
+    assert used.age_years == 40.0
+    assert note == ("PatientAge 120 y is outside the validated range 17-107: age from PatientBirthDate and "
+                    "StudyDate (40 y) used")
+    ds.PatientAge = "070Y"  # in range: PatientAge wins, the dates are not consulted
+    assert with_age_fallback(covariates_from_dataset(ds), {"age": [17, 107]}) == (covariates_from_dataset(ds), None)

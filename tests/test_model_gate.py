@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from osteogate.model.card import ModelCard
 from osteogate.model.covariates import Covariates
+from osteogate.model.estimand import Z80, on_grid
 from osteogate.model.fusion import (
     FEATURES,
     FusionHead,
@@ -158,15 +159,26 @@ def head_entry(kind: str = "multinomial") -> dict:
     return entry
 
 
-def test_multinomial_head_matches_hand_computation():
+def test_old_multinomial_head_is_read_as_one_t_score_distribution():
+    """A format-1 entry with a multinomial classifier: its coefficients are no longer evaluated (they
+    could disagree with the T-score); the distribution is Normal(mu, sigma from the residual quantiles)."""
     head = FusionHead(head_entry())
     result = head.predict(FusionInputs(Covariates(age_years=65, sex="F")))
-    z = np.array([1.0, 1.0])  # (65-55)/10, (1-0.5)/0.5
-    logits = np.array([[-1, 0], [0, 0], [1, 0.5]]) @ z + np.array([0.0, 1.0, -0.5])
-    expected = np.exp(logits) / np.exp(logits).sum()
-    np.testing.assert_allclose(list(result.probabilities.values()), expected, atol=1e-9)
-    assert result.t_score == round(-1.5 - 0.5 - 0.2, 2)
-    assert result.t_score_interval == (round(-2.2 - 0.5, 2), round(-2.2 + 0.45, 2))
+    mu = -1.5 - 0.5 - 0.2  # z = (65-55)/10, (1-0.5)/0.5 = 1, 1
+    sigma = (0.45 + 0.5) / (2 * Z80)
+    assert result.t_score == on_grid(mu) == -2.2
+    expected = probabilities_from_t(np.array([-2.2]), sigma)[0]
+    np.testing.assert_allclose(list(result.probabilities.values()), expected, atol=1e-12)
+    assert result.t_score_interval == (on_grid(-2.2 - Z80 * sigma), on_grid(-2.2 + Z80 * sigma))
+    assert result.distribution.category == "osteopenia"
+
+
+def test_normal_head_uses_its_calibrated_sigma():
+    entry = head_entry("normal_t")
+    entry["classifier"] = {"kind": "normal_t", "sigma": 0.3}
+    result = FusionHead(entry).predict(FusionInputs(Covariates(age_years=65, sex="F")))
+    assert result.distribution.sd == 0.3
+    assert result.t_score_interval == (on_grid(-2.2 - Z80 * 0.3), on_grid(-2.2 + Z80 * 0.3)) == (-2.6, -1.8)
 
 
 def test_ordinal_head_reads_the_t_score_through_who_cut_offs():

@@ -10,6 +10,7 @@ import pydicom
 import pytest
 from osteogate.model.checkpoint import checkpoint_sha256, read_card
 from osteogate.model.covariates import covariates_from_dataset
+from osteogate.model.estimand import BELOW_THRESHOLD, REFERRAL
 from osteogate.model.fusion import situation_key
 from osteogate.model.gate import image_path_reason, situation_reason
 from osteogate.model.inference import SHA_KEY, Classifier
@@ -55,34 +56,31 @@ def test_card_lists_every_input_situation_with_figures():
     assert "none" not in situations
 
 
-def test_card_states_both_operating_points_and_the_grade_does_not_over_call():
+def test_card_states_the_referral_rule_and_one_estimand_per_head():
     card = read_card(SHIPPED)
     rules = card.fusion["operating_rules"]
     assert rules["low_bmd"]["target"] == {"sensitivity": 0.9}
-    assert rules["osteoporosis"]["target"] == {"max": "label_f1_macro", "min_specificity": 0.8}
+    assert "category of the estimate" in rules["osteoporosis"]["rule"]
+    assert card.fusion["population"] == "155 patients of one public knee data set, ages 17-107"
     reported = set()
     for key, entry in card.fusion["situations"].items():
         v = entry["validation"]
+        assert entry["classifier"]["kind"] == "normal_t" and entry["classifier"]["sigma"] > 0
+        assert set(entry["thresholds"]) == {"low_bmd"}  # the osteoporosis range is the estimate's category
         points = v["operating_points"]
+        assert points["low_bmd"]["rule"] == rules["low_bmd"]["rule"]
+        assert points["low_bmd"]["threshold"] == entry["thresholds"]["low_bmd"]
         for name in ("low_bmd", "osteoporosis"):
-            assert points[name]["rule"] == rules[name]["rule"] and points[name]["threshold"] == entry["thresholds"][name]
             assert points[name]["sensitivity"] == v[f"sensitivity_{name}"]
             assert points[name]["specificity"] == v[f"specificity_{name}"]
-        for figure in ("f1_macro", "label_f1_macro", "label_accuracy", "label_precision_macro", "label_recall_macro"):
-            assert {"value", "ci_low", "ci_high"} <= set(v[figure])  # reported label beside the most probable class
         if situation_reason(entry, key.split("+")) is None:
             reported.add(key)
-            # What may be reported: the screening point keeps its sensitivity, and the osteoporosis
-            # grade no longer labels half of the patients without osteoporosis (1.1.0: specificity 0.52).
-            assert v["sensitivity_low_bmd"]["value"] >= 0.85
-            assert v["specificity_osteoporosis"]["value"] >= 0.8
-            assert v["sensitivity_osteoporosis"]["value"] >= 0.6
-    # Every situation with the age is reported; without it, none is (the image adds nothing, and the
-    # other covariates alone flag most patients without low BMD too).
+            assert v["sensitivity_low_bmd"]["value"] >= 0.85  # the referral keeps its sensitivity
+            assert 0.7 <= v["pi80_coverage"]["value"] <= 0.9  # the calibrated interval covers ~80 %
+    # Every situation with the age is reported; without it, none is.
     assert reported == {key for key in card.fusion["situations"] if "age" in key.split("+")}
     full = card.fusion["situations"]["age+sex+weight+height"]["validation"]
-    assert full["label_f1_macro"]["value"] >= 0.72  # the goal, met by the reported label (point estimate)
-    assert full["label_f1_macro"]["value"] > full["f1_macro"]["value"]
+    assert full["auc_low_bmd"]["value"] >= 0.93
 
 
 def study(classifier: Classifier, *names: str):
@@ -104,20 +102,21 @@ def test_knee_with_demographics_is_assessed(classifier):
     # The SR and result card can state the operating points behind the label.
     points = result.study.validation["operating_points"]
     assert {"sensitivity", "specificity", "rule"} <= set(points["low_bmd"]) and "osteoporosis" in points
-    assert "label_f1_macro" in result.study.validation
     assert len(result.images) == 2 and all(len(i.score.boxes) == card.input.patches_per_image for i in result.images)
 
 
-@pytest.mark.parametrize(("names", "label"), [
-    (("knee_dx.dcm", "knee_dx_2.dcm"), "normal"),  # 40 y man; densitometry T-score -0.61
-    # 64 y man, densitometry T-score -1.81 (osteopenia): estimated -2.26 [-2.71, -1.68], P(osteoporosis)
-    # 0.43 just above the grade's threshold 0.42. One of the ~9 % over-calls the card states.
-    (("knee_j2k.dcm",), "osteoporosis"),
-    (("spine_cr.dcm",), "osteoporosis"),  # invented demographics: 68 y woman, 61 kg
+@pytest.mark.parametrize(("names", "label", "decision", "estimate"), [
+    # 40 y man; densitometry T-score -0.61: estimate -1.2 (osteopenia range), P(low) below the threshold.
+    (("knee_dx.dcm", "knee_dx_2.dcm"), "osteopenia", BELOW_THRESHOLD, -1.2),
+    # 64 y man, densitometry T-score -1.81 (osteopenia): estimate -2.3, osteopenia range, referred.
+    (("knee_j2k.dcm",), "osteopenia", REFERRAL, -2.3),
+    (("spine_cr.dcm",), "osteoporosis", REFERRAL, -2.7),  # invented demographics: 68 y woman, 61 kg
 ])
-def test_sample_study_labels(classifier, names, label):
+def test_sample_study_labels(classifier, names, label, decision, estimate):
     result = study(classifier, *names)
     assert result.study.assessed and result.study.label == label
+    assert result.study.decision == decision and result.study.t_score == estimate
+    assert result.study.model_name == "osteogate-covariates"
     # The image path is not assessed (knee: no discrimination; spine: untrained): all covariates.
     assert result.study.situation == "age+sex+weight+height"
 

@@ -83,12 +83,18 @@ def test_demographics_change_the_inputs_and_versions_travel_together(
     assert study.t_score is not None and study.t_interval is not None
     assert any(c.startswith("Validation (grouped cross-validation") for c in study.comments)
     assert not assessed.groups[1].assessed  # the image alone shows no discrimination
+    # One decision, the estimate and its interval first; what was read; the head's own name.
+    low, high = (f"{v:+.1f}".replace("+0.0", "0.0").replace("-0.0", "0.0") for v in study.t_interval)
+    assert study.decision in ("DXA referral suggested", "below the referral threshold")
+    assert f"{low} to {high})" in assessed.summary.split("; ")[0]  # the NUM's interval, as printed
+    assert "from age, sex, weight and height in the header; the radiograph was not used" in assessed.summary
+    assert assessed.algorithm.startswith("osteogate-test-covariates ")
     # Without: not assessed, never Detected, and the SR says which inputs were missing.
     declined = read_result(pydicom.dcmread(srs[study_without]))
     assert [g.assessed for g in declined.groups] == [False, False]
     assert declined.groups[0].inputs == {}
     assert any("missing: age, sex, weight, height" in c for c in declined.groups[0].comments)
-    assert declined.summary.startswith("Not assessed: ")
+    assert declined.summary.startswith("NOT ASSESSED - ")
     dump = subprocess.run(["dsrdump", "+Pl", str(srs[study_without])], capture_output=True, text=True).stdout
     assert "Detected" not in dump and "Probability" not in dump
     # The two SRs differ in the inputs items.
@@ -98,6 +104,8 @@ def test_demographics_change_the_inputs_and_versions_travel_together(
 
     # show and studies say the same.
     assert "inputs used: age, sex, weight, height" in show_with and "estimated T-score" in show_with
+    assert f"80 % interval {low} to {high}" in show_with and study.decision in show_with
+    assert "normal" not in show_with.lower().replace("abnormal", "")
     assert "result card" in show_with
     assert "NOT ASSESSED: " in show_without and "missing: age, sex, weight, height" in show_without
     assert rows[study_without]["label"] == "not assessed" and rows[study_with]["assessed"] is True
@@ -136,3 +144,23 @@ def test_demographics_change_the_inputs_and_versions_travel_together(
     assert {pydicom.dcmread(p, stop_before_pixels=True).Modality for p in resent} == {"SR", "OT"}
     assert "sent" in resend.stdout
     json.dumps(rows)  # the listing stays JSON-serialisable with the new fields
+
+
+def test_implausible_age_falls_back_and_show_gives_the_sr_reason(
+        tmp_path: Path, fused_model: Path, dcmtk_pacs: StoreSCP) -> None:
+    """PatientAge 120Y on a 40-year-old (issue 16): the age comes from the birth and study dates,
+    and `show` states the same reason as the SR (the card draws the same notes)."""
+    require("storescu", "storescp")
+    ds = make_dataset(seed=11, PatientAge="120Y", PatientBirthDate="19840101", StudyDate="20240102",
+                      PatientSex="M", PatientWeight="74", PatientSize="1.61")
+    path = write_dataset(ds, tmp_path / "in" / "old.dcm")
+    with GatewayProcess(tmp_path / "gw", model=fused_model,
+                        destinations=[f"PACS@127.0.0.1:{dcmtk_pacs.port}"]) as gw:
+        assert storescu([path], "127.0.0.1", gw.port, "OSTEOGATE").returncode == 0
+        [sr_path] = dcmtk_pacs.wait_for_files(SR_PATTERN, count=1, timeout=120)
+        show = gw.cli("show", ds.StudyInstanceUID).stdout
+    study = read_result(pydicom.dcmread(sr_path)).groups[0]
+    note = ("PatientAge 120 y is outside the validated range 17-107: age from PatientBirthDate and StudyDate "
+            "(40 y) used")
+    assert note in study.comments and study.inputs["age"] == "40 y"
+    assert f"note: {note}" in show

@@ -10,18 +10,17 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from osteogate.gateway.report import card as resultcard
+from osteogate.gateway.report import card_layout as resultcard
 from osteogate.gateway.report.card import (
-    BANNER_COLOURS,
     CARD_SIZE,
-    OUTLINE,
     SERIES_DESCRIPTION,
     build_result_card,
     find_font,
     render_card,
-    thumbnail,
 )
+from osteogate.gateway.report.card_draw import BANNER_COLOURS, OUTLINE
 from osteogate.gateway.report.sr import SkippedImage
+from osteogate.gateway.work.decoding import thumbnail
 from PIL import Image, ImageFont
 from pydicom.uid import SecondaryCaptureImageStorage
 
@@ -40,6 +39,7 @@ from tests.report_data import (
 )
 
 WHEN = datetime.datetime(2024, 1, 2, 11, 0, 0)
+LOW_P = {"normal": 0.7, "osteopenia": 0.25, "osteoporosis": 0.05}
 
 
 def keep(picture: Image.Image, name: str, tmp_path: Path) -> Path:
@@ -70,7 +70,7 @@ def test_real_scalable_font_is_found() -> None:
         # A scalable font grows with its size; the bitmap fallback would not be a FreeTypeFont at all.
         assert font.getbbox("OSTEOPOROSIS")[2] > 2 * ImageFont.truetype(str(path), 16).getbbox("OSTEOPOROSIS")[2]
     assert "Bold" in bold.name
-    assert resultcard._font(30).path == str(regular)  # what the card draws with
+    assert resultcard.font(30).path == str(regular)  # what the card draws with
 
 
 def test_no_font_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -131,12 +131,12 @@ def _pixel(picture: Image.Image, xy: tuple[int, int]) -> tuple[int, int, int]:
 @pytest.mark.parametrize(
     ("name", "study", "category"),
     [
-        ("osteopenia", None, "osteopenia"),
+        ("referral", None, "referral"),
         ("not-assessed", not_assessed(), "not assessed"),
-        ("normal", assessed("normal", OTHER_P, ("image",)), "normal"),
+        ("below", assessed("normal", LOW_P, ("image",)), "below"),
     ],
 )
-def test_banner_colour_follows_the_result(tmp_path: Path, name: str, study, category: str) -> None:
+def test_banner_colour_follows_the_decision(tmp_path: Path, name: str, study, category: str) -> None:
     report = knee_report(study=study) if study else knee_report()
     picture = render_card(report, version=1, created=WHEN)
     keep(picture, f"card-{name}", tmp_path)
@@ -150,7 +150,7 @@ def test_banner_colour_follows_the_result(tmp_path: Path, name: str, study, cate
 
 def test_analysed_regions_outlined(tmp_path: Path) -> None:
     with_boxes = np.asarray(render_card(knee_report(), version=1, created=WHEN))
-    without = knee_report(images=(image_result(assessed("normal", OTHER_P, ("image",)), boxes=()),) * 2)
+    without = knee_report(images=(image_result(assessed("normal", LOW_P, ("image",)), boxes=()),) * 2)
     plain = np.asarray(render_card(without, version=1, created=WHEN))
     right_half = (slice(250, 1000), slice(720, 1560))
     outline = np.all(with_boxes[right_half] == OUTLINE, axis=-1).sum()

@@ -4,6 +4,7 @@ dciodvfy (dicom3tools), dsrdump and dsr2html (dcmtk) and read back through highd
 from __future__ import annotations
 
 import datetime
+import html
 import re
 import subprocess
 from pathlib import Path
@@ -84,7 +85,7 @@ def dsr2html_text(path: Path) -> str:
     require("dsr2html")
     result = subprocess.run(["dsr2html", str(path)], capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
-    return re.sub(r"<[^>]+>", " ", result.stdout)
+    return html.unescape(re.sub(r"<[^>]+>", " ", result.stdout))
 
 
 # -- validity ------------------------------------------------------------------------------------
@@ -125,13 +126,17 @@ def test_dsrdump_reads_well(tmp_path: Path) -> None:
     assert "Verification Flag   : UNVERIFIED" in dump
     assert SERIES_DESCRIPTION in dump
     # The plain-language summary comes before the image library and the measurements.
-    summary = dump.index('"Summary")="Low bone density likely: osteopenia range (osteopenia 72 %')
+    summary = dump.index('"Summary")="DXA REFERRAL SUGGESTED - estimated T-score -1.8 (80 % interval -2.6 to -1.0), '
+                         'osteopenia range.')
     assert summary < dump.index('"Image Library"') < dump.index('"Imaging Measurements"')
     # Whole percentages that add up to 100, never long decimals.
-    assert '"Probability")="72" (%,UCUM,"%")' in dump
+    assert '"Probability")="77" (%,UCUM,"%")' in dump
     assert not re.search(r'="\d+\.\d{3,}"', dump), "unrounded numbers in the SR"
     assert '"Associated finding")=(312894000,SCT,"Osteopenia")' in dump
-    assert '"Osteopenia")=(260373001,SCT,"Detected")' in dump
+    # The WHO category of the estimate and the decision, each its own coded item; never "Detected".
+    assert '"WHO category of the estimated T-score")=(OSTEOPENIA-RANGE,99OSTEOGATE,' in dump
+    assert '(111053,DCM,"Recommended Follow-up")=(DXA-REFERRAL,99OSTEOGATE,"DXA referral suggested")' in dump
+    assert "Detected" not in dump
     assert '(72696002,SCT,"Knee")' in dump
     assert '(24028007,SCT,"Right")' in dump and '(7771000,SCT,"Left")' in dump
     assert '(51440002,SCT,"Right and left")' in dump  # the study: both knees
@@ -143,7 +148,8 @@ def test_dsrdump_reads_well(tmp_path: Path) -> None:
     # The estimated T-score with its 80 % prediction interval.
     assert f'(T-SCORE-EST,{PRIVATE_SCHEME},"Estimated T-score")="-1.8"' in dump
     assert '"+, range of upper measurement uncertainty")="0.8"' in dump
-    assert "80 % prediction interval -2.6 to -1.0" in dump
+    assert '"-, range of lower measurement uncertainty")="0.8"' in dump
+    assert "80 % interval -2.6 to -1.0" in dump
     assert DISCLAIMER in dump and "not cleared for clinical use" in dump.lower()
     assert "Image not classified: out of scope: CHEST" in dump
     assert ALGORITHM.checkpoint_sha256 in dump
@@ -152,9 +158,13 @@ def test_dsrdump_reads_well(tmp_path: Path) -> None:
 def test_dsr2html_shows_results_without_footnotes(tmp_path: Path) -> None:
     text = dsr2html_text(save(build(with_chest()), tmp_path / "sr.dcm"))
     assert "PRELIMINARY" in text
-    assert "Low bone density likely: osteopenia range (osteopenia 72 %" in text
-    assert "Result: osteopenia 72 %; normal 20 %, osteopenia 72 %, osteoporosis 8 %" in text
-    assert "Result: osteoporosis 62 %; normal 13 %, osteopenia 25 %, osteoporosis 62 %" in text
+    # The decision and the estimate come first (right after the document header).
+    first = text.index("DXA REFERRAL SUGGESTED - estimated T-score -1.8 (80 % interval -2.6 to -1.0), osteopenia range")
+    assert first < text.index("Image Library") and first < text.index("Measurement Group")
+    assert "Result: DXA referral suggested; estimated T-score -1.8 (80 % interval -2.6 to -1.0), osteopenia range; " \
+           "T >= -1.0 10 %, osteopenia range 77 %, osteoporosis range 13 %" in text
+    assert "Result: DXA referral suggested; osteoporosis range; T >= -1.0 13 %, osteopenia range 25 %, " \
+           "osteoporosis range 62 %" in text
     assert f"Not assessed: {UNDISCRIMINATING}" in text
     # Long decimals other than UIDs (dotted digit runs) would be unrounded numbers.
     assert not re.search(r"(?<![\d.])\d+\.\d{3,}(?![\d.])", text), "unrounded numbers"
@@ -174,10 +184,10 @@ def test_not_assessed_never_claims(tmp_path: Path) -> None:
     report = knee_report(study=not_assessed(), images=(image_result(not_assessed()),) * 2, covariates=NO_COVARIATES)
     path = save(build(report), tmp_path / "sr.dcm")
     dump = dsrdump(path)
-    assert "Detected" not in dump and "Not detected" not in dump
+    assert "Detected" not in dump and "Not detected" not in dump and "Recommended Follow-up" not in dump
     assert "Probability" not in dump and "T-score" not in dump
     assert f"Not assessed: {UNDISCRIMINATING}" in dump
-    assert '"Summary")="Not assessed: ' in dump
+    assert '"Summary")="NOT ASSESSED - ' in dump
     assert "missing: age, sex, weight, height" in dump
     reading = read_result(pydicom.dcmread(path))
     assert [g.assessed for g in reading.groups] == [False, False, False]
@@ -223,15 +233,17 @@ def test_highdicom_round_trip(tmp_path: Path) -> None:
     assert [g.source_images[0].referenced_sop_instance_uid for g in groups[1:]] == [
         knee_r.SOPInstanceUID, knee_l.SOPInstanceUID]
     evaluations = {e.name.meaning: e.value.meaning for e in groups[1].get_qualitative_evaluations()}
-    assert evaluations == {"Osteoporosis": "Detected", "Osteopenia": "Not detected"}
+    assert evaluations == {"WHO category of the estimated T-score": "Osteoporosis range (T-score -2.5 or below)",
+                           "Recommended Follow-up": "DXA referral suggested"}
     assert groups[2].get_qualitative_evaluations() == []  # not assessed: no evaluation at all
     [observer] = measurement_report.get_observer_contexts()
     assert observer.observer_identifying_attributes.uid == uid("device")
 
     reading = read_result(pydicom.dcmread(tmp_path / "sr.dcm"))
-    assert reading.groups[0].percent == {"normal": 20.0, "osteopenia": 72.0, "osteoporosis": 8.0}
-    assert reading.groups[0].t_score == pytest.approx(-1.8)
-    assert reading.groups[0].t_interval == pytest.approx((-2.6, -1.0))
+    assert reading.groups[0].percent == {"normal": 10.0, "osteopenia": 77.0, "osteoporosis": 13.0}
+    # The NUM's uncertainty range reproduces the printed interval exactly (one rounding).
+    assert reading.groups[0].t_score == -1.8 and reading.groups[0].t_interval == report.assessment.study.t_score_interval
+    assert reading.groups[0].label == "osteopenia" and reading.groups[0].decision == "DXA referral suggested"
     assert reading.groups[1].label == "osteoporosis" and reading.groups[2].label is None
 
 
@@ -243,7 +255,8 @@ def test_stable_image_numbering(tmp_path: Path) -> None:
     d = make_image(DX, "study-a", "s", "d", "KNEE")
     del d.InstanceNumber
     sources = (a, b, c, d)
-    results = tuple(image_result(assessed(label, KNEE_P, ("image",)))
+    probabilities = {"osteoporosis": KNEE_P, "normal": OTHER_P, "osteopenia": STUDY_P}
+    results = tuple(image_result(assessed(label, probabilities[label], ("image",)))
                     for label in ("osteoporosis", "normal", "osteopenia", "osteoporosis"))
     report = knee_report(sources=sources, images=results)
     reading = read_result(pydicom.dcmread(save(build(report), tmp_path / "sr.dcm")))
@@ -331,11 +344,14 @@ def test_summary_text(tmp_path: Path) -> None:
     print(text)
     lines = text.splitlines()
     assert "PRELIMINARY" in lines[1]
-    assert lines[2].startswith("Summary: Low bone density likely: osteopenia range (osteopenia 72 %")
+    assert lines[2].startswith("Summary: DXA REFERRAL SUGGESTED - estimated T-score -1.8 (80 % interval -2.6 to -1.0), "
+                               "osteopenia range.")
     assert any("OsteoGate fused knee model" in line and ALGORITHM.checkpoint_sha256 in line for line in lines)
     [study] = [line for line in lines if line.startswith("study result")]
-    assert "Knee Right and left" in study and ": osteopenia (normal 20 %, osteopenia 72 %, osteoporosis 8 %)" in study
-    assert "T-score -1.8 (80 % PI -2.6 to -1.0)" in study and "age 67.4 y" in study
+    assert "Knee Right and left" in study
+    assert ": DXA referral suggested; osteopenia range (T >= -1.0 10 %, osteopenia range 77 %, " \
+           "osteoporosis range 13 %)" in study
+    assert "T-score -1.8 (80 % interval -2.6 to -1.0)" in study and "age 67.4 y" in study
     [image_2] = [line for line in lines if line.startswith("image 2 (knee, left)")]
     assert f"not assessed: {UNDISCRIMINATING}" in image_2
     assert "Skipped: out of scope: CHEST" in lines
@@ -382,10 +398,12 @@ def test_percentages_add_up(probabilities: dict[str, float], expected: dict[str,
 
 
 def test_headlines_never_reassure() -> None:
-    assert reporting.headline(assessed("normal", OTHER_P)) == "Low bone density not detected"
-    assert reporting.headline(assessed("osteoporosis", KNEE_P)).startswith("Low bone density likely")
-    assert reporting.headline(not_assessed()) == "Not assessed"
+    below = reporting.headline(assessed("normal", OTHER_P))
+    assert below.startswith("BELOW REFERRAL THRESHOLD - ") and "cannot rule out low bone density" in below
+    assert "normal" not in below.lower()
+    assert reporting.headline(assessed("osteoporosis", KNEE_P)).startswith("DXA REFERRAL SUGGESTED - ")
+    assert reporting.headline(not_assessed()) == f"NOT ASSESSED - {UNDISCRIMINATING}"
     summary = reporting.summary_text(StudyAssessment("knee", not_assessed("x"), (), Covariates()))
-    assert summary.startswith("Not assessed: x.") and "not a diagnosis" in summary
+    assert summary.startswith("NOT ASSESSED - x.") and "not a diagnosis" in summary
     assert reporting.inputs_phrase(assessed("normal", OTHER_P, ALL_INPUTS)) == \
         "Inputs used: image, age, sex, weight, height"

@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"fusion stage: {seconds:.0f} s")
     if args.checkpoint:
         from osteogate.model.checkpoint import load_checkpoint, save_checkpoint
-        from osteogate.training.pipeline import INTENDED_USE, LIMITATIONS, fusion_statement, signal_warning
+        from osteogate.training.card_text import INTENDED_USE, LIMITATIONS, fusion_statement, signal_warning
 
         state, card = load_checkpoint(args.checkpoint)
         metrics = dict(card.metrics)

@@ -36,7 +36,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from osteogate.gateway.operate.service import SHIPPED_MODEL  # noqa: E402
+from osteogate.gateway.operate.preflight import SHIPPED_MODEL  # noqa: E402
 
 from tests.gateway_harness import GatewayProcess  # noqa: E402
 from tests.helpers import free_port, recipe_orthanc, sample_file, wait_until  # noqa: E402

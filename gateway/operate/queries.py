@@ -43,9 +43,10 @@ def _fmt_probs(obj: Any) -> str:
     """Probabilities in CLASSES order as whole percentages (the numbers the SR and card show)."""
     if not obj.probabilities:
         return ""
-    from osteogate.gateway.report.wording import percentages
+    from osteogate.gateway.report.wording import PROBABILITY_WORDS, percentages
 
-    return "  ".join(f"{name} {value} %" for name, value in percentages(obj.probabilities).items())
+    return "  ".join(f"{PROBABILITY_WORDS.get(name, name)} {value} %"
+                     for name, value in percentages(obj.probabilities).items())
 
 
 def _result_words(result: StudyResult | None) -> str | None:
@@ -53,7 +54,11 @@ def _result_words(result: StudyResult | None) -> str | None:
     if result is None:
         return None
     if result.label:
-        return f"{result.label} ({result.region})"
+        from osteogate.gateway.report.wording import CATEGORY_WORDS
+
+        category = CATEGORY_WORDS.get(result.label, result.label)
+        return f"{result.decision}; {category} ({result.region})" if result.decision else \
+            f"{category} ({result.region})"
     if result.assessed is False:
         return f"{NOT_ASSESSED} ({result.region})"
     return result.status.value
@@ -205,17 +210,23 @@ def _inputs(result: StudyResult) -> str:
 
 
 def _describe_result(lines: list[str], result: StudyResult) -> None:
+    from osteogate.gateway.report.wording import CATEGORY_WORDS, fmt_t_score, interval_text
+
     if result.assessed is False:
         outcome = f"NOT ASSESSED: {result.reason}"
     else:
-        outcome = f"label {result.label or '-'}  {_fmt_probs(result)}".rstrip()
+        category = CATEGORY_WORDS.get(result.label or "", result.label or "-")
+        outcome = f"{result.decision or 'no decision recorded'}; {category}  {_fmt_probs(result)}".rstrip()
     lines.append(f"  v{result.version} {result.status.value} region {result.region or '-'} {outcome}")
     if result.t_score is not None:
-        interval = (f" (80 % prediction interval {result.t_score_low:+.1f} to {result.t_score_high:+.1f})"
+        # The same endpoints, printed by the same helper, as the SR and the card.
+        interval = (" (80 % interval {} to {})".format(*interval_text(result.t_score_low, result.t_score_high))
                     if result.t_score_low is not None and result.t_score_high is not None else "")
-        lines.append(f"     estimated T-score {result.t_score:+.1f}{interval}")
+        lines.append(f"     estimated T-score {fmt_t_score(result.t_score)}{interval}")
     if _inputs(result):
         lines.append(f"     {_inputs(result)}")
+    for note in getattr(result, "notes", None) or ():
+        lines.append(f"     note: {note}")
     lines.append(f"     model {result.model_name} {result.model_version} sha256 {result.model_sha256[:12]} "
                  f"backend {result.backend} timings {result.timings}")
     for obj in result.objects or ():

@@ -19,12 +19,32 @@ log = get_logger("osteogate.gateway.report.publisher")
 
 
 def sr_series_uid(study_uid: str) -> str:
-    """One SR series per study, stable across versions, so PACS shows the versions together."""
+    """One SR series per study, stable across versions, so PACS shows the versions together.
+
+    Parameters
+    ----------
+    study_uid : str
+        The study.
+
+    Returns
+    -------
+    str
+    """
     return generate_uid(entropy_srcs=[study_uid, "osteogate-result-series"])
 
 
 def card_series_uid(study_uid: str) -> str:
-    """The result cards' own series: stable across versions, like the SR's."""
+    """The result cards' own series: stable across versions, like the SR's.
+
+    Parameters
+    ----------
+    study_uid : str
+        The study.
+
+    Returns
+    -------
+    str
+    """
     return generate_uid(entropy_srcs=[study_uid, "osteogate-result-card-series"])
 
 

@@ -176,7 +176,7 @@ class StudyResult(Base):
     # unless assessed; otherwise the reason. None/empty when nothing in the study was in scope.
     assessed: Mapped[bool | None] = mapped_column(Boolean)
     reason: Mapped[str | None] = mapped_column(Text)
-    label: Mapped[str | None] = mapped_column(String(16))
+    label: Mapped[str | None] = mapped_column(String(16))  # the WHO category of the estimate
     # Keyed by class name (model.taxonomy.CLASSES is the one source of truth), full precision.
     probabilities: Mapped[dict[str, float] | None] = mapped_column(JSON)
     t_score: Mapped[float | None] = mapped_column(Float)
@@ -188,6 +188,7 @@ class StudyResult(Base):
     referral_threshold: Mapped[float | None] = mapped_column(Float)
     inputs_used: Mapped[list[str] | None] = mapped_column(JSON)  # names from taxonomy.INPUTS
     inputs_missing: Mapped[list[str] | None] = mapped_column(JSON)
+    notes: Mapped[list[str] | None] = mapped_column(JSON)  # the reasons the SR and card give (0009)
     model_name: Mapped[str] = mapped_column(String(128))
     model_version: Mapped[str] = mapped_column(String(32))
     model_sha256: Mapped[str] = mapped_column(String(64))

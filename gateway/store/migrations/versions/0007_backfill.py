@@ -5,7 +5,7 @@
   skipped or failed (with the reason), attempts and when to try again.
 
 Revision ID: 0007_backfill
-Revises: 0005_groundtruth
+Revises: 0009_estimand
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0007_backfill"
-down_revision = "0005_groundtruth"
+down_revision = "0009_estimand"
 branch_labels = None
 depends_on = None
 
