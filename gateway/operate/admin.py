@@ -62,20 +62,40 @@ class ReplayCandidate:
 def plan_replay(
     db: Database, study_uids: Sequence[str] = (), since: datetime | None = None, status: str | None = None,
 ) -> list[ReplayCandidate]:
-    """Which studies a replay would take, and why any named one would be left alone."""
+    """Which studies a replay would take, and why any named one would be left alone.
+
+    Studies are named by Study Instance UID or by the study key logs and ``show`` print. A name
+    that matches no study raises AdminError (exit 66), dry run or not: a typo never passes as
+    "nothing to do".
+    """
     with db.session() as session:
+        named: list[int] = []
+        unknown: list[str] = []
+        for ident in study_uids:
+            found = find_study(session, ident)
+            if found is None:
+                unknown.append(ident)
+            else:
+                named.append(found.id)
+        if unknown:
+            shown = ", ".join(_shown(u) for u in unknown[:3]) + (" ..." if len(unknown) > 3 else "")
+            raise AdminError(f"no study {shown}", None, "Name studies by Study Instance UID or study key "
+                             "(osteogate studies lists both); nothing was replayed")
         query = select(Study).options(selectinload(Study.instances)).order_by(Study.last_received_at)
         if study_uids:
-            query = query.where(Study.study_uid.in_(list(study_uids)))
+            query = query.where(Study.id.in_(named))
         if since is not None:
             query = query.where(Study.last_received_at >= since)
         if status:
             query = query.where(Study.status == StudyStatus(status))
         studies = session.execute(query).scalars().all()
-        found = {s.study_uid for s in studies}
-        plan = [ReplayCandidate(s.study_uid, s.study_key, s.status.value, _replay_refusal(s)) for s in studies]
-    plan += [ReplayCandidate(uid, "-", "unknown", "no such study") for uid in study_uids if uid not in found]
-    return plan
+        return [ReplayCandidate(s.study_uid, s.study_key, s.status.value, _replay_refusal(s)) for s in studies]
+
+
+def _shown(ident: str) -> str:
+    """An operator's argument quoted for an error line: printable, and cut when long."""
+    text = ident if ident.isprintable() else ident.encode("unicode_escape").decode("ascii")
+    return repr(text[:80] + ("..." if len(text) > 80 else ""))
 
 
 def _replay_refusal(study: Study) -> str | None:
@@ -87,8 +107,13 @@ def _replay_refusal(study: Study) -> str | None:
     return None
 
 
-def queue_replay(db: Database, plan: Sequence[ReplayCandidate], model_path: Path | None = None) -> list[int]:
-    """Insert a replay job per eligible study (study -> queued); returns the job ids."""
+def queue_replay(db: Database, plan: Sequence[ReplayCandidate], model_path: Path | None = None,
+                 destinations: Sequence[str] | None = None) -> list[int]:
+    """Insert a replay job per eligible study (study -> queued); returns the job ids.
+
+    ``destinations`` (``replay --to``) is stored on each job, so the result goes there whichever
+    process runs the job: a running gateway's worker may take it before this command does.
+    """
     job_ids: list[int] = []
     uids = [c.study_uid for c in plan if c.refusal is None]
     with db.session() as session:
@@ -97,7 +122,8 @@ def queue_replay(db: Database, plan: Sequence[ReplayCandidate], model_path: Path
             query = query.with_for_update(skip_locked=True)
         for study in session.execute(query).scalars():
             job = Job(study_id=study.id, study_version=study.version, status=JobStatus.PENDING, reason="replay",
-                      model_path=str(model_path.resolve()) if model_path else None)
+                      model_path=str(model_path.resolve()) if model_path else None,
+                      destinations=list(destinations) if destinations else None)
             session.add(job)
             study.status = StudyStatus.QUEUED
             session.flush()
@@ -137,6 +163,13 @@ def wait_for_jobs(
             return states
         if run_one is None or not run_one():
             time.sleep(poll)
+
+
+def job_deliveries(db: Database, job_ids: Sequence[int]) -> list[int]:
+    """The delivery rows of the results these jobs made (whichever process ran them)."""
+    with db.session() as session:
+        return list(session.execute(select(Delivery.id).join(StudyResult)
+                                    .where(StudyResult.job_id.in_(list(job_ids)))).scalars())
 
 
 # -- resend ------------------------------------------------------------------------------------
