@@ -244,6 +244,14 @@ def test_resend_to_down_peer_reports_pending(store: Store, tmp_path: Path, dcmtk
     down = f"GONE@127.0.0.1:{free_port()}"
     result = osteogate("resend", uid, "--to", down, "--wait", "1", *store.cli_args(), check=False)
     assert result.returncode == 1 and "pending" in result.stdout
+    # The cause is known at once (ECONNREFUSED) and said so; the log is one human warning line per
+    # attempt, no JSON and none of pynetdicom's two ERROR lines.
+    assert "connection refused by 127.0.0.1" in result.stdout, result.stdout
+    assert "TLS handshake failed, or" not in result.stdout
+    log_lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert log_lines and all("sr_delivery_retry" in line and "warning" in line for line in log_lines), result.stderr
+    assert not any(line.lstrip().startswith("{") for line in log_lines)
+    assert "TCP Initialisation Error" not in result.stderr and "unable to connect" not in result.stderr
 
 
 # -- purge ---------------------------------------------------------------------------------------
