@@ -141,7 +141,8 @@ class _BoundedAdapter(requests.adapters.HTTPAdapter):
         deadline = time.monotonic() + self._timeout
         body = bytearray()
         try:
-            while chunk := response.raw.read1(65536):
+            # requests leaves decoding (gzip) to its own reader; this one decodes as it reads.
+            while chunk := response.raw.read1(65536, decode_content=True):
                 body += chunk
                 if len(body) > MAX_ANSWER_BYTES:
                     raise AnswerCut(f"answer larger than {MAX_ANSWER_BYTES // 2**20} MB, cut off")
