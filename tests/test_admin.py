@@ -223,7 +223,7 @@ def test_studies_are_named_by_key_everywhere(store: Store, tmp_path: Path) -> No
 def test_replay_destination_travels_with_the_job(store: Store, tmp_path: Path) -> None:
     """`replay --to` is stored on the job row: a worker configured for another PACS (a running
     gateway's) that takes the job still queues the SR for the replay's destination."""
-    from osteogate.gateway.operate.admin import plan_replay, queue_replay
+    from osteogate.gateway.operate.replay import plan_replay, queue_replay
 
     uid = store.ingest_study(tmp_path / "in")
     store.classify(uid, ["CONFIGURED@127.0.0.1:104"])

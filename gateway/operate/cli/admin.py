@@ -29,7 +29,7 @@ from osteogate.gateway.operate.cli.common import (
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from osteogate.gateway.operate.admin import job_deliveries, plan_replay, queue_replay, wait_for_jobs
+    from osteogate.gateway.operate.replay import job_deliveries, plan_replay, queue_replay, wait_for_jobs
     from osteogate.gateway.store.db import JobStatus
 
     if not (args.study_uids or args.since or args.status):
