@@ -181,11 +181,19 @@ def test_replay_while_gateway_runs(tmp_path: Path, dcmtk_pacs: StoreSCP, tiny_mo
         assert storescu(images, "127.0.0.1", gw.port, "OSTEOGATE").returncode == 0
         dcmtk_pacs.wait_for_files("SR*.dcm", count=3, timeout=120)
         wait_until(lambda: [r["delivered"] for r in gw.studies()] == ["1/1"] * 3, 30)
-        done = gw.cli("replay", "--status", "done", "--model", str(tiny_model), "--to", pacs_address)
-        assert "replayed 3 of 3" in done.stdout, done.stdout
-        dcmtk_pacs.wait_for_files("SR*.dcm", count=6, timeout=60)
-        wait_until(lambda: [r["delivered"] for r in gw.studies()] == ["1/1"] * 3, 30)
-        rows = gw.studies()
+        # --to another PACS: whichever process runs the jobs (often the gateway's own worker),
+        # the new SRs go there, not to the gateway's configured destination.
+        other = StoreSCP(tmp_path / "pacs2", ae_title="PACS2").start()
+        try:
+            done = gw.cli("replay", "--status", "done", "--model", str(tiny_model),
+                          "--to", f"PACS2@127.0.0.1:{other.port}")
+            assert "replayed 3 of 3" in done.stdout and "3 of 3 SR delivery(ies) sent" in done.stdout, done.stdout
+            other.wait_for_files("SR*.dcm", count=3, timeout=60)
+            wait_until(lambda: [r["delivered"] for r in gw.studies()] == ["1/1"] * 3, 30)
+            rows = gw.studies()
+        finally:
+            other.stop()
+        assert len(dcmtk_pacs.files("SR*.dcm")) == 3  # nothing new at the configured PACS
     assert [r["sr_versions"] for r in rows] == [2, 2, 2]
     assert {r["status"] for r in rows} == {"done"}
 
