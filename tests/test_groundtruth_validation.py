@@ -7,37 +7,19 @@ import json
 import subprocess
 import sys
 from dataclasses import replace
-from datetime import date, timedelta
 from pathlib import Path
 
 import numpy as np
 import pytest
-from osteogate.gateway.groundtruth.matching import MatchedPair
 from osteogate.gateway.groundtruth.stats import Figure, PatientBootstrap
 from osteogate.gateway.groundtruth.validation import PairTable, card_claims, validate, verdict
-from osteogate.gateway.store.db import Database, Job, JobStatus, Study, StudyResult, StudyStatus
+from osteogate.gateway.store.db import Database
 from osteogate.model.checkpoint import read_card
 from sklearn.metrics import confusion_matrix, mean_absolute_error, roc_auc_score
 
+from tests.helpers.pairs import store_pairs, synthetic_pairs
+
 SHIPPED = Path(__file__).resolve().parents[1] / "model" / "shipped" / "osteogate-knee.safetensors"
-
-
-def synthetic_pairs(n: int = 240, seed: int = 3, noise: float = 0.6) -> list[MatchedPair]:
-    """Pairs of a plausible site: estimate = DXA T-score + noise; two studies per patient."""
-    rng = np.random.default_rng(seed)
-    pairs = []
-    for i in range(n):
-        truth = round(float(rng.normal(-1.4, 1.0)), 1)
-        estimate = round(truth + float(rng.normal(0, noise)), 1)
-        p_low = float(1 / (1 + np.exp(3 * (estimate + 1.0))))
-        pairs.append(MatchedPair(
-            patient_hash=f"patient{i // 2:04d}", study_key=f"study{i:04d}", study_date=date(2025, 1, 1) + timedelta(i),
-            dxa_date=date(2025, 2, 1) + timedelta(i), days_apart=31, region="knee" if i % 4 else "spine",
-            manufacturer="ACME" if i % 3 else "Other", sex="F" if i % 2 else "M", age=40.0 + (i * 7) % 50,
-            assessed=True, p_low=p_low, p_osteoporosis=float(1 / (1 + np.exp(3 * (estimate + 2.5)))),
-            t_score_estimate=estimate, t_score_low=estimate - 0.5, t_score_high=estimate + 0.5,
-            referral=p_low >= 0.8, dxa_t_score=truth, dxa_category="-", model_name="m", model_version="1"))
-    return pairs
 
 
 def test_figures_agree_with_sklearn_on_the_same_pairs() -> None:
@@ -120,37 +102,12 @@ def test_verdict_sentence_and_card_claims() -> None:
     assert {"osteoporosis_auc", "sensitivity", "specificity", "ece"} <= set(claims)
 
 
-def _store_pairs(db: Database, pairs: list[MatchedPair]) -> None:
-    """The same pairs as SQL rows: a study + result per pair and a DXA exam per study (own day)."""
-    from osteogate.gateway.groundtruth.exams import DxaResult, DxaSiteValue, save_results
-
-    for i, p in enumerate(pairs):
-        with db.session() as session:
-            study = Study(study_uid=f"1.2.826.0.1.{i}", study_key=p.study_key, status=StudyStatus.DONE,
-                          study_date=p.study_date.strftime("%Y%m%d"), patient_id=p.patient_hash,
-                          patient_sex=p.sex, patient_age=p.age, manufacturer=p.manufacturer)
-            session.add(study)
-            session.flush()
-            job = Job(study_id=study.id, study_version=1, status=JobStatus.DONE)
-            session.add(job)
-            session.flush()
-            session.add(StudyResult(
-                study_id=study.id, job_id=job.id, version=1, status=StudyStatus.DONE, region=p.region, assessed=True,
-                label="osteopenia", probabilities={"normal": 1 - p.p_low, "osteopenia": p.p_low - p.p_osteoporosis,
-                                                   "osteoporosis": p.p_osteoporosis},
-                decision="DXA referral suggested" if p.referral else "below the referral threshold",
-                t_score=p.t_score_estimate, model_name="m", model_version="1", model_sha256="0" * 64, backend="onnx"))
-        with db.session(write=True) as session:
-            save_results(session, [DxaResult(p.patient_hash, None, p.study_date, "csv", "test",
-                                              (DxaSiteValue("hip", p.dxa_t_score),))])
-
-
 def test_validate_command_json_and_offline_report(tmp_path: Path) -> None:
     # One study per patient here (each DXA exam is one patient-day).
     pairs = [replace(p, patient_hash=f"P{i:04d}") for i, p in enumerate(synthetic_pairs(60))]
     db = Database(f"sqlite:///{tmp_path / 'osteogate.db'}")
     db.migrate()
-    _store_pairs(db, pairs)
+    store_pairs(db, pairs)
     db.engine.dispose()
     cli = [sys.executable, "-m", "osteogate.gateway.operate.cli", "validate", "--data-dir", str(tmp_path),
            "--bootstrap", "200"]

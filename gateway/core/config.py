@@ -17,6 +17,7 @@ from typing import Any
 
 from osteogate.gateway.core.destinations import Destination, check_ae_title
 from osteogate.gateway.core.errors import ConfigurationError
+from osteogate.gateway.core.gate_config import GateConfig
 from osteogate.gateway.core.groundtruth_config import GroundTruthConfig
 from osteogate.gateway.core.sections import (
     DeliveryConfig,
@@ -76,6 +77,7 @@ class Settings(Section):
     retention: RetentionConfig = Field(default_factory=RetentionConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     groundtruth: GroundTruthConfig = Field(default_factory=GroundTruthConfig)
+    gate: GateConfig = Field(default_factory=GateConfig)
 
     @model_validator(mode="after")
     def _check_calling_aet(self) -> Settings:

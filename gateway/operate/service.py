@@ -12,6 +12,7 @@ from osteogate.gateway.core.config import Settings
 from osteogate.gateway.core.logs import get_logger, study_key
 from osteogate.gateway.core.metrics import REGISTRY
 from osteogate.gateway.deliver.delivery import DeliveryManager
+from osteogate.gateway.groundtruth.gate import SiteGate
 from osteogate.gateway.groundtruth.mllp import MllpListener
 from osteogate.gateway.operate.health import HealthServer, StoreCollector
 from osteogate.gateway.operate.preflight import ClassifierCache, preflight, warn_unsafe_defaults
@@ -38,9 +39,10 @@ class Gateway:
         self.tracker = StudyTracker(self.db, settings.study.stable_seconds, on_queued=self._wake_worker)
         self.delivery = DeliveryManager(settings, self.db, self.reports)
         self.classifiers = ClassifierCache(settings) if settings.worker.enabled else None
+        self.site_gate = site_gate(settings, self.db, self.scheduler)
         self.worker = (
             ClassifierWorker(settings, self.db, self.spool, ReportPublisher(settings, self.reports), self.classifiers,
-                             on_result=lambda: self.scheduler.trigger("delivery"))
+                             on_result=lambda: self.scheduler.trigger("delivery"), site_gate=self.site_gate)
             if self.classifiers else None
         )
         ingestor = Ingestor(self.db, self.spool, max_instance_bytes=settings.dicom.max_instance_mb * 2**20)
@@ -78,8 +80,13 @@ class Gateway:
         checks["model_loaded"] = self.classifiers.loaded if self.classifiers else None
         checks["healthy"] = bool(checks["database"] and checks["spool_disk"]
                                  and checks["worker_alive"] is not False and checks["model_loaded"] is not False)
+        gate = self.site_gate.state() if self.site_gate else None
+        if gate is not None:
+            checks["site_gate"] = gate.to_dict()
         checks["status"] = ("unhealthy" if not checks["healthy"]
-                            else "degraded" if checks["failing_destinations"] else "ok")
+                            else "degraded" if checks["failing_destinations"] or (gate and gate.degraded) else "ok")
+        if gate is not None and gate.degraded:
+            checks["degraded_reason"] = f"site gate closed: {gate.reason}"
         return checks
 
     def _instance_stored(self, study_uid: str) -> None:
@@ -112,6 +119,8 @@ class Gateway:
         # Lanes run in their own threads: a tick never waits for a slow destination.
         self.scheduler.add("delivery", lambda: self.delivery.run_due(wait=False),
                            self.settings.delivery.check_interval_seconds)
+        if self.site_gate:  # new DXA results may open (or drift close) the gate without new studies
+            self.scheduler.add("site_gate", self.site_gate.refresh, self.settings.gate.refresh_seconds)
         add_maintenance_jobs(self.scheduler, self.settings, self.db, self.spool)
         self.scheduler.start()
         if self.worker:
@@ -150,6 +159,14 @@ class Gateway:
     def serve_forever(self) -> None:
         """Run until SIGINT/SIGTERM, then stop cleanly."""
         run_until_signal(self.start, self.stop)
+
+
+def site_gate(settings: Settings, db: Any, scheduler: GatewayScheduler) -> SiteGate | None:
+    """The site gate when ``gate.site_validation`` is not "off"; releasing held SRs wakes delivery."""
+    if settings.gate.site_validation == "off":
+        return None
+    return SiteGate(settings.gate, db, settings.groundtruth.match_days,
+                    on_release=lambda _count: scheduler.trigger("delivery"))
 
 
 def remove_orphans(*stores: Spool) -> None:
@@ -206,14 +223,17 @@ class WorkerService:
         self.scheduler = GatewayScheduler()
         self.delivery = DeliveryManager(settings, self.db, self.reports)
         self.classifiers = ClassifierCache(settings)
+        self.site_gate = site_gate(settings, self.db, self.scheduler)
         self.worker = ClassifierWorker(settings, self.db, self.spool, ReportPublisher(settings, self.reports), self.classifiers,
-                                       on_result=lambda: self.scheduler.trigger("delivery"))
+                                       on_result=lambda: self.scheduler.trigger("delivery"), site_gate=self.site_gate)
 
     def start(self) -> None:
         remove_orphans(self.reports)
         self.classifiers()  # fail fast on a bad checkpoint
         self.scheduler.add("delivery", lambda: self.delivery.run_due(wait=False),
                            self.settings.delivery.check_interval_seconds)
+        if self.site_gate:  # new DXA results may open (or drift close) the gate without new studies
+            self.scheduler.add("site_gate", self.site_gate.refresh, self.settings.gate.refresh_seconds)
         add_maintenance_jobs(self.scheduler, self.settings, self.db, self.spool)
         self.scheduler.start()
         self.worker.start()
