@@ -105,8 +105,8 @@ class ResultRecorder:
                     sop_instance_uid=obj.sop_instance_uid, series_uid=obj.series_uid, path=obj.path))
             for destination in self._destinations(session, job) if made else ():
                 # Shadow mode with the site gate closed: made and stored, held until the gate opens.
-                status = DeliveryStatus.HELD if outcome.held else DeliveryStatus.PENDING
-                result.deliveries.append(Delivery(destination=destination, status=status))
+                lane = DeliveryStatus.HELD if outcome.held else DeliveryStatus.PENDING
+                result.deliveries.append(Delivery(destination=destination, status=lane))
             job.status = JobStatus.DONE
             job.finished_at = utcnow()
             job.lease_until = None

@@ -31,9 +31,13 @@ def synthetic_pairs(n: int = 240, seed: int = 3, noise: float = 0.6, start: int 
 
 
 def store_pairs(db: Database, pairs: list[MatchedPair]) -> None:
-    """The same pairs as SQL rows: a study + result per pair and a DXA exam per study (own day)."""
-    for p in pairs:
-        with db.session() as session:
+    """The same pairs as SQL rows: a study + result per pair and a DXA exam per study (own day).
+
+    Two transactions in all (studies and results, then the DXA exams), so hundreds of pairs are
+    quick even with SQLite's synchronous=FULL.
+    """
+    with db.session() as session:
+        for p in pairs:
             uid = "1.2.826.0.1." + "".join(c for c in p.study_key if c.isdigit())
             study = Study(study_uid=uid, study_key=p.study_key, status=StudyStatus.DONE,
                           study_date=p.study_date.strftime("%Y%m%d"), patient_id=p.patient_hash,
@@ -49,8 +53,6 @@ def store_pairs(db: Database, pairs: list[MatchedPair]) -> None:
                                                    "osteoporosis": p.p_osteoporosis},
                 decision="DXA referral suggested" if p.referral else "below the referral threshold",
                 t_score=p.t_score_estimate, model_name="m", model_version="1", model_sha256="0" * 64, backend="onnx"))
-        with db.session(write=True) as session:
-            save_results(session, [DxaResult(p.patient_hash, None, p.study_date, "csv", "test",
-                                              (DxaSiteValue("hip", p.dxa_t_score),))])
-
-
+    with db.session(write=True) as session:
+        save_results(session, [DxaResult(p.patient_hash, None, p.study_date, "csv", "test",
+                                          (DxaSiteValue("hip", p.dxa_t_score),)) for p in pairs])
