@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from osteogate.gateway.core.backfill_config import BackfillConfig
 from osteogate.gateway.core.destinations import Destination, check_ae_title
 from osteogate.gateway.core.errors import ConfigurationError
 from osteogate.gateway.core.gate_config import GateConfig
@@ -77,6 +78,7 @@ class Settings(Section):
     retention: RetentionConfig = Field(default_factory=RetentionConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     groundtruth: GroundTruthConfig = Field(default_factory=GroundTruthConfig)
+    backfill: BackfillConfig = Field(default_factory=BackfillConfig)
     gate: GateConfig = Field(default_factory=GateConfig)
 
     @model_validator(mode="after")

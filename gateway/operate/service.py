@@ -8,6 +8,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from osteogate.gateway.backfill.metrics import BackfillCollector
 from osteogate.gateway.core.config import Settings
 from osteogate.gateway.core.logs import get_logger, study_key
 from osteogate.gateway.core.metrics import REGISTRY
@@ -52,6 +53,17 @@ class Gateway:
         self._stopped = threading.Event()
         self.http: HealthServer | None = None
         self._collector = StoreCollector(self.db, self.spool.free_bytes)
+        self._backfill_collector = BackfillCollector(self.db)
+        self._backfill_stop = threading.Event()
+
+    def _add_backfill_job(self) -> None:
+        """``[backfill] enabled``: the configured backfill runs (and resumes) every interval."""
+        cfg = self.settings.backfill
+        if cfg.enabled and cfg.source:
+            from osteogate.gateway.backfill.setup import run_scheduled
+
+            self.scheduler.add("backfill", lambda: run_scheduled(self.settings, self.db, self._backfill_stop),
+                               cfg.interval_seconds)
 
     def health(self) -> dict[str, Any]:
         """What /healthz reports.
@@ -122,12 +134,14 @@ class Gateway:
         if self.site_gate:  # new DXA results may open (or drift close) the gate without new studies
             self.scheduler.add("site_gate", self.site_gate.refresh, self.settings.gate.refresh_seconds)
         add_maintenance_jobs(self.scheduler, self.settings, self.db, self.spool)
+        self._add_backfill_job()
         self.scheduler.start()
         if self.worker:
             self.worker.start()
         if self.settings.http.enabled:
             # Before the listener: once the DICOM port answers, so does the health check.
             REGISTRY.register(self._collector)
+            REGISTRY.register(self._backfill_collector)
             self.http = HealthServer(self.settings.http.bind, self.settings.http.port, self.health)
             self.http.start()
         self.scp.start()
@@ -148,6 +162,8 @@ class Gateway:
         if self.http:
             self.http.stop()
             REGISTRY.unregister(self._collector)
+            REGISTRY.unregister(self._backfill_collector)
+        self._backfill_stop.set()  # a scheduled backfill ends its current step and returns
         if self.worker:
             self.worker.stop()
         self.scheduler.stop()

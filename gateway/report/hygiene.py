@@ -10,6 +10,7 @@ import re
 import warnings
 from typing import Any
 
+from osteogate.gateway.work.outcome import safe_get
 from pydicom import config as pydicom_config
 from pydicom.charset import python_encoding
 from pydicom.datadict import dictionary_VM
@@ -38,23 +39,13 @@ def laterality(header: Dataset) -> str | None:
         "R", "L", "B" or None.
     """
     for keyword in ("ImageLaterality", "Laterality"):
-        value = str(_safe_get(header, keyword) or "").strip().upper()
+        value = str(safe_get(header, keyword) or "").strip().upper()
         if value in ("R", "L", "B"):
             return value
     return None
 
 
 SIDE_WORDS = {"R": "right", "L": "left", "B": "both sides"}
-
-
-def _safe_get(ds: Dataset, keyword: str) -> Any:
-    """``ds.get`` that survives values pydicom cannot convert (a malformed IS, DS or date)."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return ds.get(keyword)
-    except Exception:  # noqa: BLE001 - any conversion failure means "not usable"
-        return None
 
 
 # -- header hygiene ----------------------------------------------------------------------------
@@ -235,7 +226,7 @@ def text_value(header: Dataset, keyword: str, limit: int = 64) -> str:
     -------
     str
     """
-    value = _safe_get(header, keyword)
+    value = safe_get(header, keyword)
     if value is None:
         return ""
     text = " ".join(str(value).split())

@@ -51,6 +51,7 @@ from osteogate.gateway.report.sr_codes import (
     T_SCORE_UNIT,
     YEARS,
 )
+from osteogate.gateway.work.outcome import safe_get
 from osteogate.model.assessment import Assessment
 from osteogate.model.covariates import Covariates
 from osteogate.model.estimand import DECISIONS, on_grid
@@ -183,7 +184,7 @@ def anatomy(region: str, header: pydicom.Dataset | None) -> Code:
     if region == "knee":
         return KNEE
     if region == "spine":
-        body_part = str(reporting._safe_get(header, "BodyPartExamined") or "").upper() if header else ""
+        body_part = str(safe_get(header, "BodyPartExamined") or "").upper() if header else ""
         return SPINE_SEGMENTS.get(body_part, SPINE)
     raise ValueError(f"region {region!r} is not one of {REGIONS}")
 

@@ -17,7 +17,6 @@ from typing import Any
 
 from osteogate.gateway.report.hygiene import (  # noqa: F401 - re-exported: one import for the builders
     SIDE_WORDS,
-    _safe_get,
     clean_dataset,
     ensure_charset,
     evidence_header,

@@ -69,7 +69,7 @@ class Publisher(Protocol):
         ...
 
 
-def _safe_get(ds: Dataset, keyword: str) -> Any:
+def safe_get(ds: Dataset, keyword: str) -> Any:
     """``ds.get`` that survives values pydicom cannot convert (a malformed IS, DS or date)."""
     try:
         with warnings.catch_warnings():
@@ -82,10 +82,10 @@ def _safe_get(ds: Dataset, keyword: str) -> Any:
 def image_order_key(header: Dataset) -> tuple[int, int, str]:
     """Stable image numbering: InstanceNumber (missing or malformed last), then SOPInstanceUID."""
     try:
-        number: int | None = int(str(_safe_get(header, "InstanceNumber")).strip())
+        number: int | None = int(str(safe_get(header, "InstanceNumber")).strip())
     except (TypeError, ValueError):
         number = None
-    return (0 if number is not None else 1, number or 0, str(_safe_get(header, "SOPInstanceUID") or ""))
+    return (0 if number is not None else 1, number or 0, str(safe_get(header, "SOPInstanceUID") or ""))
 
 
 def study_region(items: Sequence[ImageOutcome]) -> str | None:

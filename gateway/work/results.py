@@ -9,6 +9,7 @@ from typing import Any
 from osteogate.gateway.core.config import Settings
 from osteogate.gateway.core.logs import get_logger, scrub
 from osteogate.gateway.groundtruth.gate import withheld_figures
+from osteogate.gateway.store.backfill import is_backfilled
 from osteogate.gateway.store.db import (
     Database,
     Delivery,
@@ -115,7 +116,10 @@ class ResultRecorder:
 
     def _destinations(self, session: Any, job: Job) -> list[str]:
         """Where this result's SR goes: the configured destinations; for a replay run without
-        any (an admin's one-off command), wherever the study's earlier SRs went."""
+        any (an admin's one-off command), wherever the study's earlier SRs went; nowhere for a
+        study fetched by a backfill while ``backfill.deliver`` is false."""
+        if not self.settings.backfill.deliver and is_backfilled(session, job.study.study_uid):
+            return []  # historical results stay in SQL and `osteogate cases`
         configured = [str(d) for d in self.settings.delivery.destinations]
         if configured or job.reason != "replay":
             return configured

@@ -17,8 +17,9 @@ import os
 import sys
 from collections.abc import Sequence
 
+from osteogate.gateway.backfill import cli as backfill
 from osteogate.gateway.core.errors import EXIT_CODE_MEANINGS, ExitCode, translate
-from osteogate.gateway.operate.cli import admin, dxa, maintenance, serving, studies, validate
+from osteogate.gateway.operate.cli import admin, cases, dxa, maintenance, serving, studies, validate
 from osteogate.gateway.operate.cli.common import (
     COMMAND_GROUPS,
     Commands,
@@ -31,7 +32,7 @@ __all__ = ["COMMAND_GROUPS", "build_parser", "main", "settings_from_args"]
 
 # One module per command group; each has ``add_parsers(cmds)``. A new command goes in its
 # group's module, or in a new module listed here (COMMAND_GROUPS in common.py names its group).
-COMMAND_MODULES = (serving, studies, admin, maintenance, dxa, validate)
+COMMAND_MODULES = (serving, studies, admin, maintenance, dxa, backfill, cases, validate)
 
 
 def _overview(listing: list[tuple[str, str, str]]) -> str:

@@ -21,7 +21,8 @@ from osteogate.gateway.core.logs import configure_logging
 # for its registrar.
 COMMAND_GROUPS: dict[str, tuple[str, ...]] = {
     "serving": ("serve", "worker", "echo", "send", "demo"),
-    "operations": ("studies", "show", "replay", "resend", "purge", "db", "config", "selfcheck", "dxa", "validate"),
+    "operations": ("studies", "show", "replay", "resend", "purge", "db", "config", "selfcheck", "dxa", "backfill",
+                   "cases", "validate"),
     "model": ("train", "evaluate", "export", "dataset"),
 }
 

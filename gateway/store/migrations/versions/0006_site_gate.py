@@ -4,10 +4,10 @@
   decision) of a result reported as "not assessed: awaiting site validation" ("required" mode).
 * deliveries.status may be "held" (shadow mode): stored as a plain string, no schema change.
 
-Revises 0009_estimand (the head when the gate landed; the numbers are names, not an order).
+Revises 0007_backfill (the head when the gate landed; the numbers are names, not an order).
 
 Revision ID: 0006_site_gate
-Revises: 0009_estimand
+Revises: 0007_backfill
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0006_site_gate"
-down_revision = "0009_estimand"
+down_revision = "0007_backfill"
 branch_labels = None
 depends_on = None
 
