@@ -171,7 +171,8 @@ def card_claims(card: Any, situation: str = CLAIM_SITUATION) -> dict[str, Figure
     found = {"low_bmd_auc": fig(validation.get("auc_low_bmd")),
              "osteoporosis_auc": fig(validation.get("auc_osteoporosis")),
              "sensitivity": fig(low.get("sensitivity")), "specificity": fig(low.get("specificity")),
-             "ece": fig(validation.get("ece")), "t_score_mae": fig(validation.get("t_score_mae") or validation.get("mae"))}
+             "ece": fig(validation.get("ece")), "t_score_mae": fig(validation.get("t_score_mae")),
+             "t_score_r": fig(validation.get("t_score_pearson_r"))}
     return {k: v for k, v in found.items() if v is not None}
 
 

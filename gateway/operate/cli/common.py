@@ -23,7 +23,7 @@ COMMAND_GROUPS: dict[str, tuple[str, ...]] = {
     "serving": ("serve", "worker", "echo", "send", "demo"),
     "operations": ("studies", "show", "replay", "resend", "purge", "db", "config", "selfcheck", "dxa", "backfill",
                    "cases", "validate"),
-    "model": ("train", "evaluate", "export", "dataset"),
+    "model": ("train", "evaluate", "export", "dataset", "refit-site"),
 }
 
 

@@ -43,6 +43,22 @@ def _progress(done: int, total: int) -> None:
     print(f"bootstrap over patients: {done}/{total} resamples", file=sys.stderr, flush=True)
 
 
+def _export_rows(args: argparse.Namespace, settings: object, pairs: list) -> int:
+    from osteogate.gateway.operate.site_rows import collect_site_rows, write_site_rows
+
+    store = admin_store(settings, migrate=False)  # type: ignore[arg-type]
+    try:
+        rows = collect_site_rows(settings, store, pairs,  # type: ignore[arg-type]
+                                 progress=None if args.quiet else lambda d, n: print(
+                                     f"reading paired studies: {d}/{n}", file=sys.stderr, flush=True))
+    finally:
+        store.dispose()
+    write_site_rows(args.export_rows, rows)
+    print(f"wrote {args.export_rows}: {len(rows['t'])} DXA-matched studies ({int(rows['skipped'])} no longer in "
+          f"the spool or out of scope); refit with `osteogate train --site {args.export_rows}`", file=sys.stderr)
+    return 0
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     settings = admin_settings(args)
     if args.region and args.region not in ("knee", "spine"):
@@ -56,6 +72,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     finally:
         store.dispose()
     filters = {k: str(v) for k, v in (("since", args.since), ("region", args.region)) if v}
+    if args.export_rows:
+        return _export_rows(args, settings, pairs)
     result = validate(pairs, card=_card(settings), n_boot=args.bootstrap, seed=args.seed,
                       progress=None if args.quiet else _progress, filters=filters)
     if args.out:
@@ -91,5 +109,8 @@ def add_parsers(cmds: Commands) -> None:
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     parser.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="patient resamples (default 1000)")
     parser.add_argument("--seed", type=int, default=20261203, help="bootstrap seed (fixed: same pairs, same report)")
+    parser.add_argument("--export-rows", type=Path, metavar="FILE.npz",
+                        help="instead: write the site's refit data (covariates, image scores, DXA T-scores; "
+                             "patients hashed) for `osteogate train --site`")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
     parser.set_defaults(func=cmd_validate)
