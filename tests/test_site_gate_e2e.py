@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import json
 import urllib.request
+from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pydicom
 import pytest
 from osteogate.gateway.report.sr import read_result
@@ -133,3 +135,19 @@ def test_required_reports_not_assessed_awaiting_site_validation(
         # The model's figures, kept for the site's validation only.
         assert result.withheld["probabilities"] and result.withheld["t_score"] is not None
         assert result.probabilities is None and result.t_score is None and result.decision is None
+    # The site refit's rows: the screened study (its instances still in the spool) with its DXA
+    # result; the 37 SQL-only pairs have no instances and are counted as skipped.
+    from osteogate.gateway.groundtruth.exams import DxaResult, DxaSiteValue, save_results
+
+    with db.session() as session:
+        study_date = session.execute(select(Study.study_date).where(Study.patient_id == "SITE-0003")).scalar_one()
+    day = datetime.strptime(study_date, "%Y%m%d").date() if study_date else date.today()
+    with db.session(write=True) as session:
+        save_results(session, [DxaResult("SITE-0003", None, day, "csv", "test", (DxaSiteValue("hip", -2.7),))])
+    rows_path = tmp_path / "rows.npz"
+    gw.cli("validate", "--export-rows", str(rows_path), "--quiet")
+    with np.load(rows_path) as rows:
+        assert rows["t"].tolist() == [-2.7] and int(rows["skipped"]) == 37
+        assert rows["age"].tolist() == [71.0] and rows["sex"].tolist() == [1.0]
+        assert np.isfinite(rows["image_probs"]).all() and "SITE-0003" not in rows["patient"][0]
+
