@@ -19,6 +19,7 @@ from typing import Any
 from osteogate.gateway.core.backfill_config import BackfillConfig
 from osteogate.gateway.core.destinations import Destination, check_ae_title
 from osteogate.gateway.core.errors import ConfigurationError, ExitCode, OsteoGateError
+from osteogate.gateway.core.gate_config import GateConfig
 from osteogate.gateway.core.groundtruth_config import GroundTruthConfig
 from osteogate.gateway.core.sections import (
     DeliveryConfig,
@@ -91,6 +92,7 @@ class Settings(Section):
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     groundtruth: GroundTruthConfig = Field(default_factory=GroundTruthConfig)
     backfill: BackfillConfig = Field(default_factory=BackfillConfig)
+    gate: GateConfig = Field(default_factory=GateConfig)
 
     @model_validator(mode="after")
     def _check_calling_aet(self) -> Settings:

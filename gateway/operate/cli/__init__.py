@@ -1,7 +1,7 @@
 """``osteogate``: the one command admins use.
 
 Commands come in three groups (``osteogate --help``): serving (serve, worker, echo, send, demo),
-operations (studies, show, replay, resend, purge, db, config, selfcheck, dxa) and model (train,
+operations (studies, show, replay, resend, purge, db, config, selfcheck, dxa, validate) and model (train,
 evaluate, export, dataset; registered by training.cli, which imports torch only in its handlers).
 
 New commands: a module with ``add_parsers(cmds)`` in this package, listed in COMMAND_MODULES.
@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 from osteogate.gateway.backfill import cli as backfill
 from osteogate.gateway.core.errors import EXIT_CODE_MEANINGS, ExitCode, translate
-from osteogate.gateway.operate.cli import admin, cases, dxa, maintenance, serving, studies
+from osteogate.gateway.operate.cli import admin, cases, dxa, maintenance, serving, studies, validate
 from osteogate.gateway.operate.cli.common import (
     COMMAND_GROUPS,
     Commands,
@@ -32,7 +32,7 @@ __all__ = ["COMMAND_GROUPS", "build_parser", "main", "settings_from_args"]
 
 # One module per command group; each has ``add_parsers(cmds)``. A new command goes in its
 # group's module, or in a new module listed here (COMMAND_GROUPS in common.py names its group).
-COMMAND_MODULES = (serving, studies, admin, maintenance, dxa, backfill, cases)
+COMMAND_MODULES = (serving, studies, admin, maintenance, dxa, backfill, cases, validate)
 
 
 def _overview(listing: list[tuple[str, str, str]]) -> str:

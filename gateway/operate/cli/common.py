@@ -22,8 +22,8 @@ from osteogate.gateway.core.logs import configure_logging
 COMMAND_GROUPS: dict[str, tuple[str, ...]] = {
     "serving": ("serve", "worker", "echo", "send", "demo"),
     "operations": ("studies", "show", "replay", "resend", "purge", "db", "config", "selfcheck", "dxa", "backfill",
-                   "cases"),
-    "model": ("train", "evaluate", "export", "dataset"),
+                   "cases", "validate"),
+    "model": ("train", "evaluate", "export", "dataset", "refit-site"),
 }
 
 
