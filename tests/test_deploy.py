@@ -17,13 +17,13 @@ import pytest
 import yaml
 from osteogate.gateway.core.config import ENV_PREFIX, Settings, load_settings
 from osteogate.gateway.core.errors import NO_RESTART
-from osteogate.gateway.receive.ingest import (
+from osteogate.gateway.receive.scp import TRANSFER_SYNTAXES
+from osteogate.gateway.receive.validation import (
     ACCEPTED_SOP_CLASSES,
     CANNOT_UNDERSTAND,
     DATASET_DOES_NOT_MATCH_SOP_CLASS,
     OUT_OF_RESOURCES,
 )
-from osteogate.gateway.receive.scp import TRANSFER_SYNTAXES
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 EXAMPLE = DEPLOY / "osteogate.example.toml"

@@ -12,14 +12,14 @@ import pytest
 from osteogate.gateway.core.config import ConfigError, Destination, load_settings
 from osteogate.gateway.core.logs import configure_logging, get_logger, study_key
 from osteogate.gateway.core.uids import InvalidUIDError, is_valid_uid, require_uid
-from osteogate.gateway.receive.ingest import (
+from osteogate.gateway.receive.ingest import Ingestor
+from osteogate.gateway.receive.tracker import StudyTracker
+from osteogate.gateway.receive.validation import (
     CANNOT_UNDERSTAND,
     DATASET_DOES_NOT_MATCH_SOP_CLASS,
     OUT_OF_RESOURCES,
-    Ingestor,
     RejectedInstance,
 )
-from osteogate.gateway.receive.tracker import StudyTracker
 from osteogate.gateway.store.db import Database, Instance, Study, StudyStatus
 from osteogate.gateway.store.spool import Spool, SpoolError
 from osteogate.gateway.work.region import detect_region

@@ -11,15 +11,15 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from osteogate.gateway.receive.ingest import (
+from osteogate.gateway.receive.ingest import Ingestor
+from osteogate.gateway.receive.tracker import StudyTracker
+from osteogate.gateway.receive.validation import (
     CANNOT_UNDERSTAND,
     OUT_OF_RESOURCES,
     UID_CONFLICT,
-    Ingestor,
     RejectedInstance,
     inflated_size,
 )
-from osteogate.gateway.receive.tracker import StudyTracker
 from osteogate.gateway.store.db import Database, Instance, Study, StudyResult, StudyStatus
 from osteogate.gateway.store.spool import Spool
 from pydicom.dataset import Dataset

@@ -10,14 +10,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from osteogate.model.pixels import (
-    PixelDecodeError,
-    check_pixel_budget,
-    dataset_to_image,
-    load_image_file,
-    read_codestream_info,
-    reduction_steps,
-)
+from osteogate.model.codestream import PixelDecodeError, check_pixel_budget, read_codestream_info
+from osteogate.model.pixels import dataset_to_image, load_image_file, reduction_steps
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence

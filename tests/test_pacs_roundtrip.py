@@ -113,10 +113,10 @@ def test_whole_study_from_pacs_with_our_sr_and_card_stores_all_and_makes_no_new_
 
 
 def test_conformance_lists_the_acknowledged_classes_exactly() -> None:
-    """Table 3.2.2.2-c of CONFORMANCE.md is gateway.receive.ingest.OUT_OF_SCOPE_SOP_CLASSES, row for row."""
+    """Table 3.2.2.2-c of CONFORMANCE.md is gateway.receive.validation.OUT_OF_SCOPE_SOP_CLASSES, row for row."""
     import re
 
-    from osteogate.gateway.receive.ingest import ACCEPTED_SOP_CLASSES, OUT_OF_SCOPE_SOP_CLASSES
+    from osteogate.gateway.receive.validation import ACCEPTED_SOP_CLASSES, OUT_OF_SCOPE_SOP_CLASSES
 
     from tests.helpers import REPO_ROOT
 

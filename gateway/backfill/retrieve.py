@@ -52,7 +52,7 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelMove,
 )
 
-# What the gateway screens (gateway/receive/ingest.py ACCEPTED_SOP_CLASSES): C-GET asks for these.
+# What the gateway screens (gateway/receive/validation.py ACCEPTED_SOP_CLASSES): C-GET asks for these.
 IMAGE_SOP_CLASSES = (
     "1.2.840.10008.5.1.4.1.1.1",  # CR
     "1.2.840.10008.5.1.4.1.1.1.1",  # DX for presentation

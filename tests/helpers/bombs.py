@@ -3,7 +3,7 @@
 Each bomb starts as a real 64x64 codestream (pydicom or dcmtk encoders) whose own header is then
 rewritten: the JPEG SOF / JPEG-LS SOF55 height and width, the JPEG 2000 SIZ image and tile size, or
 the RLE segment table. A decoder that trusts the codestream would allocate the claimed image
-(30000 x 30000 x 4 bytes = 3.6 GB for OpenJPEG); model.pixels.check_pixel_budget refuses it first.
+(30000 x 30000 x 4 bytes = 3.6 GB for OpenJPEG); model.codestream.check_pixel_budget refuses it first.
 """
 
 from __future__ import annotations
