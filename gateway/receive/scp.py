@@ -35,7 +35,7 @@ from osteogate.gateway.core.metrics import (
 )
 from osteogate.gateway.receive.connections import AssociationListener
 from osteogate.gateway.receive.ingest import Ingestor
-from osteogate.gateway.receive.streaming import StreamingSocket
+from osteogate.gateway.receive.streaming import ANNOUNCED_PDU_BYTES, StreamingSocket
 from osteogate.gateway.receive.validation import (
     ACCEPTED_SOP_CLASSES,
     CANNOT_UNDERSTAND,
@@ -100,6 +100,7 @@ def make_ae(config: DicomConfig) -> AE:
     # Our own slot count (AssociationListener.claim_slot) applies to requested associations;
     # pynetdicom's would count connections still waiting to associate, so keep it out of the way.
     ae.maximum_associations = config.max_associations + max(64, 4 * config.max_associations) + 1
+    ae.maximum_pdu_size = ANNOUNCED_PDU_BYTES
     ae.network_timeout = config.network_timeout_seconds
     ae.dimse_timeout = config.network_timeout_seconds
     # ARTIM: how long a connection may stay silent before its A-ASSOCIATE-RQ (PS3.8 9.1.5).

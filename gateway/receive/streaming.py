@@ -26,9 +26,13 @@ from pynetdicom.transport import AssociationSocket
 
 log = get_logger("osteogate.gateway.receive.scp")
 
-# We announce pynetdicom's default maximum PDU length (16382 bytes); a peer must not send PDUs
-# longer than that. Tolerate up to 1 MiB (some senders round up), and treat anything longer as
-# the protocol violation it is: without a limit one PDU header could make us allocate 4 GiB.
+# The maximum PDU length we announce. pynetdicom's default (16382 bytes) cuts an 8 MB image into
+# 500 PDUs, each costing a trip through pynetdicom's state machine (~0.1 ms of Python): most of the
+# receive path's CPU (benchmarks/README.md). 256 KiB costs 16x fewer trips and at most 256 KiB of
+# buffer per association. A peer must not send PDUs longer than that; tolerate up to 1 MiB (some
+# senders round up), and treat anything longer as the protocol violation it is: without a limit
+# one PDU header could make us allocate 4 GiB.
+ANNOUNCED_PDU_BYTES = 1 << 18
 MAX_PDU_BYTES = 1 << 20
 # A command set is a few hundred bytes; data sets other than a C-STORE's (which we never serve)
 # are passed to pynetdicom, so they are capped too.
@@ -114,7 +118,7 @@ class StreamingSocket(AssociationSocket):
             return self._violate(f"PDU of {length} bytes (at most {MAX_PDU_BYTES} accepted)")
         if pdu_type != 0x04:  # not P-DATA-TF: pynetdicom reads the (bounded) body itself
             return data
-        body = super().recv(length)
+        body = self._recv_exactly(length)
         if len(body) != length:
             self._body = body  # connection closed mid-PDU: pynetdicom sees the short read
             return data
@@ -123,6 +127,22 @@ class StreamingSocket(AssociationSocket):
         except _Violation as exc:
             return self._violate(str(exc))
         return bytearray(struct.pack(">BBL", 0x04, reserved, len(self._body)))
+
+    def _recv_exactly(self, length: int) -> bytearray:
+        """``length`` bytes, fewer only when the peer closes: one buffer filled in place with large
+        reads (pynetdicom's own ``recv`` reads 4 KiB at a time and extends a bytearray)."""
+        assert self.socket is not None
+        body = bytearray(length)
+        view = memoryview(body)
+        got = 0
+        while got < length:
+            count = self.socket.recv_into(view[got:], length - got)
+            if not count:
+                del view
+                del body[got:]
+                break
+            got += count
+        return body
 
     def close(self) -> None:
         with self._lock:
