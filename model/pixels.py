@@ -56,7 +56,7 @@ from pydicom.dataset import Dataset
 
 # Re-exported: callers that decode also check codestreams (model/codestream.py owns them).
 __all__ = ["MAX_DECODED_PIXELS", "PixelDecodeError", "check_pixel_budget", "dataset_to_image", "load_image_file",
-           "read_codestream_info", "reduction_steps"]
+           "is_decoder_panic", "read_codestream_info", "reduction_steps"]
 
 MAX_SIDE = 16384  # radiographs are at most ~4-5k px; anything bigger is corrupt or not an image
 # Full-size decoders tried first where pydicom's default is slower. JPEG-LS and RLE decoding is
@@ -100,13 +100,27 @@ def _decode_first_frame(ds: Dataset) -> np.ndarray:
             return decoder.as_array(ds, index=0, as_rgb=True, transfer_syntax_uid=syntax, decoding_plugin=preferred)[0]
         except Exception:
             pass
+        except BaseException as exc:  # a Rust plugin's panic (pyo3 PanicException) is a BaseException
+            if not is_decoder_panic(exc):
+                raise
     try:
         # index=0 decodes one frame only: a 100-frame file costs one frame of memory.
         # as_rgb converts YBR colour to RGB so the luminance formula below holds.
         array, _ = decoder.as_array(ds, index=0, as_rgb=True, transfer_syntax_uid=syntax)
     except Exception as exc:  # plugins raise anything from ValueError to RuntimeError on corrupt data
         raise PixelDecodeError(f"cannot decode pixel data ({syntax.name}): {type(exc).__name__}: {exc}") from exc
+    except BaseException as exc:
+        if not is_decoder_panic(exc):
+            raise
+        raise PixelDecodeError(f"cannot decode pixel data ({syntax.name}): decoder failed: {exc}") from exc
     return array
+
+
+def is_decoder_panic(exc: BaseException) -> bool:
+    """True for a decoder plugin's panic: pylibjpeg-rle (Rust, pyo3) raises PanicException, a
+    BaseException, on RLE segments longer than Rows x Columns. Such data is the sender's fault;
+    interrupts and exits are not."""
+    return not isinstance(exc, (KeyboardInterrupt, SystemExit, GeneratorExit))
 
 
 def reduction_steps(long: int, long_side: int, deepest: int) -> int:

@@ -29,6 +29,7 @@ from osteogate.gateway.receive.validation import (
 )
 from osteogate.gateway.store.db import Database, Instance, Series, Study, StudyResult
 from osteogate.gateway.store.spool import Spool
+from osteogate.model.pixels import is_decoder_panic
 from pydicom.dataset import Dataset
 from sqlalchemy import or_, select
 
@@ -47,6 +48,10 @@ def pixel_digest(source: Dataset | Path) -> str | None:
             digest.update(f"{frame.shape}{frame.dtype.str}".encode())
             digest.update(frame.tobytes())
     except Exception:  # noqa: BLE001 - undecodable: the caller treats the pixels as different
+        return None
+    except BaseException as exc:  # a decoder plugin's panic (model.pixels.is_decoder_panic)
+        if not is_decoder_panic(exc):
+            raise
         return None
     return digest.hexdigest()
 

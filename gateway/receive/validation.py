@@ -184,11 +184,12 @@ def validate(ds: Dataset, context_sop_class: str | None = None) -> tuple[str, st
         if bits not in (1, 8, 16, 32, 64):
             raise RejectedInstance(DATASET_DOES_NOT_MATCH_SOP_CLASS, "BitsAllocated missing or invalid")
         expected = _expected_native_length(ds)
-        # Odd lengths are padded to even; anything shorter is a truncated image.
-        if actual < expected:
+        # Odd lengths are padded to even; anything shorter is a truncated image, anything longer
+        # means Rows/Columns/frames do not describe the pixels (the image would decode skewed).
+        if actual < expected or actual > expected + expected % 2:
             raise RejectedInstance(
                 DATASET_DOES_NOT_MATCH_SOP_CLASS, f"Pixel Data is {actual} bytes, expected {expected}"
-            )
+                f" for {rows}x{cols}x{frames} (Rows x Columns x frames)")
     elif not actual:
         raise RejectedInstance(DATASET_DOES_NOT_MATCH_SOP_CLASS, "Pixel Data is empty")
     try:  # codestream's own size (JPEG SOF, J2K SIZ, JPEG-LS SOF55, RLE header) vs header and budget
