@@ -118,7 +118,8 @@ class StreamingSocket(AssociationSocket):
             return self._violate(f"PDU of {length} bytes (at most {MAX_PDU_BYTES} accepted)")
         if pdu_type != 0x04:  # not P-DATA-TF: pynetdicom reads the (bounded) body itself
             return data
-        body = self._recv_exactly(length)
+        assert self.socket is not None
+        body = recv_exactly(self.socket, length)
         if len(body) != length:
             self._body = body  # connection closed mid-PDU: pynetdicom sees the short read
             return data
@@ -127,22 +128,6 @@ class StreamingSocket(AssociationSocket):
         except _Violation as exc:
             return self._violate(str(exc))
         return bytearray(struct.pack(">BBL", 0x04, reserved, len(self._body)))
-
-    def _recv_exactly(self, length: int) -> bytearray:
-        """``length`` bytes, fewer only when the peer closes: one buffer filled in place with large
-        reads (pynetdicom's own ``recv`` reads 4 KiB at a time and extends a bytearray)."""
-        assert self.socket is not None
-        body = bytearray(length)
-        view = memoryview(body)
-        got = 0
-        while got < length:
-            count = self.socket.recv_into(view[got:], length - got)
-            if not count:
-                del view
-                del body[got:]
-                break
-            got += count
-        return body
 
     def close(self) -> None:
         with self._lock:
@@ -261,3 +246,19 @@ def open_received(spool: Spool, message_id: int, command: Dataset, syntax: str |
     except (OSError, SpoolError) as exc:
         received.refuse(OUT_OF_RESOURCES, f"spool write failed: {exc.strerror or exc}")
     return received
+
+
+def recv_exactly(sock: socket.socket, length: int) -> bytearray:
+    """``length`` bytes, fewer only when the peer closes: one buffer filled in place with large
+    reads (pynetdicom's own ``recv`` reads 4 KiB at a time and extends a bytearray)."""
+    body = bytearray(length)
+    view = memoryview(body)
+    got = 0
+    while got < length:
+        count = sock.recv_into(view[got:], length - got)
+        if not count:
+            del view
+            del body[got:]
+            break
+        got += count
+    return body
