@@ -169,3 +169,17 @@ def test_release_sends_only_each_studys_newest_held_result(db: Database) -> None
         (1, DeliveryStatus.WITHDRAWN), (2, DeliveryStatus.PENDING), (1, DeliveryStatus.SENT)]
     assert "superseded" in rows[0][3]
     assert release_held(db) == 0
+
+
+def test_retention_is_not_blocked_by_a_withdrawn_delivery_but_waits_for_a_held_one() -> None:
+    from osteogate.gateway.operate.admin import _purge_safe
+    from osteogate.gateway.store.db import Instance, Study, StudyStatus
+
+    def study(*statuses: DeliveryStatus) -> Study:
+        results = [StudyResult(version=v, deliveries=[Delivery(destination="PACS@h:104", status=s)])
+                   for v, s in enumerate(statuses, start=1)]
+        return Study(status=StudyStatus.DONE, instances=[Instance(purged_at=None)], jobs=[], results=results)
+
+    assert _purge_safe(study(DeliveryStatus.WITHDRAWN, DeliveryStatus.SENT))
+    assert not _purge_safe(study(DeliveryStatus.HELD))
+    assert not _purge_safe(study(DeliveryStatus.WITHDRAWN, DeliveryStatus.HELD))
