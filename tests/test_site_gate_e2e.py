@@ -6,7 +6,8 @@ the worker and the HL7 listener would write them), the gate opens and the held S
 PACS; then the last ``drift_window`` pairs stop discriminating, the gate closes again, /healthz
 says degraded naming it, the Prometheus gauges show it, and the next study is held again.
 Required: the SR, the card and ``show`` say "not assessed: awaiting site validation (37 of 100
-DXA-matched studies)", while the model's figures are kept beside the row for the validation.
+DXA-matched studies)", while the model's figures are kept beside the row for the validation; once
+the gate opens the study is replayed and its assessed SR reaches the PACS as version 2.
 """
 
 from __future__ import annotations
@@ -124,6 +125,13 @@ def test_required_reports_not_assessed_awaiting_site_validation(
         dcmtk_pacs.wait_for_files("SC*.dcm", count=1, timeout=60)
         show = gw.cli("show", study_uid).stdout
         row = next(r for r in gw.studies() if r["study_uid"] == study_uid)
+        # The site's evidence arrives: the gate opens and the withheld result is replayed, reaching
+        # the PACS as version 2 (its predecessor, the "not assessed" SR, was sent).
+        store_pairs(db, synthetic_pairs(120, start=37))
+        second = next(p for p in dcmtk_pacs.wait_for_files("SR*.dcm", count=2, timeout=120) if p != sr)
+        replayed = read_result(pydicom.dcmread(second))
+        assert replayed.groups[0].assessed and replayed.groups[0].decision in (
+            "DXA referral suggested", "below the referral threshold")
     reason = "awaiting site validation (37 of 100 DXA-matched studies)"
     reading = read_result(pydicom.dcmread(sr))
     assert not reading.groups[0].assessed and reading.summary.startswith("NOT ASSESSED - ")
@@ -131,7 +139,8 @@ def test_required_reports_not_assessed_awaiting_site_validation(
     assert f"NOT ASSESSED: {reason}" in show and "estimated T-score" not in show
     assert row["assessed"] is False
     with db.session() as session:
-        result = session.execute(select(StudyResult).join(Study).where(Study.patient_id == "SITE-0003")).scalar_one()
+        result = session.execute(select(StudyResult).join(Study).where(Study.patient_id == "SITE-0003",
+                                                                       StudyResult.version == 1)).scalar_one()
         # The model's figures, kept for the site's validation only.
         assert result.withheld["probabilities"] and result.withheld["t_score"] is not None
         assert result.probabilities is None and result.t_score is None and result.decision is None
@@ -147,7 +156,7 @@ def test_required_reports_not_assessed_awaiting_site_validation(
     rows_path = tmp_path / "rows.npz"
     gw.cli("validate", "--export-rows", str(rows_path), "--quiet")
     with np.load(rows_path) as rows:
-        assert rows["t"].tolist() == [-2.7] and int(rows["skipped"]) == 37
+        assert rows["t"].tolist() == [-2.7] and int(rows["skipped"]) == 157
         assert rows["age"].tolist() == [71.0] and rows["sex"].tolist() == [1.0]
         assert np.isfinite(rows["image_probs"]).all() and "SITE-0003" not in rows["patient"][0]
 

@@ -199,14 +199,20 @@ class SiteGate:
         ``groundtruth.match_days``.
     on_release : callable, optional
         Called after held deliveries were released (the service wakes its delivery lanes).
+    on_open : callable, optional
+        Called when the gate is found open after being closed (or at the first check): the service
+        replays the results "required" reported as not assessed, so they reach the PACS as a new
+        version.
     """
 
     def __init__(self, config: GateConfig, db: Database, match_days: int = 365,
-                 on_release: Callable[[int], None] | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 on_release: Callable[[int], None] | None = None, clock: Callable[[], float] = time.monotonic,
+                 on_open: Callable[[GateState], None] | None = None) -> None:
         self.config = config
         self.db = db
         self.match_days = match_days
         self.on_release = on_release
+        self.on_open = on_open
         self.clock = clock
         self._lock = threading.Lock()
         self._state: GateState | None = None
@@ -234,6 +240,8 @@ class SiteGate:
         if previous is None or (previous.open, previous.kind) != (state.open, state.kind):
             log.info("site_gate", mode=state.mode, open=state.open, kind=state.kind, pairs=state.pairs,
                      reason=state.reason)
+        if state.open and (previous is None or not previous.open) and self.on_open:
+            self.on_open(state)
         # Every refresh while open (not only the opening one): a result committed while the gate
         # was opening must not stay held until the next change.
         if state.open and state.mode == "shadow":

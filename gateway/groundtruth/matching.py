@@ -37,7 +37,7 @@ class MatchedPair:
     manufacturer: str | None
     sex: str | None
     age: float | None
-    assessed: bool
+    assessed: bool  # the result has figures to validate (assessed, or withheld by the site gate)
     p_low: float | None  # P(T-score <= -1.0): low bone density
     p_osteoporosis: float | None  # P(T-score <= -2.5)
     t_score_estimate: float | None

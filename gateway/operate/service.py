@@ -182,7 +182,28 @@ def site_gate(settings: Settings, db: Any, scheduler: GatewayScheduler) -> SiteG
     if settings.gate.site_validation == "off":
         return None
     return SiteGate(settings.gate, db, settings.groundtruth.match_days,
-                    on_release=lambda _count: scheduler.trigger("delivery"))
+                    on_release=lambda _count: scheduler.trigger("delivery"),
+                    on_open=(lambda _state: replay_withheld(db)) if settings.gate.site_validation == "required" else None)
+
+
+def replay_withheld(db: Any) -> list[int]:
+    """Queue a replay of every study whose latest result the gate reported as not assessed
+    ("required" mode): once the gate is open they reach the PACS as a new, assessed version."""
+    from osteogate.gateway.operate.admin import plan_replay, queue_replay
+    from osteogate.gateway.store.db import Study, StudyResult
+    from sqlalchemy import func, select
+
+    latest = (select(StudyResult.study_id, func.max(StudyResult.version).label("version"))
+              .group_by(StudyResult.study_id).subquery())
+    with db.session() as session:
+        uids = session.execute(
+            select(Study.study_uid).join(latest, latest.c.study_id == Study.id)
+            .join(StudyResult, (StudyResult.study_id == Study.id) & (StudyResult.version == latest.c.version))
+            .where(StudyResult.withheld.is_not(None))).scalars().all()
+    jobs = queue_replay(db, plan_replay(db, list(uids))) if uids else []
+    if jobs:
+        log.info("site_gate_replays", studies=len(jobs))
+    return jobs
 
 
 def remove_orphans(*stores: Spool) -> None:
