@@ -614,3 +614,126 @@ def test_dimse_only_commands_refuse_a_url() -> None:
     assert result.returncode == 64  # EX_USAGE
     assert "this command needs AET@HOST:PORT (a DICOM peer), not a URL" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# -- hostile DICOMweb destinations: redirects, HTML error pages, endless answers -------------------
+
+
+class _HostileServer(http.server.ThreadingHTTPServer):
+    """A STOW-RS endpoint that misbehaves one way: ``redirect`` (307 to ``location``), ``html``
+    (a proxy's 502 page), ``endless`` (200, a chunked body that never ends, a little at a time),
+    ``huge`` (200, 64 MB of JSON-looking bytes as fast as the socket takes them). Counts requests."""
+
+    daemon_threads = True
+
+    def __init__(self, mode: str, location: str = "") -> None:
+        self.mode, self.location, self.requests = mode, location, 0
+        self.stop = threading.Event()
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                server.requests += 1
+                getattr(self, f"_{server.mode}")()
+
+            def _redirect(self) -> None:
+                self.send_response(307)
+                self.send_header("Location", server.location)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def _html(self) -> None:
+                page = (b"<!DOCTYPE html>\n<html><head><style>body{color:red}</style>\n<title>502 Bad Gateway"
+                        b"</title></head>\n<body><h1>Bad Gateway</h1>\n<p>The proxy server received an invalid"
+                        b"\nresponse from an upstream server.</p>" + b"<p>padding</p>\n" * 500 + b"</body></html>")
+                self.send_response(502)
+                self.send_header("Content-Type", "text/html; charset=iso-8859-1")
+                self.send_header("Content-Length", str(len(page)))
+                self.end_headers()
+                self.wfile.write(page)
+
+            def _endless(self) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "application/dicom+json")
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                while not server.stop.is_set():
+                    try:
+                        self.wfile.write(b"1\r\n \r\n")
+                        self.wfile.flush()
+                    except OSError:
+                        return
+                    server.stop.wait(0.2)
+
+            def _huge(self) -> None:
+                size = 64 * 2**20
+                self.send_response(200)
+                self.send_header("Content-Type", "application/dicom+json")
+                self.send_header("Content-Length", str(size))
+                self.end_headers()
+                block = b" " * 2**16
+                try:
+                    for _ in range(size // len(block)):
+                        self.wfile.write(block)
+                except OSError:
+                    return
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server_address[1]}/dicom-web/studies"
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.shutdown()
+        self.server_close()
+
+
+def _send_to(server: _HostileServer, timeout: float = 5) -> tuple[object, float]:
+    started = time.monotonic()
+    outcome = send_files([sample_file("knee_dx.dcm")], Destination(url=server.url), timeout)
+    return outcome, time.monotonic() - started
+
+
+def test_stow_redirect_is_never_followed_and_is_reported() -> None:
+    """A 307 re-POSTs the body (patient data, and the credentials) wherever it points: the
+    gateway follows no redirect, names only the host it pointed to, and an admin fixes the URL."""
+    elsewhere = _HostileServer("html")
+    redirecting = _HostileServer("redirect", location=elsewhere.url.replace("127.0.0.1", "localhost")
+                                 + "/1.2.826.0.1.3680043.2.1125.1")
+    try:
+        outcome, _ = _send_to(redirecting)
+    finally:
+        redirecting.close()
+        elsewhere.close()
+    assert (outcome.ok, outcome.permanent) == (False, True), outcome  # type: ignore[attr-defined]
+    detail = outcome.detail  # type: ignore[attr-defined]
+    assert detail.startswith("STOW-RS HTTP 307") and "redirect to http://localhost not followed" in detail, detail
+    assert "1.2.826" not in detail and elsewhere.requests == 0 and redirecting.requests == 1
+
+
+def test_stow_html_error_page_is_one_line() -> None:
+    server = _HostileServer("html")
+    try:
+        outcome, _ = _send_to(server)
+    finally:
+        server.close()
+    assert (outcome.ok, outcome.permanent) == (False, False), outcome  # type: ignore[attr-defined]
+    assert outcome.detail == "STOW-RS HTTP 502 Bad Gateway: 502 Bad Gateway", outcome  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("mode", ["endless", "huge"])
+def test_stow_endless_or_huge_answer_is_cut_by_time_and_size(mode: str) -> None:
+    server = _HostileServer(mode)
+    try:
+        outcome, took = _send_to(server, timeout=2)
+    finally:
+        server.close()
+    assert (outcome.ok, outcome.permanent) == (False, False), outcome  # type: ignore[attr-defined]
+    assert "cut off" in outcome.detail and took < 15, (outcome, took)  # type: ignore[attr-defined]
+    assert ("within 2 s" if mode == "endless" else "larger than 4 MB") in outcome.detail  # type: ignore[attr-defined]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -140,3 +141,58 @@ def test_readme_commands_exist() -> None:
 @pytest.mark.parametrize("phrase", ["degraded", "failing_destinations", "any_caller_accepted", "no_destination"])
 def test_monitoring_terms_are_documented(phrase: str) -> None:
     assert phrase in text(DEPLOY)
+
+
+# -- statements about the code: event names, tests named, what make prints ------------------------
+
+
+def _logged_events() -> set[str]:
+    """Every event name the gateway logs (structlog: the first argument, a snake_case string)."""
+    found: set[str] = set()
+    for path in (REPO / "gateway").rglob("*.py"):
+        found |= set(re.findall(r"\.(?:debug|info|warning|error|exception|critical)\(\s*\"([a-z][a-z0-9_]*)\"",
+                                path.read_text(encoding="utf-8")))
+    return found
+
+
+def _documented_events() -> set[str]:
+    """Event names deploy/README.md tells operators to watch: its list of main events and every
+    `alert on` sentence (snake_case names only: `status` there is a /healthz field)."""
+    body = text(DEPLOY)
+    listing = body.split("Main events:", 1)[1].split("\n\n", 1)[0]
+    alerts = " ".join(re.findall(r"[Aa]lert on (.*?)(?:\.\s|\n\n)", body, flags=re.S))
+    return {name for name in re.findall(r"`([a-z][a-z0-9_]*)`", listing + " " + alerts) if "_" in name}
+
+
+def test_documented_log_events_are_the_ones_the_code_logs() -> None:
+    documented, logged = _documented_events(), _logged_events()
+    assert {"association_rejected", "sr_delivery_rejected", "instance_refused"} <= documented
+    assert not documented - logged, f"documented but never logged: {sorted(documented - logged)}"
+
+
+def test_tests_the_docs_name_exist_and_their_expected_failure_claims_hold() -> None:
+    sources = {path: path.read_text(encoding="utf-8") for path in (REPO / "tests").glob("test_*.py")}
+    for doc in DOCS:
+        body = flat(doc)
+        for name in set(re.findall(r"`(test_[a-z0-9_]+)`", body)):
+            [(path, source)] = [(p, s) for p, s in sources.items() if f"def {name}(" in s] or [(None, "")]
+            assert path is not None, f"{doc.name} names {name}, which no test file defines"
+            head = source[:source.index(f"def {name}(")].rsplit("\n\n", 1)[-1]  # its decorators
+            xfail = "xfail" in head
+            sentence = next(s for s in re.split(r"(?<=[.!?])\s", body) if name in s)
+            claims = "expected failure" in sentence or "xfail" in sentence
+            assert claims == xfail, f"{doc.name} on {name}: says expected failure {claims}, marked xfail {xfail}"
+    assert "HTTP 500" not in text(DEPLOY)  # the whole-study re-send works (issue 19, item 6)
+
+
+def test_make_run_says_what_each_step_waits_for(tmp_path: Path) -> None:
+    """`make run` in a fresh checkout: pip runs --quiet for about a minute, so make prints one
+    line per step first."""
+    result = subprocess.run(["make", "-n", "run", f"VENV={tmp_path / 'venv'}"], cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    install = next(i for i, line in enumerate(lines) if "pip install --quiet ." in line)
+    said = [line for line in lines[:install + 1] if "installing the serving environment" in line]
+    assert said and "once" in said[0], result.stdout
+    assert any("creating the virtual environment" in line for line in lines[:install])

@@ -282,3 +282,71 @@ def test_database_schema_this_release_does_not_know(tmp_path: Path) -> None:
         connection.execute("CREATE TABLE studies (id INTEGER PRIMARY KEY, something TEXT)")
     one_line_error(osteogate("db", "upgrade", "--data-dir", str(odd)), ExitCode.DATAERR,
                    "matches no known revision", "by hand")
+
+
+# -- operator arguments: missing and mistyped config, hostile values, a closed stdout -------------
+
+
+def test_config_file_missing_is_66_and_typos_name_the_key_meant(tmp_path: Path) -> None:
+    one_line_error(osteogate("serve", "--config", str(tmp_path / "nosuch.toml")), ExitCode.NOINPUT,
+                   "nosuch.toml does not exist", "--config")
+    typo = tmp_path / "typo.toml"
+    typo.write_text('[dicom]\nprot = 104\n[storage]\ndata_dir = "a\\u0000b"\n')
+    line = one_line_error(osteogate("studies", "--config", str(typo)), ExitCode.CONFIG,
+                          "dicom.prot: unknown key (did you mean `port`?)", "storage.data_dir: contains a NUL byte")
+    assert "Extra inputs" not in line
+    check = osteogate("config", "check", str(typo))
+    assert check.returncode == ExitCode.CONFIG and "did you mean `port`?" in check.stdout + check.stderr
+
+
+HOSTILE = ["../../../etc/passwd", "1.2.3/../../x", "1.2.3;touch PWNED", "$(touch PWNED)", "`touch PWNED`",
+           "1.2.3 | tee PWNED", "x" * 10_000, "\u202e1.2.3", "-1.2.3"]
+
+
+@pytest.mark.parametrize("verb", ["show", "resend", "replay"])
+def test_hostile_study_identifiers_are_refused_before_anything_runs(tmp_path: Path, verb: str) -> None:
+    data_dir = tmp_path / "gw"
+    assert osteogate("db", "upgrade", "--data-dir", str(data_dir)).returncode == 0
+    before = sorted(p.name for p in data_dir.iterdir())
+    for value in HOSTILE:
+        result = osteogate(verb, "--data-dir", str(data_dir), "--", value, cwd=tmp_path)
+        output = result.stdout + result.stderr
+        assert result.returncode == ExitCode.USAGE, (value[:40], output[-2000:])
+        assert "Traceback" not in output and len(result.stderr) < 2000, output[-2000:]
+        assert "x" * 100 not in output  # a 10 kB argument is not echoed back
+    assert not list(tmp_path.glob("PWNED*")) and sorted(p.name for p in data_dir.iterdir()) == before
+
+
+def test_hostile_paths_and_options(tmp_path: Path) -> None:
+    from osteogate.gateway.core.config import ConfigError, load_settings
+    from osteogate.gateway.operate.cli import main
+
+    long = osteogate("studies", "--data-dir", "d" * 10_000, cwd=tmp_path)
+    one_line_error(long, ExitCode.USAGE, "10000 characters")
+    metachar = osteogate("studies", "--data-dir", "$(touch PWNED);x", cwd=tmp_path)
+    one_line_error(metachar, ExitCode.NOINPUT, "no OsteoGate database")
+    assert list(tmp_path.iterdir()) == []
+    # A NUL cannot pass through exec(); in-process callers and config files can carry one.
+    assert main(["studies", "--data-dir", "a\0b"]) == ExitCode.USAGE
+    assert main(["show", "1.2\0.3"]) == ExitCode.USAGE
+    with pytest.raises(ConfigError, match="NUL byte"):
+        load_settings("a\0b.toml", environ={})
+    with pytest.raises(ConfigError, match="model.path: contains a NUL byte"):
+        load_settings(environ={"OSTEOGATE_MODEL_PATH": "x"}, overrides={"model": {"path": "a\0b"}})
+
+
+def test_closed_stdout_ends_quietly(tmp_path: Path) -> None:
+    """`osteogate studies --json | head`: the reader leaving is not a network error."""
+    data_dir = tmp_path / "gw"
+    assert osteogate("db", "upgrade", "--data-dir", str(data_dir)).returncode == 0
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first byte
+    base = {k: v for k, v in os.environ.items() if not k.startswith("OSTEOGATE_")}
+    try:
+        result = subprocess.run([sys.executable, "-m", "osteogate.gateway.operate.cli", "studies", "--json",
+                                 "--data-dir", str(data_dir)], stdout=write_end, stderr=subprocess.PIPE,
+                                cwd=REPO, env=base, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert result.returncode == 141, result.stderr
+    assert result.stderr == ""

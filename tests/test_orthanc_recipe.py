@@ -97,6 +97,15 @@ def test_recipe_lua_filters_and_never_forwards_our_own_objects() -> None:
     assert "OsteoGateForwarded" in recipe["UserMetadata"] and "'OsteoGateForwarded'" in lua
 
 
+def test_recipe_is_safe_when_run_without_docker() -> None:
+    """`Orthanc deploy/orthanc/orthanc.json` on a host: HTTP (REST, Explorer, DICOMweb) answers
+    this host only, or asks for a password; never open to the network without a login."""
+    recipe = _recipe()
+    assert recipe["RemoteAccessAllowed"] is False or recipe["AuthenticationEnabled"] is True, recipe
+    readme = (DEPLOY / "README.md").read_text(encoding="utf-8")
+    assert '"RemoteAccessAllowed": true' in readme and "RegisteredUsers" in readme  # how to change it
+
+
 def test_compose_orthanc_runs_the_recipe_and_the_gateway_points_back() -> None:
     services = _compose()["services"]
     orthanc, gateway = services["orthanc"], services["gateway"]
@@ -108,9 +117,11 @@ def test_compose_orthanc_runs_the_recipe_and_the_gateway_points_back() -> None:
     [lua_path] = recipe["LuaScripts"]
     assert (DEPLOY / mounts[lua_path]).resolve() == RECIPE_LUA
     assert any(str(v).endswith(":" + recipe["StorageDirectory"]) for v in orthanc["volumes"])
-    # No ORTHANC__ variable restates (and could contradict) a recipe setting.
+    # No ORTHANC__ variable restates (and could contradict) a recipe setting, except opening HTTP
+    # to the container network (every caller of a container is remote), published on loopback.
     environment = orthanc.get("environment", {})
-    assert not [k for k in environment if k.startswith("ORTHANC__")], environment
+    assert [k for k in environment if k.startswith("ORTHANC__")] == ["ORTHANC__REMOTE_ACCESS_ALLOWED"], environment
+    assert "127.0.0.1:8042:8042" in orthanc["ports"]
     assert environment.get("DICOM_WEB_PLUGIN_ENABLED") == "true"  # the recipe's DicomWeb section needs it
     # Ports published are the recipe's.
     assert f"{recipe['DicomPort']}:{recipe['DicomPort']}" in orthanc["ports"]
@@ -215,6 +226,51 @@ def test_orthanc_forwards_knee_study_and_gets_the_results_back(routed: Routed) -
     assert f"OsteoGate: forwarding {len(routed.knee_series)} series of study {routed.study_id}" in routed.orthanc.log()
     studies = routed.gateway.studies()
     assert [s["study_uid"] for s in studies] == [routed.study_uid], studies
+    # The normal path is silent: no error line from the script (an absent metadata lookup was one).
+    assert _error_lines(routed.orthanc.log()) == []
+
+
+def _error_lines(log: str) -> list[str]:
+    """Orthanc's error lines (glog style: E1203 06:50:01.123 ...)."""
+    return [line for line in log.splitlines() if re.match(r"E\d{4} ", line)]
+
+
+@pytest.mark.orthanc
+def test_forward_made_while_the_gateway_is_down_is_retried_by_itself(tmp_path: Path, tiny_model: Path) -> None:
+    """Orthanc runs before the gateway: the forward fails, the script resubmits the job after
+    its wait, and once the gateway is up the results come back with no one resubmitting."""
+    if orthanc_binary() is None or dicomweb_plugin() is None:
+        pytest.skip("Orthanc with the DICOMweb plugin (orthanc, orthanc-dicomweb) not installed")
+    gateway_port = free_port()
+    orthanc = recipe_orthanc(tmp_path / "orthanc", gateway_port, stable_age=1)
+    assert orthanc.base_config is not None
+    orthanc.base_config["OsteoGateRetrySeconds"] = 1  # the recipe's 10 s, shortened for the test
+    knee = sample_file("knee_dx.dcm")
+    study_uid = str(pydicom.dcmread(knee).StudyInstanceUID)
+    gateway = GatewayProcess(tmp_path / "gw", model=tiny_model, port=gateway_port,
+                             destinations=[f"{orthanc.ae_title}@127.0.0.1:{orthanc.port}"])
+    orthanc.start()
+    try:
+        orthanc.upload(knee)
+        wait_until(lambda: "failed (attempt 1" in orthanc.log(), 60, interval=0.5)
+        gateway.start()
+        try:
+            def returned() -> bool:
+                return any(orthanc.instance_tags(i["ID"]).get("Manufacturer") == OWN_MANUFACTURER
+                           for i in orthanc.study_instances(study_uid))
+            try:
+                wait_until(returned, 120, interval=1)
+            except TimeoutError:
+                raise AssertionError(f"results never came back.\nOrthanc:\n{orthanc.log()[-4000:]}\n"
+                                     f"Gateway:\n{gateway.log()[-4000:]}") from None
+        finally:
+            gateway.stop()
+        jobs = [j for j in orthanc.get("/jobs?expand") if j.get("Type") == "DicomModalityStore"]
+        assert len(jobs) == 1 and jobs[0]["State"] == "Success", jobs  # the same job, resubmitted
+        assert "succeeded after" in orthanc.log()
+        assert orthanc.log().count("OsteoGate: forwarding") == 1
+    finally:
+        orthanc.stop()
 
 
 @pytest.mark.orthanc

@@ -7,8 +7,13 @@
 -- since (new images: OsteoGate then makes a new result version), so our results arriving, which
 -- makes the study stable once more, send nothing.
 --
--- A forward that fails (OsteoGate down) stays in Orthanc's job list as failed: resubmit it with
--- POST /jobs/<id>/resubmit (Orthanc Explorer: Jobs), or send the series by hand.
+-- A series counts as forwarded only once its job succeeded. A forward that fails (OsteoGate
+-- down or restarting) is resubmitted by this script after a wait that doubles from
+-- OsteoGateRetrySeconds (orthanc.json, default 10) up to 60 s, for as long as it fails: no one
+-- has to resubmit it by hand. Each failed attempt logs one line. (Orthanc 1.10 has no timer for
+-- Lua, so the wait holds this script's event thread; other Lua events wait meanwhile, which only
+-- happens while the gateway is unreachable. Jobs pending when Orthanc restarts are not retried:
+-- resubmit those from Orthanc Explorer's Jobs page or POST /jobs/<id>/resubmit.)
 
 local TARGET = 'OSTEOGATE'                 -- key of the gateway in DicomModalities
 local OWN_MANUFACTURER = 'OsteoGate'       -- Manufacturer of OsteoGate's SR and result card
@@ -49,11 +54,22 @@ local function in_scope(series, study)
   return false
 end
 
+local CONFIG = GetOrthancConfiguration()
+local RETRY_FIRST = tonumber(CONFIG['OsteoGateRetrySeconds']) or 10
+local RETRY_MAX = 60
+-- Jobs this script submitted and has not seen succeed: job ID -> { counts = {seriesId = n}, attempts }.
+local PENDING = {}
+-- Series in one of those jobs, with the instance count sent: not forwarded a second time meanwhile.
+local IN_FLIGHT = {}
+
 local function forwarded_count(seriesId)
-  -- Absent metadata is an HTTP 404 inside Orthanc: an error in Lua, hence pcall.
-  local ok, value = pcall(RestApiGet, '/series/' .. seriesId .. '/metadata/' .. MARK)
-  if ok and value ~= nil then
-    return value
+  -- The list of the series' metadata names, then the value only when present: asking for an
+  -- absent one is an HTTP 404 that Orthanc logs as an error on every first forward.
+  local names = ParseJson(RestApiGet('/series/' .. seriesId .. '/metadata'))
+  for _, name in ipairs(names) do
+    if name == MARK then
+      return RestApiGet('/series/' .. seriesId .. '/metadata/' .. MARK)
+    end
   end
   return ''
 end
@@ -61,13 +77,14 @@ end
 function OnStableStudy(studyId, tags, metadata)
   local study = ParseJson(RestApiGet('/studies/' .. studyId))
   local resources = {}
+  local counts = {}
   for _, seriesId in ipairs(study['Series']) do
     local series = ParseJson(RestApiGet('/series/' .. seriesId))
     if in_scope(series, study) then
       local count = tostring(#series['Instances'])
-      if forwarded_count(seriesId) ~= count then
+      if forwarded_count(seriesId) ~= count and IN_FLIGHT[seriesId] ~= count then
         table.insert(resources, seriesId)
-        RestApiPut('/series/' .. seriesId .. '/metadata/' .. MARK, count)
+        counts[seriesId] = count
       end
     end
   end
@@ -75,7 +92,40 @@ function OnStableStudy(studyId, tags, metadata)
     -- Asynchronous: a job, so a slow peer never blocks Orthanc's Lua engine.
     local job = ParseJson(RestApiPost('/modalities/' .. TARGET .. '/store',
       DumpJson({ Resources = resources, Asynchronous = true }, true)))
+    PENDING[job['ID']] = { counts = counts, attempts = 0 }
+    for seriesId, count in pairs(counts) do
+      IN_FLIGHT[seriesId] = count
+    end
     print('OsteoGate: forwarding ' .. #resources .. ' series of study ' .. studyId ..
           ' (job ' .. job['ID'] .. ')')
   end
+end
+
+function OnJobSuccess(jobId)
+  local pending = PENDING[jobId]
+  if pending == nil then
+    return
+  end
+  PENDING[jobId] = nil
+  for seriesId, count in pairs(pending.counts) do
+    -- Marked now, not at submission: a forward that failed is never taken as done.
+    RestApiPut('/series/' .. seriesId .. '/metadata/' .. MARK, count)
+    IN_FLIGHT[seriesId] = nil
+  end
+  if pending.attempts > 0 then
+    print('OsteoGate: forward job ' .. jobId .. ' succeeded after ' .. pending.attempts .. ' retries')
+  end
+end
+
+function OnJobFailure(jobId)
+  local pending = PENDING[jobId]
+  if pending == nil then
+    return
+  end
+  pending.attempts = pending.attempts + 1
+  local wait = math.min(RETRY_MAX, RETRY_FIRST * 2 ^ math.min(pending.attempts - 1, 10))
+  print(string.format('OsteoGate: forward job %s failed (attempt %d; is the gateway up?): retrying in %g s',
+                      jobId, pending.attempts, wait))
+  os.execute('sleep ' .. string.format('%g', wait))
+  RestApiPost('/jobs/' .. jobId .. '/resubmit', '')
 end

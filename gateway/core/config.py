@@ -8,6 +8,7 @@ start.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import tomllib
@@ -17,7 +18,7 @@ from typing import Any
 
 from osteogate.gateway.core.backfill_config import BackfillConfig
 from osteogate.gateway.core.destinations import Destination, check_ae_title
-from osteogate.gateway.core.errors import ConfigurationError
+from osteogate.gateway.core.errors import ConfigurationError, ExitCode, OsteoGateError
 from osteogate.gateway.core.gate_config import GateConfig
 from osteogate.gateway.core.groundtruth_config import GroundTruthConfig
 from osteogate.gateway.core.sections import (
@@ -60,6 +61,18 @@ class ConfigError(ConfigurationError, ValueError):
         super().__init__(f"invalid configuration{f' ({source})' if source else ''}",
                          f"{count}: " + "; ".join(problems),
                          "Fix the named keys; `osteogate config check FILE` lists every problem")
+
+
+class ConfigFileMissing(ConfigError):
+    """The configuration file named (--config, OSTEOGATE_CONFIG) does not exist: exit 66 as for
+    any named input that is missing, not 78 (a wrong file)."""
+
+    exit_code = ExitCode.NOINPUT
+
+    def __init__(self, path: str) -> None:
+        self.problems = [f"config file {path} does not exist"]
+        OsteoGateError.__init__(self, f"config file {path} does not exist", None,
+                                "Check the path given to --config or OSTEOGATE_CONFIG")
 
 
 class Settings(Section):
@@ -180,11 +193,39 @@ def _redacted(value: Any) -> Any:
     return value
 
 
+def _nul_bytes(data: Any, prefix: str = "") -> list[str]:
+    """Keys whose text holds a NUL byte: no path or name can, and the OS would refuse it later
+    as an internal error."""
+    if isinstance(data, Mapping):
+        return [p for key, value in data.items() for p in _nul_bytes(value, f"{prefix}{key}.")]
+    if isinstance(data, list):
+        return [p for value in data for p in _nul_bytes(value, prefix)]
+    if isinstance(data, str) and "\x00" in data:
+        return [f"{prefix.rstrip('.')}: contains a NUL byte"]
+    return []
+
+
+def _did_you_mean(loc: tuple[Any, ...]) -> str:
+    """For an unknown key: ``; did you mean `port`?`` when a known key of its section is close."""
+    model: Any = Settings
+    for part in loc[:-1]:
+        field = getattr(model, "model_fields", {}).get(part)
+        model = getattr(field, "annotation", None) if field else None
+        if model is None:
+            return ""
+    known = list(getattr(model, "model_fields", {}))
+    close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
+    return f" (did you mean `{close[0]}`?)" if close else f" (known keys: {', '.join(known)})"
+
+
 def _format_errors(exc: ValidationError) -> list[str]:
     problems = []
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"])
         value = err.get("input")
+        if err["type"] == "extra_forbidden":  # pydantic says "Extra inputs are not permitted"
+            problems.append(f"{key}: unknown key{_did_you_mean(tuple(err['loc']))}")
+            continue
         # A whole section (a model-level check) is not worth echoing back.
         got = "" if isinstance(value, dict) else f" (got {_redacted(value)!r})"
         message = err["msg"].removeprefix("Value error, ")
@@ -207,10 +248,12 @@ def load_settings(
     problems: list[str] = []
     path = path or environ.get("OSTEOGATE_CONFIG")
     if path:
+        if "\x00" in str(path):
+            raise ConfigError(["the config file path contains a NUL byte"])
         try:
             data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise ConfigError([f"config file {path} does not exist"]) from None
+            raise ConfigFileMissing(str(path)) from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
         except OSError as exc:
@@ -220,6 +263,7 @@ def load_settings(
     problems.extend(env_problems)
     data = _merge(data, env_values)
     data = _merge(data, overrides or {})
+    problems.extend(_nul_bytes(data))
     try:
         settings = Settings.model_validate(data)
     except ValidationError as exc:

@@ -16,6 +16,8 @@ Nothing here touches SQL or the spool: it is pure network and pure decision logi
 from __future__ import annotations
 
 import enum
+import errno
+import logging
 import socket
 import ssl
 from collections.abc import Iterator
@@ -225,11 +227,44 @@ def open_association(ae: AE, peer: Peer | Destination, tls: TlsConfig | None = N
         primitive = assoc.acceptor.primitive
         raise AssociationError(f"association {describe_rejection(primitive)}",
                                rejection_outcome(getattr(primitive, "result", None)))
-    # pynetdicom reports a refused connection, a failed TLS handshake and an A-ABORT alike.
-    timeout = ae.connection_timeout
-    raise AssociationError(
-        f"no association with {peer}: connection refused or aborted, TLS handshake failed, or no "
-        f"answer within {timeout:g} s (is the peer up, and are host, port and TLS right?)", Outcome.TRANSIENT)
+    # pynetdicom reports a refused connection, a failed TLS handshake and an A-ABORT alike (and
+    # logs two ERROR lines, dropped by _QuietConnectFailures): find out which it was.
+    raise AssociationError(f"no association with {peer}: {_connect_failure(peer, ae.connection_timeout)}",
+                           Outcome.TRANSIENT)
+
+
+def _connect_failure(peer: Peer, timeout: float) -> str:
+    """Why an association attempt ended without one, in words: a plain TCP connect tells a
+    refused or unreachable port (known at once) from a peer that accepts and then aborts, or
+    whose TLS handshake fails."""
+    try:
+        with socket.create_connection((peer.host, peer.port), timeout=min(timeout, 5.0)):
+            pass
+    except TimeoutError:
+        return f"no answer from {peer.host}:{peer.port} within {min(timeout, 5.0):g} s (firewall, or host down?)"
+    except OSError as exc:
+        cause = exc.strerror or type(exc).__name__
+        if exc.errno == errno.ECONNREFUSED:
+            return f"connection refused by {peer.host}:{peer.port} (nothing listens there: is the peer up, the port right?)"
+        return f"cannot connect to {peer.host}:{peer.port}: {cause}"
+    if peer.tls:
+        return "the port accepts connections but the TLS handshake or association failed (is TLS on at the peer, the CA right?)"
+    return (f"the peer accepted the connection but aborted or did not answer the association request within "
+            f"{timeout:g} s (is it a DICOM port, and does it speak TLS only?)")
+
+
+class _QuietConnectFailures(logging.Filter):
+    """pynetdicom logs a failed outgoing connect as two ERROR lines per attempt; the gateway
+    reports each failed attempt itself, once, at warning (sr_delivery_retry), with the cause."""
+
+    _DROPPED = ("Association request failed: unable to connect to remote", "TCP Initialisation Error:")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not message.startswith(self._DROPPED)
+
+
+logging.getLogger("pynetdicom.transport").addFilter(_QuietConnectFailures())
 
 
 @contextmanager

@@ -21,8 +21,11 @@ and forget everything on a restart, where the deliveries table does not.
 
 from __future__ import annotations
 
+import html
 import logging
 import os
+import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,29 +95,86 @@ def base_url(destination: Destination) -> str:
     return url[: -len("/studies")] if url.endswith("/studies") else url
 
 
-class _FixedVerifyAdapter(requests.adapters.HTTPAdapter):
-    """Sends with one TLS verification setting, whatever the environment says."""
+# An answer to a STOW-RS or QIDO-RS request is a small JSON document: anything bigger, or still
+# arriving after the timeout, is a misbehaving server (or one streaming forever), cut off.
+MAX_ANSWER_BYTES = 4 * 2**20
 
-    def __init__(self, verify: bool | str) -> None:
+
+class AnswerCut(requests.RequestException):
+    """The server's answer was larger than MAX_ANSWER_BYTES or not complete within the timeout."""
+
+
+class RedirectRefused(requests.RequestException):
+    """The server answered 3xx: not followed (the results would go to another URL, maybe another
+    host, with the credentials); the configured URL is to be corrected instead."""
+
+    def __init__(self, status: int, reason: str, location: str) -> None:
+        target = urllib3.util.parse_url(location) if location else None
+        # Scheme and host only: a path may carry the Study Instance UID.
+        where = f"{target.scheme or 'http'}://{target.host}" if target and target.host else "a relative URL"
+        super().__init__(f"STOW-RS HTTP {status} {reason}: redirect to {where} not followed; set the "
+                         "destination URL to the address the server names")
+
+
+def _refuse_redirects(response: requests.Response, *args: Any, **kwargs: Any) -> None:
+    # A response hook runs before requests would follow the redirect.
+    if 300 <= response.status_code < 400:
+        response.close()
+        raise RedirectRefused(response.status_code, response.reason or "", response.headers.get("Location", ""))
+
+
+class _BoundedAdapter(requests.adapters.HTTPAdapter):
+    """Reads each answer with a size cap and an overall deadline (requests' own timeout bounds
+    each read, not the whole body: a server trickling bytes would hold the delivery lane forever),
+    and, where ``verify`` is given, sends with that TLS verification whatever the environment says."""
+
+    def __init__(self, timeout: float, verify: bool | str | None = None) -> None:
         super().__init__()
+        self._timeout = timeout
         self._verify = verify
 
     def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:  # type: ignore[override]
-        kwargs["verify"] = self._verify
-        return super().send(request, **kwargs)
+        if self._verify is not None:
+            kwargs["verify"] = self._verify
+        kwargs["stream"] = True
+        response = super().send(request, **kwargs)
+        deadline = time.monotonic() + self._timeout
+        body = bytearray()
+        try:
+            # requests leaves decoding (gzip) to its own reader; this one decodes as it reads.
+            while chunk := response.raw.read1(65536, decode_content=True):
+                body += chunk
+                if len(body) > MAX_ANSWER_BYTES:
+                    raise AnswerCut(f"answer larger than {MAX_ANSWER_BYTES // 2**20} MB, cut off")
+                if time.monotonic() > deadline:
+                    raise AnswerCut(f"answer not complete within {self._timeout:g} s, cut off")
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            response.close()
+            raise requests.ConnectionError(f"answer broken off: {exc}") from None
+        except AnswerCut:
+            response.close()
+            raise
+        response._content = bytes(body)
+        response._content_consumed = True
+        response.close()
+        return response
 
 
 def make_client(destination: Destination, timeout: float) -> DICOMwebClient:
     """A DICOMweb client for one destination: its TLS verification, authentication and timeout."""
     secrets = credentials(destination)
     session = requests.Session()
+    verify: bool | str | None = None
     if destination.ca_file is not None or not destination.tls_verify:
         # ca_file (a site's own CA) or tls_verify = false (an explicit opt-out) must win over
         # REQUESTS_CA_BUNDLE/CURL_CA_BUNDLE, which requests otherwise prefers to session.verify.
-        verify: bool | str = str(destination.ca_file) if destination.ca_file else False
-        session.mount("https://", _FixedVerifyAdapter(verify))
+        verify = str(destination.ca_file) if destination.ca_file else False
         if verify is False:  # chosen in the configuration: not a warning on every send
             urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
+    session.mount("https://", _BoundedAdapter(timeout, verify))
+    session.mount("http://", _BoundedAdapter(timeout))
+    session.hooks["response"].append(_refuse_redirects)
+    session.max_redirects = 0  # belt and braces: the hook above refuses them first
     headers = {"Accept": "application/dicom+json"}
     if secrets.username is not None and secrets.password is not None:
         session.auth = (secrets.username, secrets.password)
@@ -197,9 +257,28 @@ def _body_excerpt(response: requests.Response) -> str:
     except ValueError:
         data = None
     if isinstance(data, dict) and isinstance(data.get("Message"), str):  # Orthanc's error object
-        return data["Message"][:_MAX_BODY_IN_DETAIL]
-    text = response.text.strip().replace("\n", " ")
+        return " ".join(data["Message"].split())[:_MAX_BODY_IN_DETAIL]
+    text = response.text.strip()
+    content_type = response.headers.get("Content-Type", "").lower()
+    if "html" in content_type or text[:1] == "<":
+        return html_summary(text)
+    text = " ".join(text.split())
     return text[:_MAX_BODY_IN_DETAIL] if text and not text.startswith("{") else ""
+
+
+def html_summary(page: str) -> str:
+    """One line for an HTML error page (a proxy's or a servlet container's): its title, else its
+    first heading, else its text, without markup, scripts or styles."""
+    for pattern in (r"<title[^>]*>(.*?)</title>", r"<h[1-3][^>]*>(.*?)</h[1-3]>"):
+        match = re.search(pattern, page, flags=re.I | re.S)
+        if match and (found := _plain(match[1])):
+            return found[:_MAX_BODY_IN_DETAIL]
+    body = re.sub(r"<(script|style)\b.*?</\1\s*>", " ", page, flags=re.I | re.S)
+    return _plain(body)[:_MAX_BODY_IN_DETAIL]
+
+
+def _plain(markup: str) -> str:
+    return " ".join(html.unescape(re.sub(r"<[^>]*>", " ", markup)).split())
 
 
 def outcome_of_failures(failures: list[tuple[str, int]], http_status: int, detail_prefix: str) -> SendOutcome:
@@ -234,7 +313,11 @@ def store(client: DICOMwebClient, datasets: Sequence[pydicom.Dataset], study_uid
         # which an operator (or time) fixes without touching the queued result.
         kind = "TLS error" if isinstance(exc, requests.exceptions.SSLError) else "connection error"
         return SendOutcome(False, permanent=False, detail=f"STOW-RS {kind}: {_short(exc)}")
-    except requests.RequestException as exc:  # invalid URL, too many redirects...
+    except RedirectRefused as exc:  # the URL needs correcting: an administrator's job
+        return SendOutcome(False, permanent=True, detail=str(exc))
+    except AnswerCut as exc:  # the objects may or may not be stored: sent again later (idempotent)
+        return SendOutcome(False, permanent=False, detail=f"STOW-RS {exc}")
+    except requests.RequestException as exc:  # invalid URL...
         return SendOutcome(False, permanent=True, detail=f"STOW-RS request failed: {_short(exc)}")
     failures = failed_instances(answer, datasets)
     if failures:
@@ -281,6 +364,8 @@ def check_stow(destination: Destination, timeout: float = 10) -> tuple[bool, str
     except requests.HTTPError as exc:
         status = exc.response.status_code if exc.response is not None else 0
         return False, f"HTTP {status} on QIDO-RS search" + (" (check credentials)" if status in (401, 403) else "")
+    except (RedirectRefused, AnswerCut) as exc:
+        return False, str(exc)
     except requests.RequestException as exc:
         return False, f"unreachable: {_short(exc)}"
     return True, "DICOMweb service answers (QIDO-RS)"

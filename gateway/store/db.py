@@ -154,6 +154,9 @@ class Job(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     reason: Mapped[str] = mapped_column(String(32), default="stable")  # stable | replay
     model_path: Mapped[str | None] = mapped_column(Text)  # replay with another checkpoint
+    # A replay's ``--to`` (destination strings): where this job's result goes instead of the
+    # configured destinations, whichever process runs the job (0008).
+    destinations: Mapped[list[str] | None] = mapped_column(JSON)
     worker: Mapped[str | None] = mapped_column(String(64))
     lease_until: Mapped[datetime | None] = mapped_column()
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

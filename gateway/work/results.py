@@ -115,9 +115,12 @@ class ResultRecorder:
                 job.study.status = status
 
     def _destinations(self, session: Any, job: Job) -> list[str]:
-        """Where this result's SR goes: the configured destinations; for a replay run without
-        any (an admin's one-off command), wherever the study's earlier SRs went; nowhere for a
-        study fetched by a backfill while ``backfill.deliver`` is false."""
+        """Where this result's SR goes: the job's own destinations (``replay --to``, whoever runs
+        it); else the configured destinations; for a replay run without any (an admin's one-off
+        command), wherever the study's earlier SRs went; nowhere for a study fetched by a
+        backfill while ``backfill.deliver`` is false."""
+        if job.destinations:
+            return list(job.destinations)
         if not self.settings.backfill.deliver and is_backfilled(session, job.study.study_uid):
             return []  # historical results stay in SQL and `osteogate cases`
         configured = [str(d) for d in self.settings.delivery.destinations]

@@ -86,14 +86,57 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The longest single argument accepted: PATH_MAX. Anything longer is no path, UID, key or URL
+# this tool knows; refusing it here keeps 10 kB strings out of error lines and SQL.
+MAX_ARGUMENT = 4096
+
+
+def _hostile_argument(argv: Sequence[str]) -> str | None:
+    """Why an argument is refused before parsing (a NUL byte, or longer than any path), or None."""
+    for position, arg in enumerate(argv, 1):
+        if "\x00" in arg:
+            return f"argument {position} contains a NUL byte"
+        if len(arg) > MAX_ARGUMENT:
+            return f"argument {position} is {len(arg)} characters long (at most {MAX_ARGUMENT})"
+    return None
+
+
+def _stdout_gone() -> bool:
+    """True when stdout is a pipe whose reader has gone (``osteogate studies | head``)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _quiet_exit_on_closed_stdout() -> int:
+    # What other Unix tools do when the reader of their output goes: stop, quietly. Point stdout
+    # at /dev/null so the interpreter's final flush does not raise again.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 128 + 13  # as a shell reports a process ended by SIGPIPE
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if (refused := _hostile_argument(argv)) is not None:
+        print(f"osteogate: error: {refused} (see osteogate --help)", file=sys.stderr)
+        return ExitCode.USAGE
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+        return code
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
+        if isinstance(exc, BrokenPipeError) and _stdout_gone():
+            return _quiet_exit_on_closed_stdout()
         if os.environ.get("OSTEOGATE_DEBUG") == "1":
             raise
         known = translate(exc)

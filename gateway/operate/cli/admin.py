@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +23,13 @@ from osteogate.gateway.operate.cli.common import (
     examples,
     print_plan,
     progress_bar,
+    study_ident,
     when,
 )
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from osteogate.gateway.operate.admin import plan_replay, queue_replay, wait_for_jobs
+    from osteogate.gateway.operate.replay import job_deliveries, plan_replay, queue_replay, wait_for_jobs
     from osteogate.gateway.store.db import JobStatus
 
     if not (args.study_uids or args.since or args.status):
@@ -46,7 +48,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if args.dry_run or not eligible:
         print("dry run: nothing changed" if args.dry_run else "nothing to replay")
         return ExitCode.OK if args.dry_run else ExitCode.PARTIAL
-    job_ids = queue_replay(db, plan, args.checkpoint)
+    # --to travels on the job rows: a running gateway's worker may run them before we do.
+    deadline = time.monotonic() + args.timeout
+    job_ids = queue_replay(db, plan, args.checkpoint, [str(d) for d in args.to] if args.to else None)
     worker = _replay_worker(settings, store, args.checkpoint)
     with progress_bar() as progress:
         task = progress.add_task("classifying", total=len(job_ids))
@@ -54,10 +58,33 @@ def cmd_replay(args: argparse.Namespace) -> int:
                                progress=lambda n: progress.advance(task, n))
     done = sum(s == JobStatus.DONE for s in states.values())
     failed = sum(s == JobStatus.FAILED for s in states.values())
-    sent = _deliver_now(settings, store)
+    # One attempt's worth of waiting: a PACS that is down is retried by the gateway later, and the
+    # rows say "pending" meanwhile (osteogate show / resend).
+    wait = min(max(5.0, deadline - time.monotonic()), max(30.0, settings.delivery.timeout_seconds + 5))
+    states_of_sends = _wait_for_deliveries(settings, store, job_deliveries(db, job_ids), wait)
+    sent = sum(status == "sent" for _, status, _ in states_of_sends)
     print(f"replayed {done} of {len(job_ids)} studies ({failed} failed, "
-          f"{len(job_ids) - done - failed} unfinished); {sent} SR delivery(ies) sent now")
+          f"{len(job_ids) - done - failed} unfinished); {sent} of {len(states_of_sends)} SR delivery(ies) sent")
+    for destination, status, error in states_of_sends:
+        if status != "sent":
+            print(f"  SR -> {destination}: {status}" + (f" ({error})" if error else ""))
     return ExitCode.OK if done == len(job_ids) else ExitCode.PARTIAL
+
+
+def _wait_for_deliveries(settings: Settings, store: Any, ids: list[int],
+                         timeout: float) -> list[tuple[str, str, str | None]]:
+    """Send what is due and wait on the rows: a running gateway may be the one sending."""
+    from osteogate.gateway.operate.admin import delivery_states
+
+    deadline = time.monotonic() + timeout
+    states: list[tuple[str, str, str | None]] = []
+    while ids:
+        _deliver_now(settings, store)
+        states = delivery_states(store.db, ids)
+        if all(status != "pending" for _, status, _ in states) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    return states
 
 
 def _replay_worker(settings: Settings, store: Any, checkpoint: Path | None) -> Any:
@@ -80,8 +107,6 @@ def _deliver_now(settings: Settings, store: Any) -> int:
 
 
 def cmd_resend(args: argparse.Namespace) -> int:
-    import time
-
     from osteogate.gateway.operate.admin import delivery_states, resend_latest
 
     settings = admin_settings(args)
@@ -131,7 +156,7 @@ def add_parsers(cmds: Commands) -> None:
                              epilog=examples("osteogate replay --status failed --dry-run",
                                               "osteogate replay 1.2.3.4 --model new.safetensors --to PACS@pacs:104"))
     add_config(replay)
-    replay.add_argument("study_uids", nargs="*", metavar="STUDY_UID", help="studies to replay")
+    replay.add_argument("study_uids", nargs="*", type=study_ident, metavar="STUDY", help="studies to replay (Study Instance UID or study key)")
     replay.add_argument("--since", type=when, help="studies last received at or after this time (2026-01-31, 7d)")
     replay.add_argument("--status", choices=["done", "skipped", "failed"], help="studies with this status")
     replay.add_argument("--model", dest="checkpoint", type=Path, metavar="FILE", help="another checkpoint for these runs")
@@ -144,7 +169,7 @@ def add_parsers(cmds: Commands) -> None:
                              epilog=examples("osteogate resend 1.2.3.4            # configured PACS without the SR",
                                               "osteogate resend 1.2.3.4 --to PACS2@pacs2:104   # there, even if sent"))
     add_config(resend)
-    resend.add_argument("study", metavar="STUDY", help="Study Instance UID or study key")
+    resend.add_argument("study", type=study_ident, metavar="STUDY", help="Study Instance UID or study key")
     add_to(resend, "send here (repeatable), even where already delivered; default: the configured "
                     "destinations that do not have it yet")
     add_timeout(resend, 30, "seconds to wait for the send")

@@ -54,6 +54,20 @@ def dimse_destination(text: str) -> Destination:
     return destination
 
 
+_STUDY_IDENT = re.compile(r"[0-9.]{1,64}|[0-9a-fA-F]{16}")
+
+
+def study_ident(text: str) -> str:
+    """A study named on the command line: a Study Instance UID (digits and dots, at most 64) or
+    the 16-hex-digit study key that logs and ``show`` print. Anything else (``../``, shell
+    metacharacters, long strings) is refused here, before it reaches SQL or a path."""
+    if not _STUDY_IDENT.fullmatch(text.strip()):
+        shown = text[:40].encode("unicode_escape").decode("ascii") + ("..." if len(text) > 40 else "")
+        raise argparse.ArgumentTypeError(f"{shown!r} is not a Study Instance UID (digits and dots, at most 64) "
+                                         "or a study key (16 hex digits)")
+    return text.strip()
+
+
 def add_config(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", "-c", type=Path, metavar="FILE",
                         help="TOML configuration file (env: OSTEOGATE_CONFIG)")
@@ -102,9 +116,11 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def admin_settings(args: argparse.Namespace) -> Settings:
-    """Settings for a one-shot admin command; its logs go to stderr so stdout stays parseable."""
+    """Settings for a one-shot admin command; its logs go to stderr so stdout stays parseable, and
+    read as lines of text (not JSON, unless logging.format says so): a person reads them."""
     settings = settings_from_args(args)
-    configure_logging(settings.logging.format, "warning" if settings.logging.level == "info" else settings.logging.level)
+    fmt = "console" if settings.logging.format == "auto" else settings.logging.format
+    configure_logging(fmt, "warning" if settings.logging.level == "info" else settings.logging.level)
     return settings
 
 
