@@ -2,12 +2,13 @@
 
 * study_results.withheld: the model's figures (label, probabilities, T-score and interval,
   decision) of a result reported as "not assessed: awaiting site validation" ("required" mode).
-* deliveries.status may be "held" (shadow mode): stored as a plain string, no schema change.
+* deliveries.status may be "held" (shadow mode) or "withdrawn" (held, then superseded): stored
+  as plain strings, no schema change.
 
-Revises 0007_backfill (the head when the gate landed; the numbers are names, not an order).
+Revises 0008_job_destination (the head when the gate landed; the numbers are names, not an order).
 
 Revision ID: 0006_site_gate
-Revises: 0007_backfill
+Revises: 0008_job_destination
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0006_site_gate"
-down_revision = "0007_backfill"
+down_revision = "0008_job_destination"
 branch_labels = None
 depends_on = None
 
