@@ -192,10 +192,43 @@ def test_replay_while_gateway_runs(tmp_path: Path, dcmtk_pacs: StoreSCP, tiny_mo
 
 def test_replay_refuses_unfinished_and_unknown_studies(store: Store, tmp_path: Path) -> None:
     receiving = store.ingest_study(tmp_path / "in")
-    result = osteogate("replay", receiving, "1.2.3.999", "--dry-run", *store.cli_args())
+    result = osteogate("replay", receiving, "1.2.3.999", "--dry-run", *store.cli_args(), check=False)
     assert "wait until it is finished" in result.stdout and "no such study" in result.stdout
+    # A named study that is not in the store is a missing input (README: 66), dry run or not.
+    assert result.returncode == 66 and "no study 1.2.3.999" in result.stderr, result.stderr
     assert osteogate("replay", receiving, *store.cli_args(), check=False).returncode == 1
     assert osteogate("replay", *store.cli_args(), check=False).returncode == 64  # usage
+
+
+def test_studies_are_named_by_uid_or_key_everywhere(store: Store, tmp_path: Path) -> None:
+    """replay, show and resend take the study_key the logs print as well as the UID; an unknown
+    one exits 66 with one line, with --dry-run too."""
+    uid = store.ingest_study(tmp_path / "in")
+    store.classify(uid, [])
+    key = json.loads(osteogate("show", uid, "--json", *store.cli_args()).stdout)["study_key"]
+    plan = osteogate("replay", key, "--dry-run", *store.cli_args())
+    assert uid in plan.stdout and "no such study" not in plan.stdout, plan.stdout
+    assert osteogate("show", key, *store.cli_args()).returncode == 0
+    unknown = "0123456789abcdef"
+    for command in (["replay", unknown, "--dry-run"], ["replay", unknown], ["show", unknown],
+                    ["resend", unknown, "--timeout", "1"]):
+        result = osteogate(*command, *store.cli_args(), check=False)
+        assert result.returncode == 66, (command, result.returncode, result.stderr)
+        assert f"no study {unknown}" in result.stderr.splitlines()[-1], (command, result.stderr)
+        assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("hostile", ["../../etc/passwd", "1.2.3;rm -rf /", "$(touch pwned)", "`id`",
+                                     "1" * 10_000, "1.2.3\n4", "../" * 3000])
+def test_hostile_study_arguments_are_refused_in_one_line(store: Store, tmp_path: Path, hostile: str) -> None:
+    """Whatever is typed (or pasted) as a study: exit 64 and one short line, nothing looked up."""
+    for command in (["show", hostile], ["replay", hostile, "--dry-run"], ["resend", hostile]):
+        result = osteogate(*command, *store.cli_args(), check=False)
+        assert result.returncode == 64, (command[0], result.returncode, result.stderr[-500:])
+        error = result.stderr.strip().splitlines()[-1]
+        assert "neither a Study Instance UID" in error and len(error) < 400, error
+        assert "Traceback" not in result.stderr
+    assert not (REPO / "pwned").exists() and not (tmp_path / "pwned").exists()
 
 
 @needs_dcmtk
@@ -205,6 +238,10 @@ def test_resend_to_down_peer_reports_pending(store: Store, tmp_path: Path, dcmtk
     down = f"GONE@127.0.0.1:{free_port()}"
     result = osteogate("resend", uid, "--to", down, "--wait", "1", *store.cli_args(), check=False)
     assert result.returncode == 1 and "pending" in result.stdout
+    # The cause is known at once and named; the output stays human (no JSON log lines, none of
+    # pynetdicom's own error lines).
+    assert "connection refused" in result.stdout, result.stdout
+    assert "{" not in result.stderr and "TCP Initialisation" not in result.stderr, result.stderr
 
 
 # -- purge ---------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ start.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import tomllib
@@ -17,7 +18,7 @@ from typing import Any
 
 from osteogate.gateway.core.backfill_config import BackfillConfig
 from osteogate.gateway.core.destinations import Destination, check_ae_title
-from osteogate.gateway.core.errors import ConfigurationError
+from osteogate.gateway.core.errors import ConfigurationError, ExitCode
 from osteogate.gateway.core.groundtruth_config import GroundTruthConfig
 from osteogate.gateway.core.sections import (
     DeliveryConfig,
@@ -59,6 +60,17 @@ class ConfigError(ConfigurationError, ValueError):
         super().__init__(f"invalid configuration{f' ({source})' if source else ''}",
                          f"{count}: " + "; ".join(problems),
                          "Fix the named keys; `osteogate config check FILE` lists every problem")
+
+
+class ConfigFileMissing(ConfigError):
+    """The named configuration file is not there: a missing input (exit 66), not a bad key."""
+
+    exit_code = ExitCode.NOINPUT
+
+    def __init__(self, path: str) -> None:
+        self.problems = [f"config file {path} does not exist"]
+        ConfigurationError.__init__(self, f"config file {path} does not exist", None,
+                                    "Check the path given to --config or OSTEOGATE_CONFIG")
 
 
 class Settings(Section):
@@ -178,6 +190,28 @@ def _redacted(value: Any) -> Any:
     return value
 
 
+def shown_path(path: Path | str, limit: int = 120) -> str:
+    """A path as an operator line may show it: control characters escaped, a 10 kB one cut short."""
+    text = str(path)
+    if not text.isprintable():
+        text = repr(text)[1:-1]
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(str(path))} characters)"
+
+
+def _unknown_key(loc: tuple[Any, ...]) -> str:
+    """``unknown key `prot` in [dicom]: did you mean `port`?``: a typo named with its likely fix."""
+    model: Any = Settings
+    for part in loc[:-1]:  # walk down to the section that refused the key
+        field = getattr(model, "model_fields", {}).get(part)
+        model = field.annotation if field is not None else None
+    name = str(loc[-1])
+    known = list(getattr(model, "model_fields", {}))
+    where = f"[{'.'.join(str(p) for p in loc[:-1])}]" if len(loc) > 1 else "the configuration (no such section)"
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    hint = f"did you mean `{close[0]}`?" if close else f"known keys: {', '.join(known)}"
+    return f"unknown key `{name[:80]}` in {where}: {hint}"
+
+
 def _format_errors(exc: ValidationError) -> list[str]:
     problems = []
     for err in exc.errors():
@@ -185,6 +219,9 @@ def _format_errors(exc: ValidationError) -> list[str]:
         value = err.get("input")
         # A whole section (a model-level check) is not worth echoing back.
         got = "" if isinstance(value, dict) else f" (got {_redacted(value)!r})"
+        if err["type"] == "extra_forbidden":
+            problems.append(_unknown_key(err["loc"]))
+            continue
         message = err["msg"].removeprefix("Value error, ")
         problems.append(f"{key}: {message}{got}")
     return problems
@@ -208,11 +245,13 @@ def load_settings(
         try:
             data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise ConfigError([f"config file {path} does not exist"]) from None
+            raise ConfigFileMissing(shown_path(path)) from None
         except tomllib.TOMLDecodeError as exc:
-            raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
+            raise ConfigError([f"{shown_path(path)}: not valid TOML: {exc}"]) from None
+        except ValueError as exc:  # a NUL byte in the path: refused before it reaches the OS
+            raise ConfigError([f"config file path {shown_path(path)} is not usable: {exc}"]) from None
         except OSError as exc:
-            raise ConfigError([f"config file {path} cannot be read: {exc.strerror or exc}"]) from None
+            raise ConfigError([f"config file {shown_path(path)} cannot be read: {exc.strerror or exc}"]) from None
     data_file = data
     env_values, env_problems = env_overrides(environ)
     problems.extend(env_problems)
@@ -221,9 +260,9 @@ def load_settings(
     try:
         settings = Settings.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(problems + _format_errors(exc), source=str(path) if path else None) from None
+        raise ConfigError(problems + _format_errors(exc), source=shown_path(path) if path else None) from None
     if problems:
-        raise ConfigError(problems, source=str(path) if path else None)
+        raise ConfigError(problems, source=shown_path(path) if path else None)
     sources = settings._sources
     for origin, values in ((f"the configuration file {path}", data_file),
                            ("the environment", env_values), ("the command line", overrides or {})):

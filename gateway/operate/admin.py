@@ -65,16 +65,16 @@ def plan_replay(
     """Which studies a replay would take, and why any named one would be left alone."""
     with db.session() as session:
         query = select(Study).options(selectinload(Study.instances)).order_by(Study.last_received_at)
+        named = {ident: find_study(session, ident) for ident in study_uids}  # a UID or a study key
         if study_uids:
-            query = query.where(Study.study_uid.in_(list(study_uids)))
+            query = query.where(Study.study_uid.in_([s.study_uid for s in named.values() if s is not None]))
         if since is not None:
             query = query.where(Study.last_received_at >= since)
         if status:
             query = query.where(Study.status == StudyStatus(status))
         studies = session.execute(query).scalars().all()
-        found = {s.study_uid for s in studies}
         plan = [ReplayCandidate(s.study_uid, s.study_key, s.status.value, _replay_refusal(s)) for s in studies]
-    plan += [ReplayCandidate(uid, "-", "unknown", "no such study") for uid in study_uids if uid not in found]
+    plan += [ReplayCandidate(ident, "-", "unknown", "no such study") for ident, s in named.items() if s is None]
     return plan
 
 

@@ -86,6 +86,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stdout_closed() -> bool:
+    """Whether our stdout is a pipe whose reader went away (``studies --json | head``)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(event & select.POLLERR for _, event in poller.poll(0))
+    except (OSError, ValueError):
+        return False
+
+
+def _quiet_after_epipe() -> int:
+    """Exit as ``cat`` or ``grep`` do when the reader of their output has gone: silently.
+
+    Whatever is still buffered for stdout would raise again when Python flushes it at exit, so
+    stdout is pointed at /dev/null first. 141 is what a shell reports for a process killed by
+    SIGPIPE, the exit status those tools end with.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 141
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -94,6 +118,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
+        # A reader of our output that went away is not a network error (studies --json | head).
+        if isinstance(exc, BrokenPipeError) and _stdout_closed():
+            return _quiet_after_epipe()
         if os.environ.get("OSTEOGATE_DEBUG") == "1":
             raise
         known = translate(exc)

@@ -12,6 +12,7 @@ from osteogate.gateway.core.errors import (
     NotFoundError,
     UsageError,
 )
+from osteogate.gateway.core.logs import configure_logging
 from osteogate.gateway.operate.cli.common import (
     Commands,
     add_config,
@@ -22,6 +23,7 @@ from osteogate.gateway.operate.cli.common import (
     examples,
     print_plan,
     progress_bar,
+    study_ident,
     when,
 )
 
@@ -43,6 +45,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
     destinations = (", ".join(str(d) for d in settings.delivery.destinations)
                     or "where each study's earlier SRs went")
     print_plan(plan, f"replay: {len(eligible)} of {len(plan)} studies, model {model}, SR to {destinations}")
+    unknown = [c.study_uid for c in plan if c.status == "unknown"]
+    if unknown:  # as for show and resend: a named study that is not here is a missing input (66)
+        raise NotFoundError(f"no study {', '.join(unknown)}", "neither a Study Instance UID nor a study key in "
+                            "this store", "`osteogate studies` lists keys and UIDs; nothing was replayed")
     if args.dry_run or not eligible:
         print("dry run: nothing changed" if args.dry_run else "nothing to replay")
         return ExitCode.OK if args.dry_run else ExitCode.PARTIAL
@@ -93,6 +99,9 @@ def cmd_resend(args: argparse.Namespace) -> int:
                   f"(--to {target.destination} sends it anyway)")
     ids = [t.delivery_id for t in plan if t.delivery_id is not None]
     states: list[tuple[str, str, str | None]] = []
+    # Each attempt's outcome is printed below in words; the delivery manager's log lines for the
+    # same attempts (JSON when piped) would only interleave with them.
+    configure_logging(settings.logging.format, "critical")
     deadline = time.monotonic() + args.timeout
     while ids:
         _deliver_now(settings, store)
@@ -129,9 +138,11 @@ def add_parsers(cmds: Commands) -> None:
     """replay, resend, purge."""
     replay = cmds.add_parser("replay", help="classify studies again from the spool and send a new SR version",
                              epilog=examples("osteogate replay --status failed --dry-run",
-                                              "osteogate replay 1.2.3.4 --model new.safetensors --to PACS@pacs:104"))
+                                              "osteogate replay 1.2.3.4 --model new.safetensors --to PACS@pacs:104",
+                                              "osteogate replay 3f2a9c0d11e4b7a6   # the study_key from the logs"))
     add_config(replay)
-    replay.add_argument("study_uids", nargs="*", metavar="STUDY_UID", help="studies to replay")
+    replay.add_argument("study_uids", nargs="*", type=study_ident, metavar="STUDY",
+                        help="studies to replay: Study Instance UIDs or study keys")
     replay.add_argument("--since", type=when, help="studies last received at or after this time (2026-01-31, 7d)")
     replay.add_argument("--status", choices=["done", "skipped", "failed"], help="studies with this status")
     replay.add_argument("--model", dest="checkpoint", type=Path, metavar="FILE", help="another checkpoint for these runs")
@@ -144,7 +155,7 @@ def add_parsers(cmds: Commands) -> None:
                              epilog=examples("osteogate resend 1.2.3.4            # configured PACS without the SR",
                                               "osteogate resend 1.2.3.4 --to PACS2@pacs2:104   # there, even if sent"))
     add_config(resend)
-    resend.add_argument("study", metavar="STUDY", help="Study Instance UID or study key")
+    resend.add_argument("study", type=study_ident, metavar="STUDY", help="Study Instance UID or study key")
     add_to(resend, "send here (repeatable), even where already delivered; default: the configured "
                     "destinations that do not have it yet")
     add_timeout(resend, 30, "seconds to wait for the send")

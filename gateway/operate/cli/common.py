@@ -46,6 +46,26 @@ def parse_destination(text: str) -> Destination:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+# A Study Instance UID (PS3.5 9.1: digits and dots, at most 64) or a study key (16 hex digits, as
+# the logs print it). Anything else (`../x`, `$(rm -rf)`, a 10 kB string) is refused before it
+# reaches the database, a path or a log line.
+_STUDY_IDENT = re.compile(r"[0-9][0-9.]{0,63}|[0-9a-fA-F]{16}")
+
+
+def shown(text: str, limit: int = 80) -> str:
+    """An operator's argument as an error line may echo it: escaped, and cut when long."""
+    safe = text if text.isprintable() else repr(text)[1:-1]
+    return safe if len(safe) <= limit else f"{safe[:limit]}... ({len(text)} characters)"
+
+
+def study_ident(text: str) -> str:
+    """argparse type: a Study Instance UID or a study key, nothing else."""
+    if not _STUDY_IDENT.fullmatch(text.strip()):
+        raise argparse.ArgumentTypeError(f"{shown(text)!r} is neither a Study Instance UID (digits and dots) "
+                                         "nor a study key (16 hex digits, as the logs print it)")
+    return text.strip()
+
+
 def dimse_destination(text: str) -> Destination:
     """AET@HOST:PORT only: for commands that speak DIMSE (echo, send)."""
     destination = parse_destination(text)

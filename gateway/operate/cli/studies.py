@@ -16,6 +16,7 @@ from osteogate.gateway.operate.cli.common import (
     admin_store,
     console,
     examples,
+    study_ident,
     when,
 )
 
@@ -80,6 +81,6 @@ def add_parsers(cmds: Commands) -> None:
     show = cmds.add_parser("show", help="everything about one study", epilog=examples(
         "osteogate show 1.2.826.0.1.3680043.8.498.1234", "osteogate show 3f2a9c0d11e4b7a6 --json   # study_key from the logs"))
     add_config(show)
-    show.add_argument("study", metavar="STUDY", help="Study Instance UID, or the study_key the logs print")
+    show.add_argument("study", type=study_ident, metavar="STUDY", help="Study Instance UID, or the study_key the logs print")
     show.add_argument("--json", action="store_true", help="machine-readable output (every stored field)")
     show.set_defaults(func=cmd_show)
