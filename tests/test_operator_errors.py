@@ -282,3 +282,89 @@ def test_database_schema_this_release_does_not_know(tmp_path: Path) -> None:
         connection.execute("CREATE TABLE studies (id INTEGER PRIMARY KEY, something TEXT)")
     one_line_error(osteogate("db", "upgrade", "--data-dir", str(odd)), ExitCode.DATAERR,
                    "matches no known revision", "by hand")
+
+
+# -- configuration paths and keys, stdout closed early (issue 19 item 8, issue 15's CLI part) ------
+
+
+def test_missing_config_file_is_a_missing_input(tmp_path: Path) -> None:
+    result = osteogate("serve", "--config", str(tmp_path / "nosuch.toml"))
+    line = one_line_error(result, ExitCode.NOINPUT, "nosuch.toml", "does not exist", "--config")
+    assert "Fix the named keys" not in line
+
+
+def test_config_typo_suggests_the_key_meant(tmp_path: Path) -> None:
+    config = tmp_path / "osteogate.toml"
+    config.write_text("[dicom]\nprot = 11112\n\n[storge]\ndata_dir = 'x'\n")
+    result = osteogate("config", "check", str(config))
+    assert result.returncode == ExitCode.CONFIG, result.stderr
+    output = result.stdout + result.stderr
+    assert "unknown key `prot` in [dicom]: did you mean `port`?" in output, output
+    assert "did you mean `storage`?" in output, output
+    assert "Extra inputs are not permitted" not in output
+
+
+@pytest.mark.parametrize("path", ["../" * 40 + "etc/passwd", "x" * 10_000, "a;$(touch pwned)`id`.toml",
+                                  "/dev/null/osteogate.toml"])
+def test_hostile_config_paths_are_one_line(tmp_path: Path, path: str) -> None:
+    for args in (["serve", "--config", path], ["studies", "--config", path], ["config", "check", path]):
+        result = osteogate(*args, cwd=tmp_path)
+        assert result.returncode in (ExitCode.NOINPUT, ExitCode.CONFIG), (args[0], result.returncode, result.stderr)
+        assert "Traceback" not in result.stderr
+        lines = (result.stdout + result.stderr).strip().splitlines()
+        assert lines and max(len(line) for line in lines) < 600, (result.stdout + result.stderr)[-800:]
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_nul_byte_in_the_config_path_from_the_environment(tmp_path: Path) -> None:
+    """argv cannot carry a NUL byte, an environment read by other means can: refused in one line."""
+    from osteogate.gateway.core.config import ConfigError, load_settings
+
+    with pytest.raises(ConfigError, match="not usable"):
+        load_settings(environ={"OSTEOGATE_CONFIG": "a\x00b.toml"})
+
+
+def test_stdout_closed_early_exits_quietly(tmp_path: Path) -> None:
+    """`studies --json | head -1`: the reader has gone; exit as cat does, no 'connection failed',
+    no 'Exception ignored' and no traceback."""
+    data = tmp_path / "gw"
+    assert osteogate("db", "upgrade", "--data-dir", str(data)).returncode == 0
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OSTEOGATE_")} | {"OMP_NUM_THREADS": "1"}
+    for args in (["studies", "--json", "--data-dir", str(data)], ["studies", "--data-dir", str(data)],
+                 ["--help"]):
+        read_end, write_end = os.pipe()
+        os.close(read_end)  # the reader is gone before the first byte is written
+        try:
+            result = subprocess.run([sys.executable, "-m", "osteogate.gateway.operate.cli", *args], env=env,
+                                    stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120)
+        finally:
+            os.close(write_end)
+        assert result.stderr == "", (args, result.stderr)
+        assert result.returncode in (0, 1, 141), (args, result.returncode)  # 1: rich exits so itself
+
+
+def test_refused_connection_is_named_once_and_pynetdicom_stays_quiet(tmp_path: Path) -> None:
+    """A PACS that is down: the outcome names 'connection refused' at once, and pynetdicom's own
+    two ERROR lines per attempt are not logged (the delivery loop logs one warning per attempt)."""
+    import io
+
+    from osteogate.gateway.core.config import Destination
+    from osteogate.gateway.core.logs import configure_logging
+    from osteogate.gateway.deliver.cstore import send_file
+
+    path = tmp_path / "sr.dcm"
+    ds = pydicom.Dataset()
+    ds.SOPClassUID = pydicom.uid.UID("1.2.840.10008.5.1.4.1.1.88.33")
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.save_as(path, enforce_file_format=True)
+    stream = io.StringIO()
+    configure_logging("json", "info", stream=stream)
+    outcome = send_file(str(path), Destination.parse(f"GONE@127.0.0.1:{free_port()}"), "OSTEOGATE", timeout=5)
+    assert not outcome.ok and not outcome.permanent
+    assert "connection refused" in outcome.detail, outcome.detail
+    assert "TCP Initialisation" not in stream.getvalue() and "unable to connect" not in stream.getvalue(), \
+        stream.getvalue()

@@ -114,7 +114,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # here, where a reader that went away is handled, not at interpreter exit
+        return code
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
