@@ -200,6 +200,28 @@ def test_replay_refuses_unfinished_and_unknown_studies(store: Store, tmp_path: P
     assert osteogate("replay", *store.cli_args(), check=False).returncode == 64  # usage
 
 
+def test_replay_to_is_honoured_by_whichever_worker_runs_the_job(store: Store, tmp_path: Path) -> None:
+    """`replay STUDY --to B` while a gateway configured for A runs: the gateway's worker may take
+    the job; the SR must still go to B (the job row carries the destination)."""
+    from osteogate.gateway.core.config import Destination
+    from osteogate.gateway.operate.admin import plan_replay, queue_replay
+    from osteogate.gateway.store.db import StudyResult
+
+    configured, asked = "PACS_A@127.0.0.1:104", "PACS_B@127.0.0.1:105"
+    uid = store.ingest_study(tmp_path / "in")
+    store.classify(uid, [configured])
+    [job_id] = queue_replay(store.db, plan_replay(store.db, [uid]), None, [Destination.parse(asked)])
+    # The running gateway's worker: its configuration names only A.
+    settings = store.settings([configured])
+    gateway_worker = ClassifierWorker(settings, store.db, store.spool, ReportPublisher(settings, store.reports),
+                                      ClassifierCache(settings))
+    assert gateway_worker.run_once(only=[job_id])
+    with store.db.session() as session:
+        rows = session.execute(select(StudyResult.version, Delivery.destination).join(Delivery)
+                               .order_by(StudyResult.version)).all()
+    assert [tuple(r) for r in rows] == [(1, configured), (2, asked)], rows
+
+
 def test_studies_are_named_by_uid_or_key_everywhere(store: Store, tmp_path: Path) -> None:
     """replay, show and resend take the study_key the logs print as well as the UID; an unknown
     one exits 66 with one line, with --dry-run too."""

@@ -8,6 +8,7 @@ them, and the CLI waits on the rows, not on its own work.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -87,8 +88,13 @@ def _replay_refusal(study: Study) -> str | None:
     return None
 
 
-def queue_replay(db: Database, plan: Sequence[ReplayCandidate], model_path: Path | None = None) -> list[int]:
-    """Insert a replay job per eligible study (study -> queued); returns the job ids."""
+def queue_replay(db: Database, plan: Sequence[ReplayCandidate], model_path: Path | None = None,
+                 destinations: Sequence[Destination] = ()) -> list[int]:
+    """Insert a replay job per eligible study (study -> queued); returns the job ids.
+
+    ``destinations`` (``replay --to``) are stored on each job: the worker that takes it, this
+    process's or a running gateway's, sends the SR there and not to its own configuration."""
+    carried = json.dumps([str(d) for d in destinations]) if destinations else None
     job_ids: list[int] = []
     uids = [c.study_uid for c in plan if c.refusal is None]
     with db.session() as session:
@@ -97,7 +103,7 @@ def queue_replay(db: Database, plan: Sequence[ReplayCandidate], model_path: Path
             query = query.with_for_update(skip_locked=True)
         for study in session.execute(query).scalars():
             job = Job(study_id=study.id, study_version=study.version, status=JobStatus.PENDING, reason="replay",
-                      model_path=str(model_path.resolve()) if model_path else None)
+                      model_path=str(model_path.resolve()) if model_path else None, destinations=carried)
             session.add(job)
             study.status = StudyStatus.QUEUED
             session.flush()

@@ -150,6 +150,9 @@ class Job(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     reason: Mapped[str] = mapped_column(String(32), default="stable")  # stable | replay
     model_path: Mapped[str | None] = mapped_column(Text)  # replay with another checkpoint
+    # JSON list of destination texts for this run's SR (replay --to); NULL: the configured ones.
+    # On the row, so the SR goes there whichever worker (the admin's or a gateway's) runs the job.
+    destinations: Mapped[str | None] = mapped_column(Text)
     worker: Mapped[str | None] = mapped_column(String(64))
     lease_until: Mapped[datetime | None] = mapped_column()
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

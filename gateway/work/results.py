@@ -3,6 +3,8 @@ objects the publisher made and the deliveries, and closes the job; or records th
 
 from __future__ import annotations
 
+import json
+
 from collections.abc import Sequence
 from typing import Any
 
@@ -116,6 +118,8 @@ class ResultRecorder:
         study fetched by a backfill while ``backfill.deliver`` is false."""
         if not self.settings.backfill.deliver and is_backfilled(session, job.study.study_uid):
             return []  # historical results stay in SQL and `osteogate cases`
+        if job.destinations:  # replay --to: the job says where, whoever runs it
+            return [str(d) for d in json.loads(job.destinations)]
         configured = [str(d) for d in self.settings.delivery.destinations]
         if configured or job.reason != "replay":
             return configured

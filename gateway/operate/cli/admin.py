@@ -52,7 +52,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if args.dry_run or not eligible:
         print("dry run: nothing changed" if args.dry_run else "nothing to replay")
         return ExitCode.OK if args.dry_run else ExitCode.PARTIAL
-    job_ids = queue_replay(db, plan, args.checkpoint)
+    job_ids = queue_replay(db, plan, args.checkpoint, args.to or ())
     worker = _replay_worker(settings, store, args.checkpoint)
     with progress_bar() as progress:
         task = progress.add_task("classifying", total=len(job_ids))
