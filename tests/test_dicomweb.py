@@ -9,6 +9,7 @@ one that answers 503/429 as a proxy in front of a PACS under maintenance does.
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import os
 import re
@@ -28,6 +29,7 @@ from osteogate.gateway.core.config import ConfigError, Destination, load_setting
 from osteogate.gateway.deliver.delivery import DeliveryManager
 from osteogate.gateway.deliver.stow import (
     base_url,
+    check_stow,
     failure_is_transient,
     failure_reason_text,
     http_status_is_permanent,
@@ -410,6 +412,108 @@ class _MaintenanceProxy(http.server.ThreadingHTTPServer):
     def close(self) -> None:
         self.shutdown()
         self.server_close()
+
+
+class _HostileServer(http.server.ThreadingHTTPServer):
+    """A DICOMweb destination that misbehaves: answers ``behaviour`` to every POST/GET and counts
+    what reached it (a redirect target is another _HostileServer that must never be asked)."""
+
+    def __init__(self, behaviour: str, location: str = "") -> None:
+        self.behaviour, self.location, self.requests = behaviour, location, 0
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _answer(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                server.requests += 1
+                if server.behaviour == "redirect":
+                    self.send_response(307)
+                    self.send_header("Location", server.location)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                elif server.behaviour == "html":
+                    page = (b"<!DOCTYPE html>\n<html><head><style>body{color:red}</style>\n<title>502 Bad Gateway"
+                            b"</title></head>\n<body><h1>Bad Gateway</h1><p>nginx &amp; friends</p>" + b" " * 5000
+                            + b"</body></html>")
+                    self.send_response(502)
+                    self.send_header("Content-Type", "text/html; charset=utf-8")
+                    self.send_header("Content-Length", str(len(page)))
+                    self.end_headers()
+                    self.wfile.write(page)
+                else:  # "endless" (fast, no length) or "trickle" (a byte now and then, forever)
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/dicom+json")
+                    self.end_headers()
+                    with contextlib.suppress(OSError):
+                        while True:
+                            self.wfile.write(b"[" * (65536 if server.behaviour == "endless" else 1))
+                            self.wfile.flush()
+                            if server.behaviour == "trickle":
+                                time.sleep(0.2)
+
+            do_POST = do_GET = _answer
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server_address[1]}/dicom-web/studies"
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+def test_stow_redirects_are_reported_never_followed() -> None:
+    target = _HostileServer("html")
+    redirector = _HostileServer("redirect", location=target.url.replace("127.0.0.1", "localhost"))
+    try:
+        outcome = send_files([sample_file("knee_dx.dcm")], Destination(url=redirector.url), 5)
+        ok, detail = check_stow(Destination(url=redirector.url), 5)
+    finally:
+        redirector.close()
+        target.close()
+    assert target.requests == 0, "a redirect was followed"
+    assert (outcome.ok, outcome.permanent) == (False, True), outcome
+    assert outcome.detail.startswith("STOW-RS HTTP 307"), outcome.detail
+    assert f"localhost:{target.server_address[1]}" in outcome.detail and "not followed" in outcome.detail
+    assert "/dicom-web" not in outcome.detail  # the path may hold UIDs
+    assert not ok and "not followed" in detail, detail
+
+
+def test_stow_html_error_page_is_one_line() -> None:
+    server = _HostileServer("html")
+    try:
+        outcome = send_files([sample_file("knee_dx.dcm")], Destination(url=server.url), 5)
+    finally:
+        server.close()
+    assert (outcome.ok, outcome.permanent) == (False, False), outcome
+    assert outcome.detail == "STOW-RS HTTP 502 Bad Gateway: HTML page: 502 Bad Gateway", outcome.detail
+
+
+@pytest.mark.parametrize("behaviour", ["endless", "trickle"])
+def test_stow_endless_answers_are_cut(behaviour: str) -> None:
+    """A body that never ends (fast, or a byte at a time) is cut at the size or time cap: memory
+    bounded, the lane free again within about the delivery timeout."""
+    import resource
+
+    server = _HostileServer(behaviour)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    try:
+        started = time.monotonic()
+        outcome = send_files([sample_file("knee_dx.dcm")], Destination(url=server.url), 2)
+        elapsed = time.monotonic() - started
+    finally:
+        server.close()
+    assert (outcome.ok, outcome.permanent) == (False, False), outcome
+    assert "not read on" in outcome.detail, outcome.detail
+    assert elapsed < 10, elapsed
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert grown_mib < 64, grown_mib
 
 
 @pytest.mark.parametrize("status", [503, 429, 408, 500])

@@ -21,8 +21,12 @@ and forget everything on a restart, where the deliveries table does not.
 
 from __future__ import annotations
 
+import functools
+import html
 import logging
 import os
+import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,10 +46,62 @@ from pynetdicom.status import GENERAL_STATUS, STORAGE_SERVICE_CLASS_STATUS
 # dicomweb-client logs study and SOP Instance UIDs at info and error level; identifiers stay
 # out of our logs (the outcome detail below says what failed without them).
 logging.getLogger("dicomweb_client").setLevel(logging.CRITICAL)
+# With its retries off, `retrying` still logs each exception raised inside a request (ours from
+# guard_answer included) as a warning with a traceback; the outcome detail says it in one line.
+logging.getLogger("retrying").setLevel(logging.CRITICAL)
 
 TRANSIENT_HTTP_4XX = frozenset({408, 429})  # Request Timeout, Too Many Requests
 _FAILED_SOP_SEQUENCE = "FailedSOPSequence"
 _MAX_BODY_IN_DETAIL = 200
+
+
+# A STOW-RS answer is a small JSON document (or an error page). Anything bigger, or still arriving
+# after the delivery timeout, is not read on: a misbehaving server or proxy cannot fill memory or
+# hold the delivery lane.
+MAX_ANSWER_BYTES = 4 * 2**20
+
+
+class AnswerRefused(requests.RequestException):
+    """The server's answer is not read on: a redirect, or a body too large or too slow."""
+
+    def __init__(self, detail: str, *, permanent: bool) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.permanent = permanent
+
+
+def _origin(url: str) -> str:
+    """scheme://host[:port] of a URL: where a redirect points, without a path that may hold UIDs."""
+    parts = urllib3.util.parse_url(url)
+    return f"{parts.scheme or '?'}://{parts.netloc or '?'}"
+
+
+def guard_answer(response: requests.Response, *, max_bytes: int, max_seconds: float, **_: Any) -> requests.Response:
+    """Response hook: refuse every redirect (never followed: not to another host, where the
+    credentials would go, nor to the same host, where a proxy would rewrite a POST into a GET), and
+    read the body under a size and a time cap before requests or dicomweb-client see it."""
+    if 300 <= response.status_code < 400:
+        response.close()
+        target = response.headers.get("Location")
+        where = f" to {_origin(target)}" if target else ""
+        raise AnswerRefused(f"STOW-RS HTTP {response.status_code} {response.reason or ''}".rstrip()
+                            + f"{where}: redirects are not followed; set the destination's url to the "
+                            "address that answers", permanent=True)
+    deadline = time.monotonic() + max_seconds
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := response.raw.read1(65536, decode_content=True):  # what has arrived, no more
+        size += len(chunk)
+        chunks.append(chunk)
+        if size > max_bytes or time.monotonic() > deadline:
+            response.close()
+            why = (f"more than {max_bytes // 2**20} MiB" if size > max_bytes
+                   else f"still arriving after {max_seconds:g} s")
+            raise AnswerRefused(f"STOW-RS HTTP {response.status_code}: answer body {why}; not read on",
+                                permanent=False)
+    response._content = b"".join(chunks)
+    response._content_consumed = True
+    return response
 
 
 class SecretUnavailable(RuntimeError):
@@ -120,6 +176,9 @@ def make_client(destination: Destination, timeout: float) -> DICOMwebClient:
         session.auth = (secrets.username, secrets.password)
     elif secrets.token is not None:
         headers["Authorization"] = f"Bearer {secrets.token}"
+    session.max_redirects = 0  # belt and braces: guard_answer refuses them first
+    session.hooks["response"].append(
+        functools.partial(guard_answer, max_bytes=MAX_ANSWER_BYTES, max_seconds=timeout))
     client = DICOMwebClient(url=base_url(destination), session=session, headers=headers,
                             timeout=(timeout, timeout))
     client.set_http_retry_params(retry=False)
@@ -198,8 +257,26 @@ def _body_excerpt(response: requests.Response) -> str:
         data = None
     if isinstance(data, dict) and isinstance(data.get("Message"), str):  # Orthanc's error object
         return data["Message"][:_MAX_BODY_IN_DETAIL]
-    text = response.text.strip().replace("\n", " ")
+    text = response.text.strip()
+    if "html" in response.headers.get("Content-Type", "").lower() or text[:1] == "<":
+        return html_summary(text)
+    text = " ".join(text.split())
     return text[:_MAX_BODY_IN_DETAIL] if text and not text.startswith("{") else ""
+
+
+def html_summary(page: str) -> str:
+    """One line for an HTML error page (a proxy's 502, a login form): its title, else its first
+    heading, else its text; never the markup."""
+    for tag in ("title", "h1", "h2"):
+        match = re.search(rf"<{tag}[^>]*>(.*?)</{tag}>", page, re.IGNORECASE | re.DOTALL)
+        if match and (found := _text_of(match[1])):
+            return f"HTML page: {found}"[:_MAX_BODY_IN_DETAIL]
+    body = _text_of(re.sub(r"<(script|style)[^>]*>.*?</\1>", " ", page, flags=re.IGNORECASE | re.DOTALL))
+    return f"HTML page: {body}"[:_MAX_BODY_IN_DETAIL] if body else "HTML page"
+
+
+def _text_of(markup: str) -> str:
+    return " ".join(html.unescape(re.sub(r"<[^>]*>", " ", markup)).split())
 
 
 def outcome_of_failures(failures: list[tuple[str, int]], http_status: int, detail_prefix: str) -> SendOutcome:
@@ -227,6 +304,8 @@ def store(client: DICOMwebClient, datasets: Sequence[pydicom.Dataset], study_uid
         excerpt = _body_excerpt(response)
         return SendOutcome(False, permanent=http_status_is_permanent(status),
                            detail=prefix + (f": {excerpt}" if excerpt else ""))
+    except AnswerRefused as exc:
+        return SendOutcome(False, permanent=exc.permanent, detail=exc.detail)
     except requests.Timeout as exc:
         return SendOutcome(False, permanent=False, detail=f"STOW-RS timeout ({type(exc).__name__})")
     except requests.ConnectionError as exc:
@@ -278,6 +357,8 @@ def check_stow(destination: Destination, timeout: float = 10) -> tuple[bool, str
         client.search_for_studies(limit=1, fields=["StudyInstanceUID"])
     except SecretUnavailable as exc:
         return False, str(exc)
+    except AnswerRefused as exc:
+        return False, exc.detail.replace("STOW-RS", "QIDO-RS")
     except requests.HTTPError as exc:
         status = exc.response.status_code if exc.response is not None else 0
         return False, f"HTTP {status} on QIDO-RS search" + (" (check credentials)" if status in (401, 403) else "")

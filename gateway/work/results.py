@@ -4,7 +4,6 @@ objects the publisher made and the deliveries, and closes the job; or records th
 from __future__ import annotations
 
 import json
-
 from collections.abc import Sequence
 from typing import Any
 
