@@ -140,3 +140,44 @@ def test_readme_commands_exist() -> None:
 @pytest.mark.parametrize("phrase", ["degraded", "failing_destinations", "any_caller_accepted", "no_destination"])
 def test_monitoring_terms_are_documented(phrase: str) -> None:
     assert phrase in text(DEPLOY)
+
+
+# -- log events and test claims (issue 19 item 6) ----------------------------------------------------
+
+_LOG_CALL = re.compile(r"\.(?:debug|info|warning|error|exception|critical)\(\s*\"([a-z][a-z0-9_]*)\"")
+
+
+def logged_events() -> set[str]:
+    """Every event name the gateway and the model code log (structlog's first argument)."""
+    return {name for root in ("gateway", "model") for path in (REPO / root).rglob("*.py")
+            for name in _LOG_CALL.findall(text(path))}
+
+
+def test_event_names_in_the_docs_are_logged_by_the_code() -> None:
+    """deploy/README once told operators to alert on `association_refused`, which nothing logs."""
+    events = logged_events()
+    assert {"association_rejected", "sr_delivery_retry", "instance_stored"} <= events  # the scan works
+    body = text(DEPLOY)
+    paragraphs = [body.split("Main events:", 1)[1].split("\n\n", 1)[0],
+                  body.split("Alert on", 1)[1].split("\n\n", 1)[0]]
+    named = {name for part in paragraphs for name in re.findall(r"`([a-z]+(?:_[a-z]+)+)`", part)}
+    assert len(named) > 10, named
+    assert not named - events, f"deploy/README names events nothing logs: {sorted(named - events)}"
+
+
+def test_tests_named_in_the_docs_exist_and_their_xfail_claims_hold() -> None:
+    """A test a document names must exist; "expected failure" / "xfail" next to it must be true,
+    and a test marked xfail must not be described as passing."""
+    sources = {path: text(path) for path in (REPO / "tests").glob("test_*.py")}
+    for doc in (README, DEPLOY, CONFORMANCE, *sorted((REPO / "docs").glob("*.md"))):
+        flat_doc = " ".join(text(doc).split())
+        for match in re.finditer(r"`(test_[a-z0-9_]+)`", flat_doc):
+            name = match[1]
+            where = [src for src in sources.values() if re.search(rf"^def {name}\(", src, re.M)]
+            assert where, f"{doc.name} names {name}, which no test file defines"
+            before = where[0].split(f"def {name}(", 1)[0].rsplit("\n\n", 1)[-1]
+            marked = "xfail" in before
+            around = flat_doc[max(0, match.start() - 300): match.end() + 300].lower()
+            claims = "expected failure" in around or "xfail" in around
+            assert claims == marked, (f"{doc.name} {'calls' if claims else 'does not call'} {name} an expected "
+                                      f"failure; the test is {'' if marked else 'not '}marked xfail")

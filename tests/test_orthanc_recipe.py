@@ -97,6 +97,15 @@ def test_recipe_lua_filters_and_never_forwards_our_own_objects() -> None:
     assert "OsteoGateForwarded" in recipe["UserMetadata"] and "'OsteoGateForwarded'" in lua
 
 
+def test_recipe_is_safe_by_default() -> None:
+    """Run as deploy/README describes (no Docker), Orthanc must not serve its REST API to the
+    network without a login: loopback only, or authentication on (issue 19 item 4)."""
+    recipe = _recipe()
+    assert recipe.get("RemoteAccessAllowed") is False or recipe.get("AuthenticationEnabled") is True, recipe
+    readme = (DEPLOY / "README.md").read_text(encoding="utf-8")
+    assert "RemoteAccessAllowed" in readme and "RegisteredUsers" in readme  # and how to change it
+
+
 def test_compose_orthanc_runs_the_recipe_and_the_gateway_points_back() -> None:
     services = _compose()["services"]
     orthanc, gateway = services["orthanc"], services["gateway"]
@@ -108,9 +117,12 @@ def test_compose_orthanc_runs_the_recipe_and_the_gateway_points_back() -> None:
     [lua_path] = recipe["LuaScripts"]
     assert (DEPLOY / mounts[lua_path]).resolve() == RECIPE_LUA
     assert any(str(v).endswith(":" + recipe["StorageDirectory"]) for v in orthanc["volumes"])
-    # No ORTHANC__ variable restates (and could contradict) a recipe setting.
+    # No ORTHANC__ variable restates (and could contradict) a recipe setting, except remote
+    # access, which a container needs (the host is "remote" to it), with HTTP on loopback only.
     environment = orthanc.get("environment", {})
-    assert not [k for k in environment if k.startswith("ORTHANC__")], environment
+    assert [k for k in environment if k.startswith("ORTHANC__")] in ([], ["ORTHANC__REMOTE_ACCESS_ALLOWED"])
+    if "ORTHANC__REMOTE_ACCESS_ALLOWED" in environment:
+        assert all(str(p).startswith("127.0.0.1:") for p in orthanc["ports"] if str(p).endswith(f":{_recipe()['HttpPort']}"))
     assert environment.get("DICOM_WEB_PLUGIN_ENABLED") == "true"  # the recipe's DicomWeb section needs it
     # Ports published are the recipe's.
     assert f"{recipe['DicomPort']}:{recipe['DicomPort']}" in orthanc["ports"]
