@@ -181,3 +181,20 @@ def test_tests_named_in_the_docs_exist_and_their_xfail_claims_hold() -> None:
             claims = "expected failure" in around or "xfail" in around
             assert claims == marked, (f"{doc.name} {'calls' if claims else 'does not call'} {name} an expected "
                                       f"failure; the test is {'' if marked else 'not '}marked xfail")
+
+
+def test_make_says_what_each_slow_step_does() -> None:
+    """`make run` once sat silent for a minute while pip installed (--quiet): each recipe that
+    creates or installs an environment announces itself in one line first (issue 19 item 9)."""
+    makefile = text(REPO / "Makefile")
+    recipes = re.split(r"\n(?=\S[^\n]*:)", makefile)
+    slow = [r for r in recipes if "pip install" in r or "-m venv" in r]
+    assert len(slow) >= 3, slow
+    for recipe in slow:
+        lines = [line.strip() for line in recipe.splitlines()[1:] if line.startswith("\t")]
+        for index, line in enumerate(lines):
+            if "pip install" in line and "--upgrade pip" not in line or "-m venv" in line:
+                earlier = " ".join(lines[: index + 1])
+                assert re.search(r"echo \"(installing|creating)[^\"]*\.\.\.\"", earlier), recipe
+    run = next(r for r in recipes if r.startswith("run:"))
+    assert "echo \"starting osteogate serve" in run
