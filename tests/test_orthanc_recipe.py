@@ -258,3 +258,45 @@ def test_whole_study_resend_from_orthanc_succeeds_without_a_new_result(routed: R
     after = routed.gateway.studies()
     assert [s.get("sr_versions") for s in after] == [s.get("sr_versions") for s in before]
     assert len([t for t in routed.results() if osteogate_sr(t)]) == 1
+
+
+# -- loading the samples into a PACS (issue 19 item 5) ----------------------------------------------
+
+
+@pytest.mark.orthanc
+def test_samples_load_into_orthanc_the_documented_ways(tmp_path: Path) -> None:
+    """`osteogate send sample_dicom/` (the documented way) stores every sample, the JPEG 2000
+    one included; plain `storescu` does not, `storescu -xv` (as documented) does."""
+    import subprocess
+    import sys
+
+    from tests.helpers import dcmtk_available
+    from tests.helpers.orthanc import OrthancServer, orthanc_binary
+
+    if orthanc_binary() is None:
+        pytest.skip("Orthanc not installed")
+    samples = sorted((DEPLOY.parent / "sample_dicom").glob("*.dcm"))
+    j2k = DEPLOY.parent / "sample_dicom" / "knee_j2k.dcm"
+    docs = (DEPLOY.parent / "sample_dicom" / "README.md").read_text(encoding="utf-8")
+    assert "osteogate send sample_dicom/ --to" in docs and "storescu -xv" in docs
+    orthanc = OrthancServer(tmp_path / "orthanc")
+    orthanc.start()
+    try:
+        result = subprocess.run([sys.executable, "-m", "osteogate.gateway.operate.cli", "send", "sample_dicom/",
+                                 "--to", f"{orthanc.ae_title}@127.0.0.1:{orthanc.port}"],
+                                cwd=DEPLOY.parent, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert len(orthanc.get("/instances")) == len(samples)
+        assert orthanc.study_instances(str(pydicom.dcmread(j2k).StudyInstanceUID))
+        if dcmtk_available("storescu"):
+            for instance in orthanc.get("/instances"):
+                orthanc._request(f"/instances/{instance}", method="DELETE")
+            plain = subprocess.run(["storescu", "-aec", orthanc.ae_title, "127.0.0.1", str(orthanc.port), str(j2k)],
+                                   capture_output=True, text=True, timeout=60)
+            assert plain.returncode != 0 or not orthanc.get("/instances")  # the finding, as documented
+            documented = subprocess.run(["storescu", "-xv", "-aec", orthanc.ae_title, "127.0.0.1", str(orthanc.port),
+                                         *map(str, samples)], capture_output=True, text=True, timeout=60)
+            assert documented.returncode == 0, documented.stderr
+            assert len(orthanc.get("/instances")) == len(samples)
+    finally:
+        orthanc.stop()
