@@ -7,9 +7,10 @@
 -- since (new images: OsteoGate then makes a new result version), so our results arriving, which
 -- makes the study stable once more, send nothing.
 --
--- A forward that fails (OsteoGate down) stays in Orthanc's job list as failed: resubmit it with
--- POST /jobs/<id>/resubmit (Orthanc Explorer: Jobs), or send the series by hand.
-
+-- A series is marked forwarded only when its job succeeded. A forward that fails (OsteoGate down
+-- or restarting) is resubmitted by this script, after 10 s, then 20, 40... at most every 5 min:
+-- on Orthanc >= 1.11.2 from OnHeartBeat (LuaHeartBeatPeriod in orthanc.json), on older ones
+-- (Debian 12 ships 1.10) at the next instance Orthanc receives. The normal path logs no error.
 local TARGET = 'OSTEOGATE'                 -- key of the gateway in DicomModalities
 local OWN_MANUFACTURER = 'OsteoGate'       -- Manufacturer of OsteoGate's SR and result card
 local MARK = 'OsteoGateForwarded'          -- series metadata (declared in UserMetadata)
@@ -49,25 +50,40 @@ local function in_scope(series, study)
   return false
 end
 
+local FIRST_RETRY, MAX_RETRY = 10, 300     -- seconds between resubmissions of a failed forward
+
+local pending = {}   -- forward job ID -> { [seriesId] = instance count sent }
+local retries = {}   -- failed forward job ID -> { due = os.time(), delay = seconds }
+
 local function forwarded_count(seriesId)
-  -- Absent metadata is an HTTP 404 inside Orthanc: an error in Lua, hence pcall.
-  local ok, value = pcall(RestApiGet, '/series/' .. seriesId .. '/metadata/' .. MARK)
-  if ok and value ~= nil then
-    return value
+  -- All of the series' metadata at once: asking for the one absent key would be an HTTP 404,
+  -- which Orthanc logs as an error even when the script expects it.
+  local metadata = ParseJson(RestApiGet('/series/' .. seriesId .. '/metadata?expand'))
+  return metadata[MARK] or ''
+end
+
+local function retry_due()
+  local now = os.time()
+  for jobId, retry in pairs(retries) do
+    if retry.due <= now then
+      retry.due = now + retry.delay  -- until OnJobFailure sets the next one
+      print('OsteoGate: resubmitting forward job ' .. jobId)
+      RestApiPost('/jobs/' .. jobId .. '/resubmit', '')
+    end
   end
-  return ''
 end
 
 function OnStableStudy(studyId, tags, metadata)
+  retry_due()
   local study = ParseJson(RestApiGet('/studies/' .. studyId))
-  local resources = {}
+  local resources, counts = {}, {}
   for _, seriesId in ipairs(study['Series']) do
     local series = ParseJson(RestApiGet('/series/' .. seriesId))
     if in_scope(series, study) then
       local count = tostring(#series['Instances'])
       if forwarded_count(seriesId) ~= count then
         table.insert(resources, seriesId)
-        RestApiPut('/series/' .. seriesId .. '/metadata/' .. MARK, count)
+        counts[seriesId] = count
       end
     end
   end
@@ -75,7 +91,38 @@ function OnStableStudy(studyId, tags, metadata)
     -- Asynchronous: a job, so a slow peer never blocks Orthanc's Lua engine.
     local job = ParseJson(RestApiPost('/modalities/' .. TARGET .. '/store',
       DumpJson({ Resources = resources, Asynchronous = true }, true)))
+    pending[job['ID']] = counts
     print('OsteoGate: forwarding ' .. #resources .. ' series of study ' .. studyId ..
           ' (job ' .. job['ID'] .. ')')
   end
+end
+
+function OnJobSuccess(jobId)
+  local counts = pending[jobId]
+  if counts == nil then
+    return  -- not one of our forwards
+  end
+  pending[jobId], retries[jobId] = nil, nil
+  for seriesId, count in pairs(counts) do
+    RestApiPut('/series/' .. seriesId .. '/metadata/' .. MARK, count)
+  end
+end
+
+function OnJobFailure(jobId)
+  if pending[jobId] == nil then
+    return
+  end
+  local previous = retries[jobId]
+  local delay = previous and math.min(previous.delay * 2, MAX_RETRY) or FIRST_RETRY
+  retries[jobId] = { due = os.time() + delay, delay = delay }
+  print('OsteoGate: forward job ' .. jobId .. ' failed (is OsteoGate up?); resubmitted in ' ..
+        delay .. ' s')
+end
+
+function OnStoredInstance(instanceId, tags, metadata, origin)
+  retry_due()
+end
+
+function OnHeartBeat()
+  retry_due()
 end
