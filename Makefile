@@ -22,39 +22,39 @@ RUN_BIND := $(if $(findstring --config,$(ARGS))$(findstring --bind,$(ARGS))$(OST
 
 .PHONY: run test test-long lint lint-imports install install-serve clean demo samples osteogate
 
-# pip runs with --quiet (pages of output otherwise); each step says what it does instead, so
-# the first `make run` never sits silent for a minute.
+# pip runs --quiet (its output is pages of progress); one line per step says what the wait is for.
 $(VENV)/bin/python:
-	@echo "creating the virtual environment $(VENV) (seconds, once)..."
-	@$(PYTHON) -m venv $(VENV)
-	@$(PY) -m pip install --quiet --upgrade pip
+	@echo "make: creating the virtual environment $(VENV) ..."
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
 
 # Serving install: not editable (no build warnings, nothing read from the checkout at run time).
 # A development environment (make test: editable, with torch) already serves the working tree.
 $(SERVE_STAMP): $(SOURCES) | $(VENV)/bin/python
 	@if [ -f $(TEST_STAMP) ] && [ $(TEST_STAMP) -nt pyproject.toml ]; then :; else \
-	  echo "installing the serving environment (~1 min, once)..."; \
+	  echo "make: installing the serving environment into $(VENV) (about a minute, once) ..."; \
 	  rm -rf build && $(PY) -m pip install --quiet . && rm -rf build; fi
 	@touch $@
+	@echo "make: serving environment ready"
 
 # Development install: editable, so tests run the working tree. torch/torchvision are pinned to
 # the releases on this platform's disk (see README). setuptools announces every editable install
 # with an information-only "Editable installation" warning (the package-dir mapping needs its
 # import finder); we asked for exactly that, so that one message is filtered, nothing else.
 $(TEST_STAMP): pyproject.toml | $(VENV)/bin/python
-	@echo "installing torch for training and tests (a few minutes, once)..."
-	@$(PY) -m pip install --quiet 'torch==2.14.1' 'torchvision==0.29.1'
-	@echo "installing OsteoGate editable with the training and test tools (~1 min, once)..."
-	@PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install --quiet -e '.[train,dev]'
-	@touch $@
+	@echo "make: installing torch into $(VENV) (a few minutes, once) ..."
+	$(PY) -m pip install --quiet 'torch==2.14.1' 'torchvision==0.29.1'
+	@echo "make: installing OsteoGate with the training and test extras (editable) ..."
+	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install --quiet -e '.[train,dev]'
+	touch $@
 
 install-serve: $(SERVE_STAMP)
 
 install: $(TEST_STAMP)
 
 run: $(SERVE_STAMP)
-	@echo "starting osteogate serve $(RUN_BIND) $(ARGS) (Ctrl-C stops it)..."
-	@$(VENV)/bin/osteogate serve $(RUN_BIND) $(ARGS)
+	@echo "make: starting osteogate serve (Ctrl-C stops it) ..."
+	$(VENV)/bin/osteogate serve $(RUN_BIND) $(ARGS)
 
 osteogate: $(SERVE_STAMP)
 	$(VENV)/bin/osteogate $(ARGS)

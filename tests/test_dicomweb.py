@@ -9,7 +9,6 @@ one that answers 503/429 as a proxy in front of a PACS under maintenance does.
 
 from __future__ import annotations
 
-import contextlib
 import http.server
 import os
 import re
@@ -29,7 +28,6 @@ from osteogate.gateway.core.config import ConfigError, Destination, load_setting
 from osteogate.gateway.deliver.delivery import DeliveryManager
 from osteogate.gateway.deliver.stow import (
     base_url,
-    check_stow,
     failure_is_transient,
     failure_reason_text,
     http_status_is_permanent,
@@ -414,108 +412,6 @@ class _MaintenanceProxy(http.server.ThreadingHTTPServer):
         self.server_close()
 
 
-class _HostileServer(http.server.ThreadingHTTPServer):
-    """A DICOMweb destination that misbehaves: answers ``behaviour`` to every POST/GET and counts
-    what reached it (a redirect target is another _HostileServer that must never be asked)."""
-
-    def __init__(self, behaviour: str, location: str = "") -> None:
-        self.behaviour, self.location, self.requests = behaviour, location, 0
-        server = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def _answer(self) -> None:
-                self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                server.requests += 1
-                if server.behaviour == "redirect":
-                    self.send_response(307)
-                    self.send_header("Location", server.location)
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                elif server.behaviour == "html":
-                    page = (b"<!DOCTYPE html>\n<html><head><style>body{color:red}</style>\n<title>502 Bad Gateway"
-                            b"</title></head>\n<body><h1>Bad Gateway</h1><p>nginx &amp; friends</p>" + b" " * 5000
-                            + b"</body></html>")
-                    self.send_response(502)
-                    self.send_header("Content-Type", "text/html; charset=utf-8")
-                    self.send_header("Content-Length", str(len(page)))
-                    self.end_headers()
-                    self.wfile.write(page)
-                else:  # "endless" (fast, no length) or "trickle" (a byte now and then, forever)
-                    self.send_response(200)
-                    self.send_header("Content-Type", "application/dicom+json")
-                    self.end_headers()
-                    with contextlib.suppress(OSError):
-                        while True:
-                            self.wfile.write(b"[" * (65536 if server.behaviour == "endless" else 1))
-                            self.wfile.flush()
-                            if server.behaviour == "trickle":
-                                time.sleep(0.2)
-
-            do_POST = do_GET = _answer
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        super().__init__(("127.0.0.1", 0), Handler)
-        self.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server_address[1]}/dicom-web/studies"
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.shutdown()
-        self.server_close()
-
-
-def test_stow_redirects_are_reported_never_followed() -> None:
-    target = _HostileServer("html")
-    redirector = _HostileServer("redirect", location=target.url.replace("127.0.0.1", "localhost"))
-    try:
-        outcome = send_files([sample_file("knee_dx.dcm")], Destination(url=redirector.url), 5)
-        ok, detail = check_stow(Destination(url=redirector.url), 5)
-    finally:
-        redirector.close()
-        target.close()
-    assert target.requests == 0, "a redirect was followed"
-    assert (outcome.ok, outcome.permanent) == (False, True), outcome
-    assert outcome.detail.startswith("STOW-RS HTTP 307"), outcome.detail
-    assert f"localhost:{target.server_address[1]}" in outcome.detail and "not followed" in outcome.detail
-    assert "/dicom-web" not in outcome.detail  # the path may hold UIDs
-    assert not ok and "not followed" in detail, detail
-
-
-def test_stow_html_error_page_is_one_line() -> None:
-    server = _HostileServer("html")
-    try:
-        outcome = send_files([sample_file("knee_dx.dcm")], Destination(url=server.url), 5)
-    finally:
-        server.close()
-    assert (outcome.ok, outcome.permanent) == (False, False), outcome
-    assert outcome.detail == "STOW-RS HTTP 502 Bad Gateway: HTML page: 502 Bad Gateway", outcome.detail
-
-
-@pytest.mark.parametrize("behaviour", ["endless", "trickle"])
-def test_stow_endless_answers_are_cut(behaviour: str) -> None:
-    """A body that never ends (fast, or a byte at a time) is cut at the size or time cap: memory
-    bounded, the lane free again within about the delivery timeout."""
-    import resource
-
-    server = _HostileServer(behaviour)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    try:
-        started = time.monotonic()
-        outcome = send_files([sample_file("knee_dx.dcm")], Destination(url=server.url), 2)
-        elapsed = time.monotonic() - started
-    finally:
-        server.close()
-    assert (outcome.ok, outcome.permanent) == (False, False), outcome
-    assert "not read on" in outcome.detail, outcome.detail
-    assert elapsed < 10, elapsed
-    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
-    assert grown_mib < 64, grown_mib
-
-
 @pytest.mark.parametrize("status", [503, 429, 408, 500])
 def test_stow_5xx_408_429_are_transient_and_not_retried_inside_the_call(status: int) -> None:
     proxy = _MaintenanceProxy(status)
@@ -718,3 +614,126 @@ def test_dimse_only_commands_refuse_a_url() -> None:
     assert result.returncode == 64  # EX_USAGE
     assert "this command needs AET@HOST:PORT (a DICOM peer), not a URL" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# -- hostile DICOMweb destinations: redirects, HTML error pages, endless answers -------------------
+
+
+class _HostileServer(http.server.ThreadingHTTPServer):
+    """A STOW-RS endpoint that misbehaves one way: ``redirect`` (307 to ``location``), ``html``
+    (a proxy's 502 page), ``endless`` (200, a chunked body that never ends, a little at a time),
+    ``huge`` (200, 64 MB of JSON-looking bytes as fast as the socket takes them). Counts requests."""
+
+    daemon_threads = True
+
+    def __init__(self, mode: str, location: str = "") -> None:
+        self.mode, self.location, self.requests = mode, location, 0
+        self.stop = threading.Event()
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                server.requests += 1
+                getattr(self, f"_{server.mode}")()
+
+            def _redirect(self) -> None:
+                self.send_response(307)
+                self.send_header("Location", server.location)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def _html(self) -> None:
+                page = (b"<!DOCTYPE html>\n<html><head><style>body{color:red}</style>\n<title>502 Bad Gateway"
+                        b"</title></head>\n<body><h1>Bad Gateway</h1>\n<p>The proxy server received an invalid"
+                        b"\nresponse from an upstream server.</p>" + b"<p>padding</p>\n" * 500 + b"</body></html>")
+                self.send_response(502)
+                self.send_header("Content-Type", "text/html; charset=iso-8859-1")
+                self.send_header("Content-Length", str(len(page)))
+                self.end_headers()
+                self.wfile.write(page)
+
+            def _endless(self) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "application/dicom+json")
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                while not server.stop.is_set():
+                    try:
+                        self.wfile.write(b"1\r\n \r\n")
+                        self.wfile.flush()
+                    except OSError:
+                        return
+                    server.stop.wait(0.2)
+
+            def _huge(self) -> None:
+                size = 64 * 2**20
+                self.send_response(200)
+                self.send_header("Content-Type", "application/dicom+json")
+                self.send_header("Content-Length", str(size))
+                self.end_headers()
+                block = b" " * 2**16
+                try:
+                    for _ in range(size // len(block)):
+                        self.wfile.write(block)
+                except OSError:
+                    return
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server_address[1]}/dicom-web/studies"
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.shutdown()
+        self.server_close()
+
+
+def _send_to(server: _HostileServer, timeout: float = 5) -> tuple[object, float]:
+    started = time.monotonic()
+    outcome = send_files([sample_file("knee_dx.dcm")], Destination(url=server.url), timeout)
+    return outcome, time.monotonic() - started
+
+
+def test_stow_redirect_is_never_followed_and_is_reported() -> None:
+    """A 307 re-POSTs the body (patient data, and the credentials) wherever it points: the
+    gateway follows no redirect, names only the host it pointed to, and an admin fixes the URL."""
+    elsewhere = _HostileServer("html")
+    redirecting = _HostileServer("redirect", location=elsewhere.url.replace("127.0.0.1", "localhost")
+                                 + "/1.2.826.0.1.3680043.2.1125.1")
+    try:
+        outcome, _ = _send_to(redirecting)
+    finally:
+        redirecting.close()
+        elsewhere.close()
+    assert (outcome.ok, outcome.permanent) == (False, True), outcome  # type: ignore[attr-defined]
+    detail = outcome.detail  # type: ignore[attr-defined]
+    assert detail.startswith("STOW-RS HTTP 307") and "redirect to http://localhost not followed" in detail, detail
+    assert "1.2.826" not in detail and elsewhere.requests == 0 and redirecting.requests == 1
+
+
+def test_stow_html_error_page_is_one_line() -> None:
+    server = _HostileServer("html")
+    try:
+        outcome, _ = _send_to(server)
+    finally:
+        server.close()
+    assert (outcome.ok, outcome.permanent) == (False, False), outcome  # type: ignore[attr-defined]
+    assert outcome.detail == "STOW-RS HTTP 502 Bad Gateway: 502 Bad Gateway", outcome  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("mode", ["endless", "huge"])
+def test_stow_endless_or_huge_answer_is_cut_by_time_and_size(mode: str) -> None:
+    server = _HostileServer(mode)
+    try:
+        outcome, took = _send_to(server, timeout=2)
+    finally:
+        server.close()
+    assert (outcome.ok, outcome.permanent) == (False, False), outcome  # type: ignore[attr-defined]
+    assert "cut off" in outcome.detail and took < 15, (outcome, took)  # type: ignore[attr-defined]
+    assert ("within 2 s" if mode == "endless" else "larger than 4 MB") in outcome.detail  # type: ignore[attr-defined]

@@ -284,87 +284,69 @@ def test_database_schema_this_release_does_not_know(tmp_path: Path) -> None:
                    "matches no known revision", "by hand")
 
 
-# -- configuration paths and keys, stdout closed early (issue 19 item 8, issue 15's CLI part) ------
+# -- operator arguments: missing and mistyped config, hostile values, a closed stdout -------------
 
 
-def test_missing_config_file_is_a_missing_input(tmp_path: Path) -> None:
-    result = osteogate("serve", "--config", str(tmp_path / "nosuch.toml"))
-    line = one_line_error(result, ExitCode.NOINPUT, "nosuch.toml", "does not exist", "--config")
-    assert "Fix the named keys" not in line
+def test_config_file_missing_is_66_and_typos_name_the_key_meant(tmp_path: Path) -> None:
+    one_line_error(osteogate("serve", "--config", str(tmp_path / "nosuch.toml")), ExitCode.NOINPUT,
+                   "nosuch.toml does not exist", "--config")
+    typo = tmp_path / "typo.toml"
+    typo.write_text('[dicom]\nprot = 104\n[storage]\ndata_dir = "a\\u0000b"\n')
+    line = one_line_error(osteogate("studies", "--config", str(typo)), ExitCode.CONFIG,
+                          "dicom.prot: unknown key (did you mean `port`?)", "storage.data_dir: contains a NUL byte")
+    assert "Extra inputs" not in line
+    check = osteogate("config", "check", str(typo))
+    assert check.returncode == ExitCode.CONFIG and "did you mean `port`?" in check.stdout + check.stderr
 
 
-def test_config_typo_suggests_the_key_meant(tmp_path: Path) -> None:
-    config = tmp_path / "osteogate.toml"
-    config.write_text("[dicom]\nprot = 11112\n\n[storge]\ndata_dir = 'x'\n")
-    result = osteogate("config", "check", str(config))
-    assert result.returncode == ExitCode.CONFIG, result.stderr
-    output = result.stdout + result.stderr
-    assert "unknown key `prot` in [dicom]: did you mean `port`?" in output, output
-    assert "did you mean `storage`?" in output, output
-    assert "Extra inputs are not permitted" not in output
+HOSTILE = ["../../../etc/passwd", "1.2.3/../../x", "1.2.3;touch PWNED", "$(touch PWNED)", "`touch PWNED`",
+           "1.2.3 | tee PWNED", "x" * 10_000, "\u202e1.2.3", "-1.2.3"]
 
 
-@pytest.mark.parametrize("path", ["../" * 40 + "etc/passwd", "x" * 10_000, "a;$(touch pwned)`id`.toml",
-                                  "/dev/null/osteogate.toml"])
-def test_hostile_config_paths_are_one_line(tmp_path: Path, path: str) -> None:
-    for args in (["serve", "--config", path], ["studies", "--config", path], ["config", "check", path]):
-        result = osteogate(*args, cwd=tmp_path)
-        assert result.returncode in (ExitCode.NOINPUT, ExitCode.CONFIG), (args[0], result.returncode, result.stderr)
-        assert "Traceback" not in result.stderr
-        lines = (result.stdout + result.stderr).strip().splitlines()
-        assert lines and max(len(line) for line in lines) < 600, (result.stdout + result.stderr)[-800:]
-    assert not (tmp_path / "pwned").exists()
+@pytest.mark.parametrize("verb", ["show", "resend", "replay"])
+def test_hostile_study_identifiers_are_refused_before_anything_runs(tmp_path: Path, verb: str) -> None:
+    data_dir = tmp_path / "gw"
+    assert osteogate("db", "upgrade", "--data-dir", str(data_dir)).returncode == 0
+    before = sorted(p.name for p in data_dir.iterdir())
+    for value in HOSTILE:
+        result = osteogate(verb, "--data-dir", str(data_dir), "--", value, cwd=tmp_path)
+        output = result.stdout + result.stderr
+        assert result.returncode == ExitCode.USAGE, (value[:40], output[-2000:])
+        assert "Traceback" not in output and len(result.stderr) < 2000, output[-2000:]
+        assert "x" * 100 not in output  # a 10 kB argument is not echoed back
+    assert not list(tmp_path.glob("PWNED*")) and sorted(p.name for p in data_dir.iterdir()) == before
 
 
-def test_nul_byte_in_the_config_path_from_the_environment(tmp_path: Path) -> None:
-    """argv cannot carry a NUL byte, an environment read by other means can: refused in one line."""
+def test_hostile_paths_and_options(tmp_path: Path) -> None:
     from osteogate.gateway.core.config import ConfigError, load_settings
+    from osteogate.gateway.operate.cli import main
 
-    with pytest.raises(ConfigError, match="not usable"):
-        load_settings(environ={"OSTEOGATE_CONFIG": "a\x00b.toml"})
-
-
-def test_stdout_closed_early_exits_quietly(tmp_path: Path) -> None:
-    """`studies --json | head -1`: the reader has gone; exit as cat does, no 'connection failed',
-    no 'Exception ignored' and no traceback."""
-    data = tmp_path / "gw"
-    assert osteogate("db", "upgrade", "--data-dir", str(data)).returncode == 0
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OSTEOGATE_")} | {"OMP_NUM_THREADS": "1"}
-    for args in (["studies", "--json", "--data-dir", str(data)], ["studies", "--data-dir", str(data)],
-                 ["--help"]):
-        read_end, write_end = os.pipe()
-        os.close(read_end)  # the reader is gone before the first byte is written
-        try:
-            result = subprocess.run([sys.executable, "-m", "osteogate.gateway.operate.cli", *args], env=env,
-                                    stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120)
-        finally:
-            os.close(write_end)
-        assert result.stderr == "", (args, result.stderr)
-        assert result.returncode in (0, 1, 141), (args, result.returncode)  # 1: rich exits so itself
+    long = osteogate("studies", "--data-dir", "d" * 10_000, cwd=tmp_path)
+    one_line_error(long, ExitCode.USAGE, "10000 characters")
+    metachar = osteogate("studies", "--data-dir", "$(touch PWNED);x", cwd=tmp_path)
+    one_line_error(metachar, ExitCode.NOINPUT, "no OsteoGate database")
+    assert list(tmp_path.iterdir()) == []
+    # A NUL cannot pass through exec(); in-process callers and config files can carry one.
+    assert main(["studies", "--data-dir", "a\0b"]) == ExitCode.USAGE
+    assert main(["show", "1.2\0.3"]) == ExitCode.USAGE
+    with pytest.raises(ConfigError, match="NUL byte"):
+        load_settings("a\0b.toml", environ={})
+    with pytest.raises(ConfigError, match="model.path: contains a NUL byte"):
+        load_settings(environ={"OSTEOGATE_MODEL_PATH": "x"}, overrides={"model": {"path": "a\0b"}})
 
 
-def test_refused_connection_is_named_once_and_pynetdicom_stays_quiet(tmp_path: Path) -> None:
-    """A PACS that is down: the outcome names 'connection refused' at once, and pynetdicom's own
-    two ERROR lines per attempt are not logged (the delivery loop logs one warning per attempt)."""
-    import io
-
-    from osteogate.gateway.core.config import Destination
-    from osteogate.gateway.core.logs import configure_logging
-    from osteogate.gateway.deliver.cstore import send_file
-
-    path = tmp_path / "sr.dcm"
-    ds = pydicom.Dataset()
-    ds.SOPClassUID = pydicom.uid.UID("1.2.840.10008.5.1.4.1.1.88.33")
-    ds.SOPInstanceUID = generate_uid()
-    ds.file_meta = pydicom.dataset.FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.save_as(path, enforce_file_format=True)
-    stream = io.StringIO()
-    configure_logging("json", "info", stream=stream)
-    outcome = send_file(str(path), Destination.parse(f"GONE@127.0.0.1:{free_port()}"), "OSTEOGATE", timeout=5)
-    assert not outcome.ok and not outcome.permanent
-    assert "connection refused" in outcome.detail, outcome.detail
-    assert "TCP Initialisation" not in stream.getvalue() and "unable to connect" not in stream.getvalue(), \
-        stream.getvalue()
+def test_closed_stdout_ends_quietly(tmp_path: Path) -> None:
+    """`osteogate studies --json | head`: the reader leaving is not a network error."""
+    data_dir = tmp_path / "gw"
+    assert osteogate("db", "upgrade", "--data-dir", str(data_dir)).returncode == 0
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first byte
+    base = {k: v for k, v in os.environ.items() if not k.startswith("OSTEOGATE_")}
+    try:
+        result = subprocess.run([sys.executable, "-m", "osteogate.gateway.operate.cli", "studies", "--json",
+                                 "--data-dir", str(data_dir)], stdout=write_end, stderr=subprocess.PIPE,
+                                cwd=REPO, env=base, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert result.returncode == 141, result.stderr
+    assert result.stderr == ""

@@ -83,6 +83,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="largest difference in probability allowed between torch and ONNX (default %(default)g)")
     export.set_defaults(func=export_command)
 
+    site = subparsers.add_parser(
+        "refit-site", help="refit the fusion heads on this site's DXA-matched studies (site card + report)",
+        description="Refit the fusion heads, calibration and referral threshold on the rows `osteogate validate "
+                    "--export-rows` wrote, with the shipped model's grouped nested CV (patients as groups); the "
+                    "image gets a place only where its added AUC interval excludes zero. Serve the result with "
+                    "model.path.")
+    site.add_argument("rows", type=Path, metavar="ROWS.npz", help="from osteogate validate --export-rows")
+    site.add_argument("--checkpoint", type=Path, required=True, help="the served checkpoint (its weights are kept)")
+    site.add_argument("--out", type=Path, required=True, help="site checkpoint to write (SITE_REPORT.md beside it)")
+    site.add_argument("--bootstrap", type=int, default=1000, help="patient bootstrap resamples (default %(default)s)")
+    site.add_argument("--seed", type=int, default=0, help="fold and bootstrap seed (default %(default)s)")
+    site.set_defaults(func=refit_site_command)
+
     dataset = subparsers.add_parser("dataset", help="dataset tools")
     dataset_sub = dataset.add_subparsers(dest="dataset_command", required=True)
     audit = dataset_sub.add_parser("audit", help="duplicates, label conflicts, class balance, image sizes")
@@ -117,6 +130,19 @@ def train_command(args: argparse.Namespace) -> int:
     except (DataError, FileNotFoundError) as exc:
         _error(str(exc))
         return EXIT_USAGE
+    return EXIT_OK
+
+
+def refit_site_command(args: argparse.Namespace) -> int:
+    from osteogate.training.site_refit import refit_site
+
+    try:
+        checkpoint, report = refit_site(args.rows, args.checkpoint, args.out, seed=args.seed, n_boot=args.bootstrap,
+                                        log=lambda line: print(line, file=sys.stderr, flush=True))
+    except (OSError, ValueError, KeyError) as exc:
+        _error(str(exc))
+        return EXIT_USAGE
+    print(f"wrote {checkpoint}, its ONNX sibling and {report}")
     return EXIT_OK
 
 

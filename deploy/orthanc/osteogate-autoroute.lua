@@ -7,10 +7,14 @@
 -- since (new images: OsteoGate then makes a new result version), so our results arriving, which
 -- makes the study stable once more, send nothing.
 --
--- A series is marked forwarded only when its job succeeded. A forward that fails (OsteoGate down
--- or restarting) is resubmitted by this script, after 10 s, then 20, 40... at most every 5 min:
--- on Orthanc >= 1.11.2 from OnHeartBeat (LuaHeartBeatPeriod in orthanc.json), on older ones
--- (Debian 12 ships 1.10) at the next instance Orthanc receives. The normal path logs no error.
+-- A series counts as forwarded only once its job succeeded. A forward that fails (OsteoGate
+-- down or restarting) is resubmitted by this script after a wait that doubles from
+-- OsteoGateRetrySeconds (orthanc.json, default 10) up to 60 s, for as long as it fails: no one
+-- has to resubmit it by hand. Each failed attempt logs one line. (Orthanc 1.10 has no timer for
+-- Lua, so the wait holds this script's event thread; other Lua events wait meanwhile, which only
+-- happens while the gateway is unreachable. Jobs pending when Orthanc restarts are not retried:
+-- resubmit those from Orthanc Explorer's Jobs page or POST /jobs/<id>/resubmit.)
+
 local TARGET = 'OSTEOGATE'                 -- key of the gateway in DicomModalities
 local OWN_MANUFACTURER = 'OsteoGate'       -- Manufacturer of OsteoGate's SR and result card
 local MARK = 'OsteoGateForwarded'          -- series metadata (declared in UserMetadata)
@@ -50,38 +54,35 @@ local function in_scope(series, study)
   return false
 end
 
-local FIRST_RETRY, MAX_RETRY = 10, 300     -- seconds between resubmissions of a failed forward
-
-local pending = {}   -- forward job ID -> { [seriesId] = instance count sent }
-local retries = {}   -- failed forward job ID -> { due = os.time(), delay = seconds }
+local CONFIG = GetOrthancConfiguration()
+local RETRY_FIRST = tonumber(CONFIG['OsteoGateRetrySeconds']) or 10
+local RETRY_MAX = 60
+-- Jobs this script submitted and has not seen succeed: job ID -> { counts = {seriesId = n}, attempts }.
+local PENDING = {}
+-- Series in one of those jobs, with the instance count sent: not forwarded a second time meanwhile.
+local IN_FLIGHT = {}
 
 local function forwarded_count(seriesId)
-  -- All of the series' metadata at once: asking for the one absent key would be an HTTP 404,
-  -- which Orthanc logs as an error even when the script expects it.
-  local metadata = ParseJson(RestApiGet('/series/' .. seriesId .. '/metadata?expand'))
-  return metadata[MARK] or ''
-end
-
-local function retry_due()
-  local now = os.time()
-  for jobId, retry in pairs(retries) do
-    if retry.due <= now then
-      retry.due = now + retry.delay  -- until OnJobFailure sets the next one
-      print('OsteoGate: resubmitting forward job ' .. jobId)
-      RestApiPost('/jobs/' .. jobId .. '/resubmit', '')
+  -- The list of the series' metadata names, then the value only when present: asking for an
+  -- absent one is an HTTP 404 that Orthanc logs as an error on every first forward.
+  local names = ParseJson(RestApiGet('/series/' .. seriesId .. '/metadata'))
+  for _, name in ipairs(names) do
+    if name == MARK then
+      return RestApiGet('/series/' .. seriesId .. '/metadata/' .. MARK)
     end
   end
+  return ''
 end
 
 function OnStableStudy(studyId, tags, metadata)
-  retry_due()
   local study = ParseJson(RestApiGet('/studies/' .. studyId))
-  local resources, counts = {}, {}
+  local resources = {}
+  local counts = {}
   for _, seriesId in ipairs(study['Series']) do
     local series = ParseJson(RestApiGet('/series/' .. seriesId))
     if in_scope(series, study) then
       local count = tostring(#series['Instances'])
-      if forwarded_count(seriesId) ~= count then
+      if forwarded_count(seriesId) ~= count and IN_FLIGHT[seriesId] ~= count then
         table.insert(resources, seriesId)
         counts[seriesId] = count
       end
@@ -91,38 +92,40 @@ function OnStableStudy(studyId, tags, metadata)
     -- Asynchronous: a job, so a slow peer never blocks Orthanc's Lua engine.
     local job = ParseJson(RestApiPost('/modalities/' .. TARGET .. '/store',
       DumpJson({ Resources = resources, Asynchronous = true }, true)))
-    pending[job['ID']] = counts
+    PENDING[job['ID']] = { counts = counts, attempts = 0 }
+    for seriesId, count in pairs(counts) do
+      IN_FLIGHT[seriesId] = count
+    end
     print('OsteoGate: forwarding ' .. #resources .. ' series of study ' .. studyId ..
           ' (job ' .. job['ID'] .. ')')
   end
 end
 
 function OnJobSuccess(jobId)
-  local counts = pending[jobId]
-  if counts == nil then
-    return  -- not one of our forwards
+  local pending = PENDING[jobId]
+  if pending == nil then
+    return
   end
-  pending[jobId], retries[jobId] = nil, nil
-  for seriesId, count in pairs(counts) do
+  PENDING[jobId] = nil
+  for seriesId, count in pairs(pending.counts) do
+    -- Marked now, not at submission: a forward that failed is never taken as done.
     RestApiPut('/series/' .. seriesId .. '/metadata/' .. MARK, count)
+    IN_FLIGHT[seriesId] = nil
+  end
+  if pending.attempts > 0 then
+    print('OsteoGate: forward job ' .. jobId .. ' succeeded after ' .. pending.attempts .. ' retries')
   end
 end
 
 function OnJobFailure(jobId)
-  if pending[jobId] == nil then
+  local pending = PENDING[jobId]
+  if pending == nil then
     return
   end
-  local previous = retries[jobId]
-  local delay = previous and math.min(previous.delay * 2, MAX_RETRY) or FIRST_RETRY
-  retries[jobId] = { due = os.time() + delay, delay = delay }
-  print('OsteoGate: forward job ' .. jobId .. ' failed (is OsteoGate up?); resubmitted in ' ..
-        delay .. ' s')
-end
-
-function OnStoredInstance(instanceId, tags, metadata, origin)
-  retry_due()
-end
-
-function OnHeartBeat()
-  retry_due()
+  pending.attempts = pending.attempts + 1
+  local wait = math.min(RETRY_MAX, RETRY_FIRST * 2 ^ math.min(pending.attempts - 1, 10))
+  print(string.format('OsteoGate: forward job %s failed (attempt %d; is the gateway up?): retrying in %g s',
+                      jobId, pending.attempts, wait))
+  os.execute('sleep ' .. string.format('%g', wait))
+  RestApiPost('/jobs/' .. jobId .. '/resubmit', '')
 end

@@ -18,7 +18,8 @@ from typing import Any
 
 from osteogate.gateway.core.backfill_config import BackfillConfig
 from osteogate.gateway.core.destinations import Destination, check_ae_title
-from osteogate.gateway.core.errors import ConfigurationError, ExitCode
+from osteogate.gateway.core.errors import ConfigurationError, ExitCode, OsteoGateError
+from osteogate.gateway.core.gate_config import GateConfig
 from osteogate.gateway.core.groundtruth_config import GroundTruthConfig
 from osteogate.gateway.core.sections import (
     DeliveryConfig,
@@ -63,14 +64,15 @@ class ConfigError(ConfigurationError, ValueError):
 
 
 class ConfigFileMissing(ConfigError):
-    """The named configuration file is not there: a missing input (exit 66), not a bad key."""
+    """The configuration file named (--config, OSTEOGATE_CONFIG) does not exist: exit 66 as for
+    any named input that is missing, not 78 (a wrong file)."""
 
     exit_code = ExitCode.NOINPUT
 
     def __init__(self, path: str) -> None:
         self.problems = [f"config file {path} does not exist"]
-        ConfigurationError.__init__(self, f"config file {path} does not exist", None,
-                                    "Check the path given to --config or OSTEOGATE_CONFIG")
+        OsteoGateError.__init__(self, f"config file {path} does not exist", None,
+                                "Check the path given to --config or OSTEOGATE_CONFIG")
 
 
 class Settings(Section):
@@ -90,6 +92,7 @@ class Settings(Section):
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     groundtruth: GroundTruthConfig = Field(default_factory=GroundTruthConfig)
     backfill: BackfillConfig = Field(default_factory=BackfillConfig)
+    gate: GateConfig = Field(default_factory=GateConfig)
 
     @model_validator(mode="after")
     def _check_calling_aet(self) -> Settings:
@@ -190,26 +193,29 @@ def _redacted(value: Any) -> Any:
     return value
 
 
-def shown_path(path: Path | str, limit: int = 120) -> str:
-    """A path as an operator line may show it: control characters escaped, a 10 kB one cut short."""
-    text = str(path)
-    if not text.isprintable():
-        text = repr(text)[1:-1]
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(str(path))} characters)"
+def _nul_bytes(data: Any, prefix: str = "") -> list[str]:
+    """Keys whose text holds a NUL byte: no path or name can, and the OS would refuse it later
+    as an internal error."""
+    if isinstance(data, Mapping):
+        return [p for key, value in data.items() for p in _nul_bytes(value, f"{prefix}{key}.")]
+    if isinstance(data, list):
+        return [p for value in data for p in _nul_bytes(value, prefix)]
+    if isinstance(data, str) and "\x00" in data:
+        return [f"{prefix.rstrip('.')}: contains a NUL byte"]
+    return []
 
 
-def _unknown_key(loc: tuple[Any, ...]) -> str:
-    """``unknown key `prot` in [dicom]: did you mean `port`?``: a typo named with its likely fix."""
+def _did_you_mean(loc: tuple[Any, ...]) -> str:
+    """For an unknown key: ``; did you mean `port`?`` when a known key of its section is close."""
     model: Any = Settings
-    for part in loc[:-1]:  # walk down to the section that refused the key
+    for part in loc[:-1]:
         field = getattr(model, "model_fields", {}).get(part)
-        model = field.annotation if field is not None else None
-    name = str(loc[-1])
+        model = getattr(field, "annotation", None) if field else None
+        if model is None:
+            return ""
     known = list(getattr(model, "model_fields", {}))
-    where = f"[{'.'.join(str(p) for p in loc[:-1])}]" if len(loc) > 1 else "the configuration (no such section)"
-    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
-    hint = f"did you mean `{close[0]}`?" if close else f"known keys: {', '.join(known)}"
-    return f"unknown key `{name[:80]}` in {where}: {hint}"
+    close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
+    return f" (did you mean `{close[0]}`?)" if close else f" (known keys: {', '.join(known)})"
 
 
 def _format_errors(exc: ValidationError) -> list[str]:
@@ -217,11 +223,11 @@ def _format_errors(exc: ValidationError) -> list[str]:
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"])
         value = err.get("input")
+        if err["type"] == "extra_forbidden":  # pydantic says "Extra inputs are not permitted"
+            problems.append(f"{key}: unknown key{_did_you_mean(tuple(err['loc']))}")
+            continue
         # A whole section (a model-level check) is not worth echoing back.
         got = "" if isinstance(value, dict) else f" (got {_redacted(value)!r})"
-        if err["type"] == "extra_forbidden":
-            problems.append(_unknown_key(err["loc"]))
-            continue
         message = err["msg"].removeprefix("Value error, ")
         problems.append(f"{key}: {message}{got}")
     return problems
@@ -242,27 +248,28 @@ def load_settings(
     problems: list[str] = []
     path = path or environ.get("OSTEOGATE_CONFIG")
     if path:
+        if "\x00" in str(path):
+            raise ConfigError(["the config file path contains a NUL byte"])
         try:
             data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise ConfigFileMissing(shown_path(path)) from None
+            raise ConfigFileMissing(str(path)) from None
         except tomllib.TOMLDecodeError as exc:
-            raise ConfigError([f"{shown_path(path)}: not valid TOML: {exc}"]) from None
-        except ValueError as exc:  # a NUL byte in the path: refused before it reaches the OS
-            raise ConfigError([f"config file path {shown_path(path)} is not usable: {exc}"]) from None
+            raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
         except OSError as exc:
-            raise ConfigError([f"config file {shown_path(path)} cannot be read: {exc.strerror or exc}"]) from None
+            raise ConfigError([f"config file {path} cannot be read: {exc.strerror or exc}"]) from None
     data_file = data
     env_values, env_problems = env_overrides(environ)
     problems.extend(env_problems)
     data = _merge(data, env_values)
     data = _merge(data, overrides or {})
+    problems.extend(_nul_bytes(data))
     try:
         settings = Settings.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(problems + _format_errors(exc), source=shown_path(path) if path else None) from None
+        raise ConfigError(problems + _format_errors(exc), source=str(path) if path else None) from None
     if problems:
-        raise ConfigError(problems, source=shown_path(path) if path else None)
+        raise ConfigError(problems, source=str(path) if path else None)
     sources = settings._sources
     for origin, values in ((f"the configuration file {path}", data_file),
                            ("the environment", env_values), ("the command line", overrides or {})):

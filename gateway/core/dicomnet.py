@@ -16,10 +16,10 @@ Nothing here touches SQL or the spool: it is pure network and pure decision logi
 from __future__ import annotations
 
 import enum
+import errno
 import logging
 import socket
 import ssl
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -227,62 +227,44 @@ def open_association(ae: AE, peer: Peer | Destination, tls: TlsConfig | None = N
         primitive = assoc.acceptor.primitive
         raise AssociationError(f"association {describe_rejection(primitive)}",
                                rejection_outcome(getattr(primitive, "result", None)))
-    cause = _CONNECT_FAILURES.cause(assoc)
-    timeout = ae.connection_timeout
-    raise AssociationError(f"no association with {peer}: {connect_failure_text(cause, timeout)}",
+    # pynetdicom reports a refused connection, a failed TLS handshake and an A-ABORT alike (and
+    # logs two ERROR lines, dropped by _QuietConnectFailures): find out which it was.
+    raise AssociationError(f"no association with {peer}: {_connect_failure(peer, ae.connection_timeout)}",
                            Outcome.TRANSIENT)
 
 
-def connect_failure_text(cause: str | None, timeout: float | None) -> str:
-    """The reason a connection was not made, in an operator's words, from the OSError text."""
-    if cause is None:
-        # TCP connected, then no A-ASSOCIATE-AC/RJ: the peer aborted or did not answer in time.
-        return (f"the peer aborted the association or did not answer within {timeout:g} s "
-                "(is it a DICOM port, and is TLS set the same on both sides?)")
-    lowered = cause.lower()
-    if "refused" in lowered:
-        return "connection refused (nothing listens on that port: is the PACS up, is the port right?)"
-    if "timed out" in lowered or "timeout" in lowered:
-        return f"no answer within {timeout:g} s (a firewall dropping packets, or the host is down)"
-    if "ssl" in lowered or "certificate" in lowered or "handshake" in lowered:
-        return f"TLS handshake failed ({cause[:200]})"
-    return f"cannot connect ({cause[:200]})"
+def _connect_failure(peer: Peer, timeout: float) -> str:
+    """Why an association attempt ended without one, in words: a plain TCP connect tells a
+    refused or unreachable port (known at once) from a peer that accepts and then aborts, or
+    whose TLS handshake fails."""
+    try:
+        with socket.create_connection((peer.host, peer.port), timeout=min(timeout, 5.0)):
+            pass
+    except TimeoutError:
+        return f"no answer from {peer.host}:{peer.port} within {min(timeout, 5.0):g} s (firewall, or host down?)"
+    except OSError as exc:
+        cause = exc.strerror or type(exc).__name__
+        if exc.errno == errno.ECONNREFUSED:
+            return f"connection refused by {peer.host}:{peer.port} (nothing listens there: is the peer up, the port right?)"
+        return f"cannot connect to {peer.host}:{peer.port}: {cause}"
+    if peer.tls:
+        return "the port accepts connections but the TLS handshake or association failed (is TLS on at the peer, the CA right?)"
+    return (f"the peer accepted the connection but aborted or did not answer the association request within "
+            f"{timeout:g} s (is it a DICOM port, and does it speak TLS only?)")
 
 
-class _ConnectFailures(logging.Filter):
-    """pynetdicom logs a failed TCP connect as two or three lines at level ERROR for each attempt,
-    without saying to whom. The delivery retry loop logs one warning line per attempt with the
-    destination and the cause, so these lines are dropped and their cause (``[Errno 111]
-    Connection refused``) is kept for :func:`open_association`, keyed by the thread that logged it
-    (the association's DUL thread)."""
+class _QuietConnectFailures(logging.Filter):
+    """pynetdicom logs a failed outgoing connect as two ERROR lines per attempt; the gateway
+    reports each failed attempt itself, once, at warning (sr_delivery_retry), with the cause."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self._causes: dict[int | None, str] = {}
-        self._lock = threading.Lock()
+    _DROPPED = ("Association request failed: unable to connect to remote", "TCP Initialisation Error:")
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        if message.startswith("Association request failed: unable to connect"):
-            return False
-        if message.startswith("TCP Initialisation Error: "):
-            with self._lock:
-                if len(self._causes) > 256:  # causes nobody asked for: bounded, never a leak
-                    self._causes.clear()
-                self._causes[record.thread] = message.removeprefix("TCP Initialisation Error: ")
-            return False
-        # The traceback pynetdicom adds for an SSL error: its text is in the cause already.
-        return not (record.exc_info and record.thread in self._causes)
-
-    def cause(self, assoc: Association) -> str | None:
-        threads = {getattr(assoc, "ident", None), getattr(getattr(assoc, "dul", None), "ident", None)}
-        with self._lock:
-            found = [self._causes.pop(t) for t in threads if t is not None and t in self._causes]
-        return found[0] if found else None
+        return not message.startswith(self._DROPPED)
 
 
-_CONNECT_FAILURES = _ConnectFailures()
-logging.getLogger("pynetdicom.transport").addFilter(_CONNECT_FAILURES)
+logging.getLogger("pynetdicom.transport").addFilter(_QuietConnectFailures())
 
 
 @contextmanager

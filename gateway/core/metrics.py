@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Collection
 
 from osteogate.gateway.core.logs import get_logger
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 log = get_logger("osteogate.gateway.core.metrics")
 
@@ -60,3 +60,7 @@ HL7_MESSAGES = Counter(
     "DXA results listener (HL7 MLLP): messages answered AA / AE / AR, frames timed out, hosts refused",
     ["outcome"], registry=REGISTRY,
 )
+# The site gate (gateway/groundtruth/gate.py): the evidence it opens or closes on, per refresh.
+SITE_GATE = Gauge("osteogate_site_gate", "site gate figures: open (1/0), pairs, needed, auc, auc_lower, "
+                  "rolling_pairs, rolling_auc, rolling_auc_lower (NaN while not computable)", ["figure"],
+                  registry=REGISTRY)

@@ -21,7 +21,6 @@ and forget everything on a restart, where the deliveries table does not.
 
 from __future__ import annotations
 
-import functools
 import html
 import logging
 import os
@@ -46,62 +45,10 @@ from pynetdicom.status import GENERAL_STATUS, STORAGE_SERVICE_CLASS_STATUS
 # dicomweb-client logs study and SOP Instance UIDs at info and error level; identifiers stay
 # out of our logs (the outcome detail below says what failed without them).
 logging.getLogger("dicomweb_client").setLevel(logging.CRITICAL)
-# With its retries off, `retrying` still logs each exception raised inside a request (ours from
-# guard_answer included) as a warning with a traceback; the outcome detail says it in one line.
-logging.getLogger("retrying").setLevel(logging.CRITICAL)
 
 TRANSIENT_HTTP_4XX = frozenset({408, 429})  # Request Timeout, Too Many Requests
 _FAILED_SOP_SEQUENCE = "FailedSOPSequence"
 _MAX_BODY_IN_DETAIL = 200
-
-
-# A STOW-RS answer is a small JSON document (or an error page). Anything bigger, or still arriving
-# after the delivery timeout, is not read on: a misbehaving server or proxy cannot fill memory or
-# hold the delivery lane.
-MAX_ANSWER_BYTES = 4 * 2**20
-
-
-class AnswerRefused(requests.RequestException):
-    """The server's answer is not read on: a redirect, or a body too large or too slow."""
-
-    def __init__(self, detail: str, *, permanent: bool) -> None:
-        super().__init__(detail)
-        self.detail = detail
-        self.permanent = permanent
-
-
-def _origin(url: str) -> str:
-    """scheme://host[:port] of a URL: where a redirect points, without a path that may hold UIDs."""
-    parts = urllib3.util.parse_url(url)
-    return f"{parts.scheme or '?'}://{parts.netloc or '?'}"
-
-
-def guard_answer(response: requests.Response, *, max_bytes: int, max_seconds: float, **_: Any) -> requests.Response:
-    """Response hook: refuse every redirect (never followed: not to another host, where the
-    credentials would go, nor to the same host, where a proxy would rewrite a POST into a GET), and
-    read the body under a size and a time cap before requests or dicomweb-client see it."""
-    if 300 <= response.status_code < 400:
-        response.close()
-        target = response.headers.get("Location")
-        where = f" to {_origin(target)}" if target else ""
-        raise AnswerRefused(f"STOW-RS HTTP {response.status_code} {response.reason or ''}".rstrip()
-                            + f"{where}: redirects are not followed; set the destination's url to the "
-                            "address that answers", permanent=True)
-    deadline = time.monotonic() + max_seconds
-    chunks: list[bytes] = []
-    size = 0
-    while chunk := response.raw.read1(65536, decode_content=True):  # what has arrived, no more
-        size += len(chunk)
-        chunks.append(chunk)
-        if size > max_bytes or time.monotonic() > deadline:
-            response.close()
-            why = (f"more than {max_bytes // 2**20} MiB" if size > max_bytes
-                   else f"still arriving after {max_seconds:g} s")
-            raise AnswerRefused(f"STOW-RS HTTP {response.status_code}: answer body {why}; not read on",
-                                permanent=False)
-    response._content = b"".join(chunks)
-    response._content_consumed = True
-    return response
 
 
 class SecretUnavailable(RuntimeError):
@@ -148,37 +95,91 @@ def base_url(destination: Destination) -> str:
     return url[: -len("/studies")] if url.endswith("/studies") else url
 
 
-class _FixedVerifyAdapter(requests.adapters.HTTPAdapter):
-    """Sends with one TLS verification setting, whatever the environment says."""
+# An answer to a STOW-RS or QIDO-RS request is a small JSON document: anything bigger, or still
+# arriving after the timeout, is a misbehaving server (or one streaming forever), cut off.
+MAX_ANSWER_BYTES = 4 * 2**20
 
-    def __init__(self, verify: bool | str) -> None:
+
+class AnswerCut(requests.RequestException):
+    """The server's answer was larger than MAX_ANSWER_BYTES or not complete within the timeout."""
+
+
+class RedirectRefused(requests.RequestException):
+    """The server answered 3xx: not followed (the results would go to another URL, maybe another
+    host, with the credentials); the configured URL is to be corrected instead."""
+
+    def __init__(self, status: int, reason: str, location: str) -> None:
+        target = urllib3.util.parse_url(location) if location else None
+        # Scheme and host only: a path may carry the Study Instance UID.
+        where = f"{target.scheme or 'http'}://{target.host}" if target and target.host else "a relative URL"
+        super().__init__(f"STOW-RS HTTP {status} {reason}: redirect to {where} not followed; set the "
+                         "destination URL to the address the server names")
+
+
+def _refuse_redirects(response: requests.Response, *args: Any, **kwargs: Any) -> None:
+    # A response hook runs before requests would follow the redirect.
+    if 300 <= response.status_code < 400:
+        response.close()
+        raise RedirectRefused(response.status_code, response.reason or "", response.headers.get("Location", ""))
+
+
+class _BoundedAdapter(requests.adapters.HTTPAdapter):
+    """Reads each answer with a size cap and an overall deadline (requests' own timeout bounds
+    each read, not the whole body: a server trickling bytes would hold the delivery lane forever),
+    and, where ``verify`` is given, sends with that TLS verification whatever the environment says."""
+
+    def __init__(self, timeout: float, verify: bool | str | None = None) -> None:
         super().__init__()
+        self._timeout = timeout
         self._verify = verify
 
     def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:  # type: ignore[override]
-        kwargs["verify"] = self._verify
-        return super().send(request, **kwargs)
+        if self._verify is not None:
+            kwargs["verify"] = self._verify
+        kwargs["stream"] = True
+        response = super().send(request, **kwargs)
+        deadline = time.monotonic() + self._timeout
+        body = bytearray()
+        try:
+            # requests leaves decoding (gzip) to its own reader; this one decodes as it reads.
+            while chunk := response.raw.read1(65536, decode_content=True):
+                body += chunk
+                if len(body) > MAX_ANSWER_BYTES:
+                    raise AnswerCut(f"answer larger than {MAX_ANSWER_BYTES // 2**20} MB, cut off")
+                if time.monotonic() > deadline:
+                    raise AnswerCut(f"answer not complete within {self._timeout:g} s, cut off")
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            response.close()
+            raise requests.ConnectionError(f"answer broken off: {exc}") from None
+        except AnswerCut:
+            response.close()
+            raise
+        response._content = bytes(body)
+        response._content_consumed = True
+        response.close()
+        return response
 
 
 def make_client(destination: Destination, timeout: float) -> DICOMwebClient:
     """A DICOMweb client for one destination: its TLS verification, authentication and timeout."""
     secrets = credentials(destination)
     session = requests.Session()
+    verify: bool | str | None = None
     if destination.ca_file is not None or not destination.tls_verify:
         # ca_file (a site's own CA) or tls_verify = false (an explicit opt-out) must win over
         # REQUESTS_CA_BUNDLE/CURL_CA_BUNDLE, which requests otherwise prefers to session.verify.
-        verify: bool | str = str(destination.ca_file) if destination.ca_file else False
-        session.mount("https://", _FixedVerifyAdapter(verify))
+        verify = str(destination.ca_file) if destination.ca_file else False
         if verify is False:  # chosen in the configuration: not a warning on every send
             urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
+    session.mount("https://", _BoundedAdapter(timeout, verify))
+    session.mount("http://", _BoundedAdapter(timeout))
+    session.hooks["response"].append(_refuse_redirects)
+    session.max_redirects = 0  # belt and braces: the hook above refuses them first
     headers = {"Accept": "application/dicom+json"}
     if secrets.username is not None and secrets.password is not None:
         session.auth = (secrets.username, secrets.password)
     elif secrets.token is not None:
         headers["Authorization"] = f"Bearer {secrets.token}"
-    session.max_redirects = 0  # belt and braces: guard_answer refuses them first
-    session.hooks["response"].append(
-        functools.partial(guard_answer, max_bytes=MAX_ANSWER_BYTES, max_seconds=timeout))
     client = DICOMwebClient(url=base_url(destination), session=session, headers=headers,
                             timeout=(timeout, timeout))
     client.set_http_retry_params(retry=False)
@@ -256,26 +257,27 @@ def _body_excerpt(response: requests.Response) -> str:
     except ValueError:
         data = None
     if isinstance(data, dict) and isinstance(data.get("Message"), str):  # Orthanc's error object
-        return data["Message"][:_MAX_BODY_IN_DETAIL]
+        return " ".join(data["Message"].split())[:_MAX_BODY_IN_DETAIL]
     text = response.text.strip()
-    if "html" in response.headers.get("Content-Type", "").lower() or text[:1] == "<":
+    content_type = response.headers.get("Content-Type", "").lower()
+    if "html" in content_type or text[:1] == "<":
         return html_summary(text)
     text = " ".join(text.split())
     return text[:_MAX_BODY_IN_DETAIL] if text and not text.startswith("{") else ""
 
 
 def html_summary(page: str) -> str:
-    """One line for an HTML error page (a proxy's 502, a login form): its title, else its first
-    heading, else its text; never the markup."""
-    for tag in ("title", "h1", "h2"):
-        match = re.search(rf"<{tag}[^>]*>(.*?)</{tag}>", page, re.IGNORECASE | re.DOTALL)
-        if match and (found := _text_of(match[1])):
-            return f"HTML page: {found}"[:_MAX_BODY_IN_DETAIL]
-    body = _text_of(re.sub(r"<(script|style)[^>]*>.*?</\1>", " ", page, flags=re.IGNORECASE | re.DOTALL))
-    return f"HTML page: {body}"[:_MAX_BODY_IN_DETAIL] if body else "HTML page"
+    """One line for an HTML error page (a proxy's or a servlet container's): its title, else its
+    first heading, else its text, without markup, scripts or styles."""
+    for pattern in (r"<title[^>]*>(.*?)</title>", r"<h[1-3][^>]*>(.*?)</h[1-3]>"):
+        match = re.search(pattern, page, flags=re.I | re.S)
+        if match and (found := _plain(match[1])):
+            return found[:_MAX_BODY_IN_DETAIL]
+    body = re.sub(r"<(script|style)\b.*?</\1\s*>", " ", page, flags=re.I | re.S)
+    return _plain(body)[:_MAX_BODY_IN_DETAIL]
 
 
-def _text_of(markup: str) -> str:
+def _plain(markup: str) -> str:
     return " ".join(html.unescape(re.sub(r"<[^>]*>", " ", markup)).split())
 
 
@@ -304,8 +306,6 @@ def store(client: DICOMwebClient, datasets: Sequence[pydicom.Dataset], study_uid
         excerpt = _body_excerpt(response)
         return SendOutcome(False, permanent=http_status_is_permanent(status),
                            detail=prefix + (f": {excerpt}" if excerpt else ""))
-    except AnswerRefused as exc:
-        return SendOutcome(False, permanent=exc.permanent, detail=exc.detail)
     except requests.Timeout as exc:
         return SendOutcome(False, permanent=False, detail=f"STOW-RS timeout ({type(exc).__name__})")
     except requests.ConnectionError as exc:
@@ -313,7 +313,11 @@ def store(client: DICOMwebClient, datasets: Sequence[pydicom.Dataset], study_uid
         # which an operator (or time) fixes without touching the queued result.
         kind = "TLS error" if isinstance(exc, requests.exceptions.SSLError) else "connection error"
         return SendOutcome(False, permanent=False, detail=f"STOW-RS {kind}: {_short(exc)}")
-    except requests.RequestException as exc:  # invalid URL, too many redirects...
+    except RedirectRefused as exc:  # the URL needs correcting: an administrator's job
+        return SendOutcome(False, permanent=True, detail=str(exc))
+    except AnswerCut as exc:  # the objects may or may not be stored: sent again later (idempotent)
+        return SendOutcome(False, permanent=False, detail=f"STOW-RS {exc}")
+    except requests.RequestException as exc:  # invalid URL...
         return SendOutcome(False, permanent=True, detail=f"STOW-RS request failed: {_short(exc)}")
     failures = failed_instances(answer, datasets)
     if failures:
@@ -357,11 +361,11 @@ def check_stow(destination: Destination, timeout: float = 10) -> tuple[bool, str
         client.search_for_studies(limit=1, fields=["StudyInstanceUID"])
     except SecretUnavailable as exc:
         return False, str(exc)
-    except AnswerRefused as exc:
-        return False, exc.detail.replace("STOW-RS", "QIDO-RS")
     except requests.HTTPError as exc:
         status = exc.response.status_code if exc.response is not None else 0
         return False, f"HTTP {status} on QIDO-RS search" + (" (check credentials)" if status in (401, 403) else "")
+    except (RedirectRefused, AnswerCut) as exc:
+        return False, str(exc)
     except requests.RequestException as exc:
         return False, f"unreachable: {_short(exc)}"
     return True, "DICOMweb service answers (QIDO-RS)"

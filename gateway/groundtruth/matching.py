@@ -37,7 +37,7 @@ class MatchedPair:
     manufacturer: str | None
     sex: str | None
     age: float | None
-    assessed: bool
+    assessed: bool  # the result has figures to validate (assessed, or withheld by the site gate)
     p_low: float | None  # P(T-score <= -1.0): low bone density
     p_osteoporosis: float | None  # P(T-score <= -2.5)
     t_score_estimate: float | None
@@ -130,17 +130,33 @@ def nearest_exam(day: date, exams: Iterable[DxaExam], issuer: str | None, match_
     return min(candidates, key=lambda e: (abs((e.dxa_date - day).days), e.dxa_date))
 
 
+def _figures(result: StudyResult) -> tuple[bool, dict[str, object]]:
+    """Whether the result has figures to validate, and them: the reported ones, or those the site
+    gate withheld ("required" mode reports "not assessed" but keeps the model's figures)."""
+    if result.assessed:
+        return True, {"probabilities": result.probabilities, "t_score": result.t_score,
+                      "t_score_low": result.t_score_low, "t_score_high": result.t_score_high}
+    withheld = getattr(result, "withheld", None)
+    if withheld and withheld.get("probabilities"):
+        return True, withheld
+    return False, {}
+
+
 def _pair(study: Study, result: StudyResult, exam: DxaExam, day: date, study_day: date | None) -> MatchedPair:
-    probabilities = result.probabilities or None
+    assessed, figures = _figures(result)
+    probabilities = figures.get("probabilities") or None
+    decision = figures.get("decision") if not result.assessed else None
     return MatchedPair(
         patient_hash=patient_hash(study.patient_id or "", study.issuer_of_patient_id or exam.issuer_of_patient_id),
         study_key=study.study_key, study_date=study_day, dxa_date=exam.dxa_date,
         days_apart=abs((exam.dxa_date - day).days), region=result.region, manufacturer=study.manufacturer,
-        sex=study.patient_sex, age=study.patient_age, assessed=bool(result.assessed),
-        p_low=low_bmd_probability(probabilities) if result.assessed else None,
-        p_osteoporosis=osteoporosis_probability(probabilities) if result.assessed else None,
-        t_score_estimate=result.t_score, t_score_low=result.t_score_low, t_score_high=result.t_score_high,
-        referral=referral(result), dxa_t_score=exam.lowest_t_score, dxa_category=exam.who_category,
+        sex=study.patient_sex, age=study.patient_age, assessed=assessed,
+        p_low=low_bmd_probability(probabilities) if assessed else None,  # type: ignore[arg-type]
+        p_osteoporosis=osteoporosis_probability(probabilities) if assessed else None,  # type: ignore[arg-type]
+        t_score_estimate=figures.get("t_score"), t_score_low=figures.get("t_score_low"),  # type: ignore[arg-type]
+        t_score_high=figures.get("t_score_high"),  # type: ignore[arg-type]
+        referral=(decision == REFERRAL_DECISION) if decision else referral(result),
+        dxa_t_score=exam.lowest_t_score, dxa_category=exam.who_category,
         model_name=result.model_name, model_version=result.model_version,
     )
 

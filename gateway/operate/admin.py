@@ -1,4 +1,5 @@
-"""Admin operations behind ``osteogate replay | resend | purge`` and the maintenance jobs.
+"""Admin operations behind ``osteogate resend | purge`` and the maintenance jobs (replay:
+gateway/operate/replay.py).
 
 Everything here works on the shared store (SQL + spool + reports), so it is safe to run while
 ``osteogate serve`` runs: jobs and deliveries are claimed exclusively, whichever process takes
@@ -8,13 +9,10 @@ them, and the CLI waits on the rows, not on its own work.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from pathlib import Path
 
 from osteogate.gateway.core.config import Destination, Settings
 from osteogate.gateway.core.errors import ExitCode, OsteoGateError
@@ -46,103 +44,6 @@ class AdminError(OsteoGateError, RuntimeError):
     """An admin request that cannot be carried out (unknown study, nothing to send...)."""
 
     exit_code = ExitCode.NOINPUT
-
-
-# -- replay ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ReplayCandidate:
-    study_uid: str
-    study_key: str
-    status: str
-    # Why the study is left alone; None when it will be replayed.
-    refusal: str | None = None
-
-
-def plan_replay(
-    db: Database, study_uids: Sequence[str] = (), since: datetime | None = None, status: str | None = None,
-) -> list[ReplayCandidate]:
-    """Which studies a replay would take, and why any named one would be left alone."""
-    with db.session() as session:
-        query = select(Study).options(selectinload(Study.instances)).order_by(Study.last_received_at)
-        named = {ident: find_study(session, ident) for ident in study_uids}  # a UID or a study key
-        if study_uids:
-            query = query.where(Study.study_uid.in_([s.study_uid for s in named.values() if s is not None]))
-        if since is not None:
-            query = query.where(Study.last_received_at >= since)
-        if status:
-            query = query.where(Study.status == StudyStatus(status))
-        studies = session.execute(query).scalars().all()
-        plan = [ReplayCandidate(s.study_uid, s.study_key, s.status.value, _replay_refusal(s)) for s in studies]
-    plan += [ReplayCandidate(ident, "-", "unknown", "no such study") for ident, s in named.items() if s is None]
-    return plan
-
-
-def _replay_refusal(study: Study) -> str | None:
-    if study.status not in FINISHED:
-        # Receiving/queued/processing: a run is coming or under way; replaying now would race it.
-        return f"study is {study.status.value}: wait until it is finished"
-    if any(i.purged_at for i in study.instances):
-        return "spooled images were purged by retention"
-    return None
-
-
-def queue_replay(db: Database, plan: Sequence[ReplayCandidate], model_path: Path | None = None,
-                 destinations: Sequence[Destination] = ()) -> list[int]:
-    """Insert a replay job per eligible study (study -> queued); returns the job ids.
-
-    ``destinations`` (``replay --to``) are stored on each job: the worker that takes it, this
-    process's or a running gateway's, sends the SR there and not to its own configuration."""
-    carried = json.dumps([str(d) for d in destinations]) if destinations else None
-    job_ids: list[int] = []
-    uids = [c.study_uid for c in plan if c.refusal is None]
-    with db.session() as session:
-        query = select(Study).where(Study.study_uid.in_(uids), Study.status.in_(FINISHED))
-        if db.is_postgres:
-            query = query.with_for_update(skip_locked=True)
-        for study in session.execute(query).scalars():
-            job = Job(study_id=study.id, study_version=study.version, status=JobStatus.PENDING, reason="replay",
-                      model_path=str(model_path.resolve()) if model_path else None, destinations=carried)
-            session.add(job)
-            study.status = StudyStatus.QUEUED
-            session.flush()
-            job_ids.append(job.id)
-            log.info("replay_queued", study_key=study.study_key, job=job.id, model=model_path.name if model_path else None)
-    return job_ids
-
-
-def job_states(db: Database, job_ids: Sequence[int]) -> dict[int, JobStatus]:
-    with db.session() as session:
-        rows = session.execute(select(Job.id, Job.status).where(Job.id.in_(list(job_ids)))).all()
-    return {job_id: status for job_id, status in rows}
-
-
-def wait_for_jobs(
-    db: Database,
-    job_ids: Sequence[int],
-    run_one: Callable[[], bool] | None,
-    timeout: float,
-    progress: Progress | None = None,
-    poll: float = 0.5,
-) -> dict[int, JobStatus]:
-    """Run (``run_one``) and/or wait until every job is done or failed, or the timeout passes.
-
-    Another process (a running ``serve`` or ``worker``) may take some of the jobs: only the rows'
-    states count, whoever did the work.
-    """
-    deadline = time.monotonic() + timeout
-    finished_before = 0
-    while True:
-        states = job_states(db, job_ids)
-        finished = sum(s in (JobStatus.DONE, JobStatus.FAILED) for s in states.values())
-        if progress and finished > finished_before:
-            progress(finished - finished_before)
-        finished_before = finished
-        if finished == len(job_ids) or time.monotonic() > deadline:
-            return states
-        if run_one is None or not run_one():
-            time.sleep(poll)
 
 
 # -- resend ------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from osteogate.gateway.core.config import Settings
 from osteogate.gateway.core.logs import get_logger, study_key
 from osteogate.gateway.core.metrics import REGISTRY
 from osteogate.gateway.deliver.delivery import DeliveryManager
+from osteogate.gateway.groundtruth.gate import SiteGate
 from osteogate.gateway.groundtruth.mllp import MllpListener
 from osteogate.gateway.operate.health import HealthServer, StoreCollector
 from osteogate.gateway.operate.preflight import ClassifierCache, preflight, warn_unsafe_defaults
@@ -39,9 +40,10 @@ class Gateway:
         self.tracker = StudyTracker(self.db, settings.study.stable_seconds, on_queued=self._wake_worker)
         self.delivery = DeliveryManager(settings, self.db, self.reports)
         self.classifiers = ClassifierCache(settings) if settings.worker.enabled else None
+        self.site_gate = site_gate(settings, self.db, self.scheduler)
         self.worker = (
             ClassifierWorker(settings, self.db, self.spool, ReportPublisher(settings, self.reports), self.classifiers,
-                             on_result=lambda: self.scheduler.trigger("delivery"))
+                             on_result=lambda: self.scheduler.trigger("delivery"), site_gate=self.site_gate)
             if self.classifiers else None
         )
         ingestor = Ingestor(self.db, self.spool, max_instance_bytes=settings.dicom.max_instance_mb * 2**20)
@@ -90,8 +92,13 @@ class Gateway:
         checks["model_loaded"] = self.classifiers.loaded if self.classifiers else None
         checks["healthy"] = bool(checks["database"] and checks["spool_disk"]
                                  and checks["worker_alive"] is not False and checks["model_loaded"] is not False)
+        gate = self.site_gate.state() if self.site_gate else None
+        if gate is not None:
+            checks["site_gate"] = gate.to_dict()
         checks["status"] = ("unhealthy" if not checks["healthy"]
-                            else "degraded" if checks["failing_destinations"] else "ok")
+                            else "degraded" if checks["failing_destinations"] or (gate and gate.degraded) else "ok")
+        if gate is not None and gate.degraded:
+            checks["degraded_reason"] = f"site gate closed: {gate.reason}"
         return checks
 
     def _instance_stored(self, study_uid: str) -> None:
@@ -124,6 +131,8 @@ class Gateway:
         # Lanes run in their own threads: a tick never waits for a slow destination.
         self.scheduler.add("delivery", lambda: self.delivery.run_due(wait=False),
                            self.settings.delivery.check_interval_seconds)
+        if self.site_gate:  # new DXA results may open (or drift close) the gate without new studies
+            self.scheduler.add("site_gate", self.site_gate.refresh, self.settings.gate.refresh_seconds)
         add_maintenance_jobs(self.scheduler, self.settings, self.db, self.spool)
         self._add_backfill_job()
         self.scheduler.start()
@@ -166,6 +175,35 @@ class Gateway:
     def serve_forever(self) -> None:
         """Run until SIGINT/SIGTERM, then stop cleanly."""
         run_until_signal(self.start, self.stop)
+
+
+def site_gate(settings: Settings, db: Any, scheduler: GatewayScheduler) -> SiteGate | None:
+    """The site gate when ``gate.site_validation`` is not "off"; releasing held SRs wakes delivery."""
+    if settings.gate.site_validation == "off":
+        return None
+    return SiteGate(settings.gate, db, settings.groundtruth.match_days,
+                    on_release=lambda _count: scheduler.trigger("delivery"),
+                    on_open=(lambda _state: replay_withheld(db)) if settings.gate.site_validation == "required" else None)
+
+
+def replay_withheld(db: Any) -> list[int]:
+    """Queue a replay of every study whose latest result the gate reported as not assessed
+    ("required" mode): once the gate is open they reach the PACS as a new, assessed version."""
+    from osteogate.gateway.operate.admin import plan_replay, queue_replay
+    from osteogate.gateway.store.db import Study, StudyResult
+    from sqlalchemy import func, select
+
+    latest = (select(StudyResult.study_id, func.max(StudyResult.version).label("version"))
+              .group_by(StudyResult.study_id).subquery())
+    with db.session() as session:
+        uids = session.execute(
+            select(Study.study_uid).join(latest, latest.c.study_id == Study.id)
+            .join(StudyResult, (StudyResult.study_id == Study.id) & (StudyResult.version == latest.c.version))
+            .where(StudyResult.withheld.is_not(None))).scalars().all()
+    jobs = queue_replay(db, plan_replay(db, list(uids))) if uids else []
+    if jobs:
+        log.info("site_gate_replays", studies=len(jobs))
+    return jobs
 
 
 def remove_orphans(*stores: Spool) -> None:
@@ -222,14 +260,17 @@ class WorkerService:
         self.scheduler = GatewayScheduler()
         self.delivery = DeliveryManager(settings, self.db, self.reports)
         self.classifiers = ClassifierCache(settings)
+        self.site_gate = site_gate(settings, self.db, self.scheduler)
         self.worker = ClassifierWorker(settings, self.db, self.spool, ReportPublisher(settings, self.reports), self.classifiers,
-                                       on_result=lambda: self.scheduler.trigger("delivery"))
+                                       on_result=lambda: self.scheduler.trigger("delivery"), site_gate=self.site_gate)
 
     def start(self) -> None:
         remove_orphans(self.reports)
         self.classifiers()  # fail fast on a bad checkpoint
         self.scheduler.add("delivery", lambda: self.delivery.run_due(wait=False),
                            self.settings.delivery.check_interval_seconds)
+        if self.site_gate:  # new DXA results may open (or drift close) the gate without new studies
+            self.scheduler.add("site_gate", self.site_gate.refresh, self.settings.gate.refresh_seconds)
         add_maintenance_jobs(self.scheduler, self.settings, self.db, self.spool)
         self.scheduler.start()
         self.worker.start()

@@ -63,6 +63,7 @@ class DeliveryStatus(enum.StrEnum):
     PENDING = "pending"
     SENT = "sent"
     REJECTED = "rejected"  # permanent refusal by the peer: not retried blindly
+    HELD = "held"  # the site gate (shadow mode) holds it until the site's validation opens the gate
 
 
 def _enum(cls: type[enum.Enum]) -> Enum:
@@ -150,9 +151,9 @@ class Job(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     reason: Mapped[str] = mapped_column(String(32), default="stable")  # stable | replay
     model_path: Mapped[str | None] = mapped_column(Text)  # replay with another checkpoint
-    # JSON list of destination texts for this run's SR (replay --to); NULL: the configured ones.
-    # On the row, so the SR goes there whichever worker (the admin's or a gateway's) runs the job.
-    destinations: Mapped[str | None] = mapped_column(Text)
+    # A replay's ``--to`` (destination strings): where this job's result goes instead of the
+    # configured destinations, whichever process runs the job (0008).
+    destinations: Mapped[list[str] | None] = mapped_column(JSON)
     worker: Mapped[str | None] = mapped_column(String(64))
     lease_until: Mapped[datetime | None] = mapped_column()
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -192,6 +193,9 @@ class StudyResult(Base):
     inputs_used: Mapped[list[str] | None] = mapped_column(JSON)  # names from taxonomy.INPUTS
     inputs_missing: Mapped[list[str] | None] = mapped_column(JSON)
     notes: Mapped[list[str] | None] = mapped_column(JSON)  # the reasons the SR and card give (0009)
+    # The model's figures of a result the site gate reported as not assessed ("required" mode):
+    # label, probabilities, t_score(_low/_high), decision; for the site's validation only (0006).
+    withheld: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     model_name: Mapped[str] = mapped_column(String(128))
     model_version: Mapped[str] = mapped_column(String(32))
     model_sha256: Mapped[str] = mapped_column(String(64))

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import numpy as np
 from osteogate.gateway.store.db import Instance
-from osteogate.model.assessment import ImageScore, StudyAssessment
+from osteogate.model.assessment import Assessment, ImageScore, StudyAssessment
 from osteogate.model.covariates import Covariates
 from osteogate.model.taxonomy import REGIONS
 from pydicom.dataset import Dataset
@@ -50,6 +50,10 @@ class StudyOutcome:
     # What the model reports (None when nothing in the study was in scope); its images are the
     # scored ones, in the order of ``scored``.
     assessment: StudyAssessment | None = None
+    # The site gate (gateway/groundtruth/gate.py): deliveries held (shadow mode, closed), and the
+    # model's study result when "required" reports it as not assessed (kept for validation).
+    held: bool = False
+    withheld: Assessment | None = None
 
     @property
     def scored(self) -> list[ImageOutcome]:

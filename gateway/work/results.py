@@ -3,12 +3,12 @@ objects the publisher made and the deliveries, and closes the job; or records th
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from typing import Any
 
 from osteogate.gateway.core.config import Settings
 from osteogate.gateway.core.logs import get_logger, scrub
+from osteogate.gateway.groundtruth.gate import withheld_figures
 from osteogate.gateway.store.backfill import is_backfilled
 from osteogate.gateway.store.db import (
     Database,
@@ -77,6 +77,7 @@ class ResultRecorder:
                 # The estimand's screening decision, where the assessment carries one (model/estimand.py).
                 decision=getattr(study, "decision", None),
                 referral_threshold=getattr(study, "referral_threshold", None),
+                withheld=withheld_figures(outcome.withheld) if outcome.withheld else None,
                 inputs_used=list(study.inputs_used) if study else None,
                 inputs_missing=list(study.inputs_missing) if study else None,
                 model_name=((study.model_name if study else "") or classifier.card.display_name)[:128],
@@ -104,7 +105,9 @@ class ResultRecorder:
                     position=position, kind=obj.kind, sop_class_uid=obj.sop_class_uid,
                     sop_instance_uid=obj.sop_instance_uid, series_uid=obj.series_uid, path=obj.path))
             for destination in self._destinations(session, job) if made else ():
-                result.deliveries.append(Delivery(destination=destination, status=DeliveryStatus.PENDING))
+                # Shadow mode with the site gate closed: made and stored, held until the gate opens.
+                lane = DeliveryStatus.HELD if outcome.held else DeliveryStatus.PENDING
+                result.deliveries.append(Delivery(destination=destination, status=lane))
             job.status = JobStatus.DONE
             job.finished_at = utcnow()
             job.lease_until = None
@@ -112,13 +115,14 @@ class ResultRecorder:
                 job.study.status = status
 
     def _destinations(self, session: Any, job: Job) -> list[str]:
-        """Where this result's SR goes: the configured destinations; for a replay run without
-        any (an admin's one-off command), wherever the study's earlier SRs went; nowhere for a
-        study fetched by a backfill while ``backfill.deliver`` is false."""
+        """Where this result's SR goes: the job's own destinations (``replay --to``, whoever runs
+        it); else the configured destinations; for a replay run without any (an admin's one-off
+        command), wherever the study's earlier SRs went; nowhere for a study fetched by a
+        backfill while ``backfill.deliver`` is false."""
+        if job.destinations:
+            return list(job.destinations)
         if not self.settings.backfill.deliver and is_backfilled(session, job.study.study_uid):
             return []  # historical results stay in SQL and `osteogate cases`
-        if job.destinations:  # replay --to: the job says where, whoever runs it
-            return [str(d) for d in json.loads(job.destinations)]
         configured = [str(d) for d in self.settings.delivery.destinations]
         if configured or job.reason != "replay":
             return configured

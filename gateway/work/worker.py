@@ -16,6 +16,7 @@ from typing import Any
 from osteogate.gateway.core.config import Settings
 from osteogate.gateway.core.logs import get_logger
 from osteogate.gateway.core.metrics import STUDIES_PROCESSED, STUDY_PROCESSING_SECONDS
+from osteogate.gateway.groundtruth.gate import SiteGate, withhold
 from osteogate.gateway.store.db import Database, Instance, Job
 from osteogate.gateway.store.spool import Spool
 from osteogate.gateway.work.jobs import JobClaims, worker_id
@@ -41,6 +42,7 @@ class ClassifierWorker:
         publisher: Publisher,
         classifier_factory: Callable[[str | None], Any],
         on_result: Callable[[], None] | None = None,
+        site_gate: SiteGate | None = None,
     ) -> None:
         self.settings = settings
         self.db = db
@@ -48,6 +50,7 @@ class ClassifierWorker:
         self.publisher = publisher
         self.classifier_factory = classifier_factory
         self.on_result = on_result
+        self.site_gate = site_gate
         self.pipeline = StudyPipeline(settings, spool)
         self.results = ResultRecorder(settings, db)
         self.id = worker_id()
@@ -108,6 +111,17 @@ class ClassifierWorker:
 
     # -- processing ------------------------------------------------------------------------------
 
+    def apply_site_gate(self, outcome: StudyOutcome) -> None:
+        """Shadow: mark the deliveries to hold. Required: report "not assessed" with the gate's
+        reason (the SR, card and show say it), keeping the model's result for the validation."""
+        if self.site_gate is None or outcome.assessment is None:
+            return
+        gate = self.site_gate.state()
+        outcome.held = gate.holds
+        if gate.withholds and outcome.assessment.study.assessed:
+            outcome.withheld = outcome.assessment.study
+            outcome.assessment = withhold(outcome.assessment, gate.reason or "awaiting site validation")
+
     def process(self, job_id: int) -> None:
         started = time.perf_counter()
         with self.db.session() as session:
@@ -129,6 +143,7 @@ class ClassifierWorker:
             log.info("job_superseded", job=job_id, study_key=key)
             return
 
+        self.apply_site_gate(outcome)
         result_version = self.results.next_version(study_id)
         # Every object is durable before any delivery row points at it: no half-made report is sent.
         # Nothing in scope: recorded as skipped with reasons; PACS gets no empty report.

@@ -15,7 +15,14 @@ from dataclasses import dataclass
 from datetime import date, timedelta
 from pathlib import Path
 
-from sample_dicom.make_samples import Demographics, Sample, build_dataset, knee_pixels, set_demographics
+from osteogate.sample_dicom.make_samples import (
+    Demographics,
+    Sample,
+    build_dataset,
+    knee_pixels,
+    set_demographics,
+)
+
 from tests.helpers.mllp_client import oru_message
 
 # ../shared/datasets/knee-xray beside the repository (tests/helpers/site.py -> repo -> its parent).

@@ -1,7 +1,7 @@
 """``osteogate``: the one command admins use.
 
 Commands come in three groups (``osteogate --help``): serving (serve, worker, echo, send, demo),
-operations (studies, show, replay, resend, purge, db, config, selfcheck, dxa) and model (train,
+operations (studies, show, replay, resend, purge, db, config, selfcheck, dxa, validate) and model (train,
 evaluate, export, dataset; registered by training.cli, which imports torch only in its handlers).
 
 New commands: a module with ``add_parsers(cmds)`` in this package, listed in COMMAND_MODULES.
@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 from osteogate.gateway.backfill import cli as backfill
 from osteogate.gateway.core.errors import EXIT_CODE_MEANINGS, ExitCode, translate
-from osteogate.gateway.operate.cli import admin, cases, dxa, maintenance, serving, studies
+from osteogate.gateway.operate.cli import admin, cases, dxa, maintenance, serving, studies, validate
 from osteogate.gateway.operate.cli.common import (
     COMMAND_GROUPS,
     Commands,
@@ -32,7 +32,7 @@ __all__ = ["COMMAND_GROUPS", "build_parser", "main", "settings_from_args"]
 
 # One module per command group; each has ``add_parsers(cmds)``. A new command goes in its
 # group's module, or in a new module listed here (COMMAND_GROUPS in common.py names its group).
-COMMAND_MODULES = (serving, studies, admin, maintenance, dxa, backfill, cases)
+COMMAND_MODULES = (serving, studies, admin, maintenance, dxa, backfill, cases, validate)
 
 
 def _overview(listing: list[tuple[str, str, str]]) -> str:
@@ -86,43 +86,57 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _stdout_closed() -> bool:
-    """Whether our stdout is a pipe whose reader went away (``studies --json | head``)."""
+# The longest single argument accepted: PATH_MAX. Anything longer is no path, UID, key or URL
+# this tool knows; refusing it here keeps 10 kB strings out of error lines and SQL.
+MAX_ARGUMENT = 4096
+
+
+def _hostile_argument(argv: Sequence[str]) -> str | None:
+    """Why an argument is refused before parsing (a NUL byte, or longer than any path), or None."""
+    for position, arg in enumerate(argv, 1):
+        if "\x00" in arg:
+            return f"argument {position} contains a NUL byte"
+        if len(arg) > MAX_ARGUMENT:
+            return f"argument {position} is {len(arg)} characters long (at most {MAX_ARGUMENT})"
+    return None
+
+
+def _stdout_gone() -> bool:
+    """True when stdout is a pipe whose reader has gone (``osteogate studies | head``)."""
     import select
 
     try:
         poller = select.poll()
         poller.register(sys.stdout.fileno(), select.POLLOUT)
-        return any(event & select.POLLERR for _, event in poller.poll(0))
-    except (OSError, ValueError):
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):
         return False
 
 
-def _quiet_after_epipe() -> int:
-    """Exit as ``cat`` or ``grep`` do when the reader of their output has gone: silently.
-
-    Whatever is still buffered for stdout would raise again when Python flushes it at exit, so
-    stdout is pointed at /dev/null first. 141 is what a shell reports for a process killed by
-    SIGPIPE, the exit status those tools end with.
-    """
+def _quiet_exit_on_closed_stdout() -> int:
+    # What other Unix tools do when the reader of their output goes: stop, quietly. Point stdout
+    # at /dev/null so the interpreter's final flush does not raise again.
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, sys.stdout.fileno())
-    return 141
+    return 128 + 13  # as a shell reports a process ended by SIGPIPE
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if (refused := _hostile_argument(argv)) is not None:
+        print(f"osteogate: error: {refused} (see osteogate --help)", file=sys.stderr)
+        return ExitCode.USAGE
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         code = int(args.func(args) or 0)
-        sys.stdout.flush()  # here, where a reader that went away is handled, not at interpreter exit
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
         return code
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
-        # A reader of our output that went away is not a network error (studies --json | head).
-        if isinstance(exc, BrokenPipeError) and _stdout_closed():
-            return _quiet_after_epipe()
+        if isinstance(exc, BrokenPipeError) and _stdout_gone():
+            return _quiet_exit_on_closed_stdout()
         if os.environ.get("OSTEOGATE_DEBUG") == "1":
             raise
         known = translate(exc)

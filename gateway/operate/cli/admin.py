@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,6 @@ from osteogate.gateway.core.errors import (
     NotFoundError,
     UsageError,
 )
-from osteogate.gateway.core.logs import configure_logging
 from osteogate.gateway.operate.cli.common import (
     Commands,
     add_config,
@@ -29,7 +29,7 @@ from osteogate.gateway.operate.cli.common import (
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from osteogate.gateway.operate.admin import plan_replay, queue_replay, wait_for_jobs
+    from osteogate.gateway.operate.replay import job_deliveries, plan_replay, queue_replay, wait_for_jobs
     from osteogate.gateway.store.db import JobStatus
 
     if not (args.study_uids or args.since or args.status):
@@ -45,14 +45,12 @@ def cmd_replay(args: argparse.Namespace) -> int:
     destinations = (", ".join(str(d) for d in settings.delivery.destinations)
                     or "where each study's earlier SRs went")
     print_plan(plan, f"replay: {len(eligible)} of {len(plan)} studies, model {model}, SR to {destinations}")
-    unknown = [c.study_uid for c in plan if c.status == "unknown"]
-    if unknown:  # as for show and resend: a named study that is not here is a missing input (66)
-        raise NotFoundError(f"no study {', '.join(unknown)}", "neither a Study Instance UID nor a study key in "
-                            "this store", "`osteogate studies` lists keys and UIDs; nothing was replayed")
     if args.dry_run or not eligible:
         print("dry run: nothing changed" if args.dry_run else "nothing to replay")
         return ExitCode.OK if args.dry_run else ExitCode.PARTIAL
-    job_ids = queue_replay(db, plan, args.checkpoint, args.to or ())
+    # --to travels on the job rows: a running gateway's worker may run them before we do.
+    deadline = time.monotonic() + args.timeout
+    job_ids = queue_replay(db, plan, args.checkpoint, [str(d) for d in args.to] if args.to else None)
     worker = _replay_worker(settings, store, args.checkpoint)
     with progress_bar() as progress:
         task = progress.add_task("classifying", total=len(job_ids))
@@ -60,10 +58,33 @@ def cmd_replay(args: argparse.Namespace) -> int:
                                progress=lambda n: progress.advance(task, n))
     done = sum(s == JobStatus.DONE for s in states.values())
     failed = sum(s == JobStatus.FAILED for s in states.values())
-    sent = _deliver_now(settings, store)
+    # One attempt's worth of waiting: a PACS that is down is retried by the gateway later, and the
+    # rows say "pending" meanwhile (osteogate show / resend).
+    wait = min(max(5.0, deadline - time.monotonic()), max(30.0, settings.delivery.timeout_seconds + 5))
+    states_of_sends = _wait_for_deliveries(settings, store, job_deliveries(db, job_ids), wait)
+    sent = sum(status == "sent" for _, status, _ in states_of_sends)
     print(f"replayed {done} of {len(job_ids)} studies ({failed} failed, "
-          f"{len(job_ids) - done - failed} unfinished); {sent} SR delivery(ies) sent now")
+          f"{len(job_ids) - done - failed} unfinished); {sent} of {len(states_of_sends)} SR delivery(ies) sent")
+    for destination, status, error in states_of_sends:
+        if status != "sent":
+            print(f"  SR -> {destination}: {status}" + (f" ({error})" if error else ""))
     return ExitCode.OK if done == len(job_ids) else ExitCode.PARTIAL
+
+
+def _wait_for_deliveries(settings: Settings, store: Any, ids: list[int],
+                         timeout: float) -> list[tuple[str, str, str | None]]:
+    """Send what is due and wait on the rows: a running gateway may be the one sending."""
+    from osteogate.gateway.operate.admin import delivery_states
+
+    deadline = time.monotonic() + timeout
+    states: list[tuple[str, str, str | None]] = []
+    while ids:
+        _deliver_now(settings, store)
+        states = delivery_states(store.db, ids)
+        if all(status != "pending" for _, status, _ in states) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    return states
 
 
 def _replay_worker(settings: Settings, store: Any, checkpoint: Path | None) -> Any:
@@ -86,8 +107,6 @@ def _deliver_now(settings: Settings, store: Any) -> int:
 
 
 def cmd_resend(args: argparse.Namespace) -> int:
-    import time
-
     from osteogate.gateway.operate.admin import delivery_states, resend_latest
 
     settings = admin_settings(args)
@@ -99,9 +118,6 @@ def cmd_resend(args: argparse.Namespace) -> int:
                   f"(--to {target.destination} sends it anyway)")
     ids = [t.delivery_id for t in plan if t.delivery_id is not None]
     states: list[tuple[str, str, str | None]] = []
-    # Each attempt's outcome is printed below in words; the delivery manager's log lines for the
-    # same attempts (JSON when piped) would only interleave with them.
-    configure_logging(settings.logging.format, "critical")
     deadline = time.monotonic() + args.timeout
     while ids:
         _deliver_now(settings, store)
@@ -138,11 +154,9 @@ def add_parsers(cmds: Commands) -> None:
     """replay, resend, purge."""
     replay = cmds.add_parser("replay", help="classify studies again from the spool and send a new SR version",
                              epilog=examples("osteogate replay --status failed --dry-run",
-                                              "osteogate replay 1.2.3.4 --model new.safetensors --to PACS@pacs:104",
-                                              "osteogate replay 3f2a9c0d11e4b7a6   # the study_key from the logs"))
+                                              "osteogate replay 1.2.3.4 --model new.safetensors --to PACS@pacs:104"))
     add_config(replay)
-    replay.add_argument("study_uids", nargs="*", type=study_ident, metavar="STUDY",
-                        help="studies to replay: Study Instance UIDs or study keys")
+    replay.add_argument("study_uids", nargs="*", type=study_ident, metavar="STUDY", help="studies to replay (Study Instance UID or study key)")
     replay.add_argument("--since", type=when, help="studies last received at or after this time (2026-01-31, 7d)")
     replay.add_argument("--status", choices=["done", "skipped", "failed"], help="studies with this status")
     replay.add_argument("--model", dest="checkpoint", type=Path, metavar="FILE", help="another checkpoint for these runs")

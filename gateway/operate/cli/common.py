@@ -22,8 +22,8 @@ from osteogate.gateway.core.logs import configure_logging
 COMMAND_GROUPS: dict[str, tuple[str, ...]] = {
     "serving": ("serve", "worker", "echo", "send", "demo"),
     "operations": ("studies", "show", "replay", "resend", "purge", "db", "config", "selfcheck", "dxa", "backfill",
-                   "cases"),
-    "model": ("train", "evaluate", "export", "dataset"),
+                   "cases", "validate"),
+    "model": ("train", "evaluate", "export", "dataset", "refit-site"),
 }
 
 
@@ -46,32 +46,26 @@ def parse_destination(text: str) -> Destination:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-# A Study Instance UID (PS3.5 9.1: digits and dots, at most 64) or a study key (16 hex digits, as
-# the logs print it). Anything else (`../x`, `$(rm -rf)`, a 10 kB string) is refused before it
-# reaches the database, a path or a log line.
-_STUDY_IDENT = re.compile(r"[0-9][0-9.]{0,63}|[0-9a-fA-F]{16}")
-
-
-def shown(text: str, limit: int = 80) -> str:
-    """An operator's argument as an error line may echo it: escaped, and cut when long."""
-    safe = text if text.isprintable() else repr(text)[1:-1]
-    return safe if len(safe) <= limit else f"{safe[:limit]}... ({len(text)} characters)"
-
-
-def study_ident(text: str) -> str:
-    """argparse type: a Study Instance UID or a study key, nothing else."""
-    if not _STUDY_IDENT.fullmatch(text.strip()):
-        raise argparse.ArgumentTypeError(f"{shown(text)!r} is neither a Study Instance UID (digits and dots) "
-                                         "nor a study key (16 hex digits, as the logs print it)")
-    return text.strip()
-
-
 def dimse_destination(text: str) -> Destination:
     """AET@HOST:PORT only: for commands that speak DIMSE (echo, send)."""
     destination = parse_destination(text)
     if destination.kind != "dimse":
         raise argparse.ArgumentTypeError(f"{text!r}: this command needs AET@HOST:PORT (a DICOM peer), not a URL")
     return destination
+
+
+_STUDY_IDENT = re.compile(r"[0-9.]{1,64}|[0-9a-fA-F]{16}")
+
+
+def study_ident(text: str) -> str:
+    """A study named on the command line: a Study Instance UID (digits and dots, at most 64) or
+    the 16-hex-digit study key that logs and ``show`` print. Anything else (``../``, shell
+    metacharacters, long strings) is refused here, before it reaches SQL or a path."""
+    if not _STUDY_IDENT.fullmatch(text.strip()):
+        shown = text[:40].encode("unicode_escape").decode("ascii") + ("..." if len(text) > 40 else "")
+        raise argparse.ArgumentTypeError(f"{shown!r} is not a Study Instance UID (digits and dots, at most 64) "
+                                         "or a study key (16 hex digits)")
+    return text.strip()
 
 
 def add_config(parser: argparse.ArgumentParser) -> None:
@@ -122,9 +116,11 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def admin_settings(args: argparse.Namespace) -> Settings:
-    """Settings for a one-shot admin command; its logs go to stderr so stdout stays parseable."""
+    """Settings for a one-shot admin command; its logs go to stderr so stdout stays parseable, and
+    read as lines of text (not JSON, unless logging.format says so): a person reads them."""
     settings = settings_from_args(args)
-    configure_logging(settings.logging.format, "warning" if settings.logging.level == "info" else settings.logging.level)
+    fmt = "console" if settings.logging.format == "auto" else settings.logging.format
+    configure_logging(fmt, "warning" if settings.logging.level == "info" else settings.logging.level)
     return settings
 
 

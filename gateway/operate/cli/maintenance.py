@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from osteogate.gateway.core.config import ConfigError, load_settings, shown_path
+from osteogate.gateway.core.config import ConfigError, load_settings
 from osteogate.gateway.core.errors import (
     ExitCode,
 )
@@ -40,19 +40,17 @@ def cmd_db(args: argparse.Namespace) -> int:
 def cmd_config_check(args: argparse.Namespace) -> int:
     from osteogate.gateway.operate.preflight import preflight_problems
 
-    exit_code = ExitCode.CONFIG
     try:
         settings = load_settings(args.file)
     except ConfigError as exc:
         problems = exc.problems
-        exit_code = exc.exit_code  # a file that is not there: 66, as for every named input
     else:
         problems = preflight_problems(settings, thorough=True)
     if problems:
-        print(f"{shown_path(args.file)}: {len(problems)} problem(s):")
+        print(f"{args.file}: {len(problems)} problem(s):")
         for problem in problems:
             print(f"  - {problem}")
-        return exit_code
+        return ExitCode.CONFIG
     url = settings.storage.resolved_database_url()
     destinations = ", ".join(str(d) for d in settings.delivery.destinations) or "none"
     dicom = settings.dicom

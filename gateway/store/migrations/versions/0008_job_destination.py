@@ -1,11 +1,8 @@
-"""jobs.destinations: where a replay's SR goes, carried by the job (``replay --to``).
-
-Without it a replay queued with ``--to URL`` while a gateway runs was taken by that gateway's
-worker and delivered to the configured destinations instead: whoever runs the job must read the
-destination from the row.
+"""jobs.destinations: where a replay's results go (``osteogate replay --to``), honoured by
+whichever process runs the job (a running gateway's worker as much as the replay command).
 
 Revision ID: 0008_job_destination
-Revises: 0007_backfill
+Revises: 0007_backfill (the chain's head when written; the lead re-chains at merge)
 """
 
 from __future__ import annotations
@@ -21,8 +18,7 @@ depends_on = None
 
 def upgrade() -> None:
     with op.batch_alter_table("jobs", schema=None) as batch_op:
-        # A JSON list of destination texts (str(Destination)); NULL: the worker's configuration.
-        batch_op.add_column(sa.Column("destinations", sa.Text(), nullable=True))
+        batch_op.add_column(sa.Column("destinations", sa.JSON(), nullable=True))
 
 
 def downgrade() -> None:
