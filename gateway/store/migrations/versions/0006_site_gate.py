@@ -4,10 +4,10 @@
   decision) of a result reported as "not assessed: awaiting site validation" ("required" mode).
 * deliveries.status may be "held" (shadow mode): stored as a plain string, no schema change.
 
-Revises 0007_backfill (the head when the gate landed; the numbers are names, not an order).
+Revises 0008_job_destination (the head when the gate landed; the numbers are names, not an order).
 
 Revision ID: 0006_site_gate
-Revises: 0007_backfill
+Revises: 0008_job_destination
 """
 
 from __future__ import annotations
