@@ -1,0 +1,198 @@
+"""Hostile load (issue 19 item 12): what a swarm of peers does to `osteogate serve`.
+
+    .venv/bin/python benchmarks/hostile_load.py [--peers 200] [--instances 1000] [--frames 1000] [--requests 1000]
+
+Five phases against one gateway, each measured while a prober sends a C-ECHO every 0.1 s:
+
+* **swarm**: --peers storescu processes at once, one small instance each;
+* **study**: one study of --instances small instances over one association;
+* **multiframe**: one instance of --frames 64x64 frames;
+* **contexts**: one association proposing 128 presentation contexts (the most a request holds);
+* **http**: --requests /metrics and /healthz requests from 8 threads.
+
+Per phase: the prober's p99 C-ECHO latency against its idle median (the reference, measured
+first in the same run), instances/s or requests/s, and the gateway's peak RSS (VmHWM). Goals:
+p99 C-ECHO <= 2 s during every phase, peak RSS < 600 MB, every instance acknowledged or refused
+with a status (never a hang), C-ECHO answered throughout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from _common import proc_status_kib, resolve_model
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation, Verification
+
+from tests.gateway_harness import GatewayProcess
+from tests.helpers import free_port, make_dataset, storescu, write_dataset
+
+DX = str(DigitalXRayImageStorageForPresentation)
+
+
+class EchoProber:
+    """C-ECHO every `interval` seconds in a thread; latencies (s) and failures per phase."""
+
+    def __init__(self, port: int, interval: float = 0.1) -> None:
+        self.port, self.interval = port, interval
+        self.latencies: list[float] = []
+        self.failures = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        ae = AE(ae_title="PROBER")
+        ae.add_requested_context(Verification)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+        while not self._stop.is_set():
+            started = time.perf_counter()
+            assoc = ae.associate("127.0.0.1", self.port, ae_title="OSTEOGATE")
+            ok = assoc.is_established and getattr(assoc.send_c_echo(), "Status", None) == 0
+            if assoc.is_established:
+                assoc.release()
+            if ok:
+                self.latencies.append(time.perf_counter() - started)
+            else:
+                self.failures += 1
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> EchoProber:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(60)
+
+    def p99(self) -> float:
+        return float(np.percentile(self.latencies, 99)) if self.latencies else float("nan")
+
+
+def _peak_mb(gw: GatewayProcess) -> float:
+    assert gw.proc is not None
+    return (proc_status_kib(gw.proc.pid, "VmHWM") or 0) / 1024
+
+
+def _report(name: str, prober: EchoProber, reference: float, gw: GatewayProcess, rate: str) -> bool:
+    p99 = prober.p99()
+    ok = prober.failures == 0 and p99 <= 2.0 and _peak_mb(gw) < 600
+    print(f"{name:<11} {rate:<28} C-ECHO p99 {p99 * 1000:7.0f} ms ({p99 / reference:5.1f}x idle median, "
+          f"{len(prober.latencies)} echoes, {prober.failures} failed); peak RSS {_peak_mb(gw):5.0f} MB: "
+          f"{'OK' if ok else 'MISSED'}")
+    return ok
+
+
+def swarm(gw: GatewayProcess, work: Path, peers: int) -> str:
+    files = [write_dataset(make_dataset(), work / "swarm" / f"{i}.dcm") for i in range(peers)]
+    exe = shutil.which("storescu") or "storescu"
+    started = time.perf_counter()
+    procs = [subprocess.Popen([exe, "-aec", "OSTEOGATE", "-to", "60", "-ta", "60", "127.0.0.1", str(gw.port), str(f)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for f in files]
+    codes = [p.wait(300) for p in procs]
+    seconds = time.perf_counter() - started
+    return f"{codes.count(0)}/{peers} stored, {codes.count(0) / seconds:5.1f} inst/s"
+
+
+def study(gw: GatewayProcess, work: Path, instances: int) -> str:
+    uid = generate_uid()
+    files = [write_dataset(make_dataset(study_uid=uid, size=(32, 32)), work / "study" / f"{i}.dcm")
+             for i in range(instances)]
+    started = time.perf_counter()
+    result = storescu(files, "127.0.0.1", gw.port, "OSTEOGATE", timeout=900)
+    seconds = time.perf_counter() - started
+    return f"exit {result.returncode}, {instances / seconds:6.1f} inst/s"
+
+
+def multiframe(gw: GatewayProcess, work: Path, frames: int) -> str:
+    ds = make_dataset(size=(64, 64))
+    pixels = np.random.default_rng(1).integers(0, 4095, (frames, 64, 64), dtype=np.uint16)
+    ds.NumberOfFrames = frames
+    ds.PixelData = pixels.tobytes()
+    path = write_dataset(ds, work / "multiframe.dcm")
+    ae = AE(ae_title="BENCH")
+    ae.add_requested_context(DX, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", gw.port, ae_title="OSTEOGATE")
+    started = time.perf_counter()
+    status = assoc.send_c_store(path)
+    seconds = time.perf_counter() - started
+    assoc.release()
+    return f"status 0x{int(status.Status):04X} in {seconds:4.1f} s"
+
+
+def contexts(gw: GatewayProcess) -> str:
+    ae = AE(ae_title="BENCH")
+    for _ in range(127):
+        ae.add_requested_context(DX, ExplicitVRLittleEndian)
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", gw.port, ae_title="OSTEOGATE")
+    accepted = len(assoc.accepted_contexts) if assoc.is_established else 0
+    if assoc.is_established:
+        assoc.release()
+    return f"128 proposed, {accepted} accepted"
+
+
+def http(port: int, requests: int) -> str:
+    def get(path: str) -> int:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=30) as response:
+                response.read()
+                return int(response.status)
+        except urllib.error.HTTPError as exc:
+            return int(exc.code)
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(8) as pool:
+        codes = list(pool.map(get, ["/metrics", "/healthz"] * (requests // 2)))
+    seconds = time.perf_counter() - started
+    return f"{sum(c in (200, 503) for c in codes)}/{len(codes)} answered, {len(codes) / seconds:5.0f} req/s"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path)
+    parser.add_argument("--peers", type=int, default=200)
+    parser.add_argument("--instances", type=int, default=1000)
+    parser.add_argument("--frames", type=int, default=1000)
+    parser.add_argument("--requests", type=int, default=1000)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="osteogate-hostile-load-") as tmp:
+        work = Path(tmp)
+        model = resolve_model(args.model, work)
+        http_port = free_port()
+        env = {"OSTEOGATE_HTTP_ENABLED": "true", "OSTEOGATE_HTTP_PORT": str(http_port),
+               "OSTEOGATE_DICOM_MAX_ASSOCIATIONS": "32"}
+        with GatewayProcess(work / "gw", model=model, env=env, stable_seconds=5) as gw:
+            with EchoProber(gw.port) as idle:
+                time.sleep(3)
+            reference = statistics.median(idle.latencies)
+            print(f"reference: idle C-ECHO median {reference * 1000:.0f} ms over {len(idle.latencies)} echoes; "
+                  f"peak RSS {_peak_mb(gw):.0f} MB")
+            results = []
+            for name, run in (("swarm", lambda: swarm(gw, work, args.peers)),
+                              ("study", lambda: study(gw, work, args.instances)),
+                              ("multiframe", lambda: multiframe(gw, work, args.frames)),
+                              ("contexts", lambda: contexts(gw)),
+                              ("http", lambda: http(http_port, args.requests))):
+                with EchoProber(gw.port) as prober:
+                    rate = run()
+                results.append(_report(name, prober, reference, gw, rate))
+            alive = gw.proc is not None and gw.proc.poll() is None
+    print(f"gateway alive at the end: {alive}")
+    return 0 if all(results) and alive else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
