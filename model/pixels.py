@@ -46,6 +46,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pydicom
+from osteogate.model.fragments import fragment_table_problem
 from osteogate.model.preprocess import resize_long_side
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
@@ -341,6 +342,14 @@ def _transfer_syntax(ds: Dataset) -> UID:
     return UID(syntax)
 
 
+def _plugin_failure(exc: BaseException) -> None:
+    """Re-raise interpreter exits; swallow everything else a decoder plugin throws. Rust plugins
+    (pylibjpeg-rle) panic on a frame shorter than Rows x Columns with pyo3's PanicException, a
+    BaseException that ``except Exception`` lets through to kill the worker (issue 19 item 14)."""
+    if isinstance(exc, (KeyboardInterrupt, SystemExit, GeneratorExit)):
+        raise exc
+
+
 def _decode_first_frame(ds: Dataset) -> np.ndarray:
     syntax = _transfer_syntax(ds)
     try:
@@ -353,13 +362,14 @@ def _decode_first_frame(ds: Dataset) -> np.ndarray:
     if preferred in decoder.available_plugins:
         try:  # the faster plugin first; any failure falls through to pydicom's own choice
             return decoder.as_array(ds, index=0, as_rgb=True, transfer_syntax_uid=syntax, decoding_plugin=preferred)[0]
-        except Exception:
-            pass
+        except BaseException as exc:  # noqa: BLE001 - see _plugin_failure
+            _plugin_failure(exc)
     try:
         # index=0 decodes one frame only: a 100-frame file costs one frame of memory.
         # as_rgb converts YBR colour to RGB so the luminance formula below holds.
         array, _ = decoder.as_array(ds, index=0, as_rgb=True, transfer_syntax_uid=syntax)
-    except Exception as exc:  # plugins raise anything from ValueError to RuntimeError on corrupt data
+    except BaseException as exc:  # noqa: BLE001 - plugins raise anything from ValueError to Rust panics
+        _plugin_failure(exc)
         raise PixelDecodeError(f"cannot decode pixel data ({syntax.name}): {type(exc).__name__}: {exc}") from exc
     return array
 
@@ -552,6 +562,8 @@ def dataset_to_image(ds: Dataset, long_side: int | None = None, *, reduced: bool
         kind = "float/double pixel data" if ("FloatPixelData" in ds or "DoubleFloatPixelData" in ds) else "no PixelData"
         raise PixelDecodeError(f"{kind}: not a decodable radiograph")
     _check_geometry(ds)
+    if problem := fragment_table_problem(ds):  # stored before the receiver checked offset tables
+        raise PixelDecodeError(problem)
     info, frame = _checked_first_frame(ds)  # before any decoding: codestream bombs stop here
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))

@@ -37,6 +37,7 @@ from osteogate.gateway.core.uids import InvalidUIDError, require_uid
 from osteogate.gateway.store.db import Database, Instance, Series, Study, StudyResult, StudyStatus, utcnow
 from osteogate.gateway.store.spool import Spool, SpoolError
 from osteogate.model.covariates import covariates_from_dataset
+from osteogate.model.fragments import fragment_table_problem
 from osteogate.model.pixels import PixelDecodeError, check_pixel_budget
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
@@ -226,12 +227,16 @@ def validate(ds: Dataset, context_sop_class: str | None = None) -> tuple[str, st
             raise RejectedInstance(DATASET_DOES_NOT_MATCH_SOP_CLASS, "BitsAllocated missing or invalid")
         expected = _expected_native_length(ds)
         # Odd lengths are padded to even; anything shorter is a truncated image.
-        if actual < expected:
+        # Odd lengths carry one pad byte; more than that means Rows x Columns (or the frame count)
+        # describe another image than the one sent, which would be scored as the wrong pixels.
+        if actual < expected or actual > expected + (expected % 2):
             raise RejectedInstance(
                 DATASET_DOES_NOT_MATCH_SOP_CLASS, f"Pixel Data is {actual} bytes, expected {expected}"
             )
     elif not actual:
         raise RejectedInstance(DATASET_DOES_NOT_MATCH_SOP_CLASS, "Pixel Data is empty")
+    elif problem := fragment_table_problem(ds):  # offset tables that would split frames wrongly
+        raise RejectedInstance(DATASET_DOES_NOT_MATCH_SOP_CLASS, problem)
     try:  # codestream's own size (JPEG SOF, J2K SIZ, JPEG-LS SOF55, RLE header) vs header and budget
         check_pixel_budget(ds)
     except PixelDecodeError as exc:
