@@ -308,6 +308,8 @@ def _checked_first_frame(ds: Dataset, whole_frame: bool = True) -> tuple[Codestr
     parsed = JPEG_SYNTAXES | JPEG_LS_SYNTAXES | JPEG_2000_SYNTAXES | {RLE_SYNTAX}
     if syntax not in parsed or "PixelData" not in ds:
         return None, None  # native (Rows x Columns is the truth) or a syntax we do not decode
+    if problem := fragment_table_problem(ds):  # offset tables that would hand out the wrong bytes
+        raise PixelDecodeError(problem)
     info, frame = None, None
     head = None if whole_frame else _frame_head(ds)
     if head is not None:
@@ -562,8 +564,6 @@ def dataset_to_image(ds: Dataset, long_side: int | None = None, *, reduced: bool
         kind = "float/double pixel data" if ("FloatPixelData" in ds or "DoubleFloatPixelData" in ds) else "no PixelData"
         raise PixelDecodeError(f"{kind}: not a decodable radiograph")
     _check_geometry(ds)
-    if problem := fragment_table_problem(ds):  # stored before the receiver checked offset tables
-        raise PixelDecodeError(problem)
     info, frame = _checked_first_frame(ds)  # before any decoding: codestream bombs stop here
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))

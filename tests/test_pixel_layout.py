@@ -182,3 +182,44 @@ def test_rle_with_fewer_rows_than_encoded_is_not_assessed_not_a_panic():
     ds.PixelData = encapsulate([frame(RLELossless)])
     with pytest.raises(PixelDecodeError, match="cannot decode pixel data"):
         dataset_to_image(reread(ds), 32)
+
+
+def test_layout_lies_refused_over_a_real_association(tmp_path, tiny_model):
+    """`osteogate serve` answers each with 0xA900, stores none of them, keeps the good one and
+    still answers C-ECHO afterwards."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    from tests.gateway_harness import GatewayProcess
+    from tests.helpers import dcmtk_available
+    from tests.test_bombs import _send
+
+    if not dcmtk_available("storescu", "storescp", "echoscu"):
+        pytest.skip("dcmtk missing")
+    good = header(ExplicitVRLittleEndian)
+    good.PixelData = PIXELS.tobytes()
+    good["PixelData"].VR = "OW"
+    long_native = header(ExplicitVRLittleEndian, rows=ROWS // 2)
+    long_native.PixelData = PIXELS.tobytes()
+    long_native["PixelData"].VR = "OW"
+    bot = header(JPEG2000Lossless)
+    bot_past_data(bot, frame(JPEG2000Lossless))
+    eot = header(JPEGLSLossless)
+    eot_offsets_wrong(eot, frame(JPEGLSLossless))
+    files = {}
+    for name, ds in {"good": good, "long_native": long_native, "bot": bot, "eot": eot}.items():
+        files[name] = tmp_path / f"{name}.dcm"
+        ds.save_as(files[name], enforce_file_format=True)
+    with GatewayProcess(tmp_path / "gw", model=tiny_model) as gw:
+        statuses = {name: _send(gw.port, path)[0] for name, path in files.items()}
+        echo = AE(ae_title="ECHOER")
+        echo.add_requested_context(Verification)
+        assoc = echo.associate("127.0.0.1", gw.port, ae_title="OSTEOGATE")
+        assert assoc.is_established
+        assert int(assoc.send_c_echo().Status) == 0
+        assoc.release()
+        assert gw.proc is not None and gw.proc.poll() is None
+        crashes = [e for e in gw.events() if e.get("event") == "instance_store_failed"]
+    assert statuses == {"good": 0, "long_native": 0xA900, "bot": 0xA900, "eot": 0xA900}, statuses
+    assert crashes == []
+    assert len(list((tmp_path / "gw" / "spool").rglob("*.dcm"))) == 1
