@@ -357,7 +357,7 @@ def test_config_check_good_and_bad(tmp_path: Path, tiny_model: Path) -> None:
     missing_model.write_text('[model]\npath = "/nonexistent/x.safetensors"\n')
     result = osteogate("config", "check", str(missing_model), check=False)
     assert result.returncode == 78 and "model.path" in result.stdout
-    assert osteogate("config", "check", str(tmp_path / "absent.toml"), check=False).returncode == 78
+    assert osteogate("config", "check", str(tmp_path / "absent.toml"), check=False).returncode == 66  # a missing input, as for serve --config
 
 
 # -- stale jobs ----------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from osteogate.gateway.core.config import ConfigError, Destination, load_setting
 from osteogate.gateway.deliver.delivery import DeliveryManager
 from osteogate.gateway.deliver.stow import (
     base_url,
+    check_stow,
     failure_is_transient,
     failure_reason_text,
     http_status_is_permanent,
@@ -639,6 +640,8 @@ class _HostileServer(http.server.ThreadingHTTPServer):
                 server.requests += 1
                 getattr(self, f"_{server.mode}")()
 
+            do_GET = do_POST  # the self-check's QIDO-RS search meets the same server
+
             def _redirect(self) -> None:
                 self.send_response(307)
                 self.send_header("Location", server.location)
@@ -715,6 +718,18 @@ def test_stow_redirect_is_never_followed_and_is_reported() -> None:
     detail = outcome.detail  # type: ignore[attr-defined]
     assert detail.startswith("STOW-RS HTTP 307") and "redirect to http://localhost not followed" in detail, detail
     assert "1.2.826" not in detail and elsewhere.requests == 0 and redirecting.requests == 1
+
+
+def test_selfcheck_of_a_redirecting_destination_follows_nothing_and_says_qido() -> None:
+    elsewhere = _HostileServer("html")
+    redirecting = _HostileServer("redirect", location=elsewhere.url.replace("127.0.0.1", "localhost"))
+    try:
+        ok, detail = check_stow(Destination(url=redirecting.url), 5)
+    finally:
+        redirecting.close()
+        elsewhere.close()
+    assert not ok and elsewhere.requests == 0 and redirecting.requests == 1
+    assert detail.startswith("QIDO-RS search: HTTP 307") and "not followed" in detail, detail
 
 
 def test_stow_html_error_page_is_one_line() -> None:

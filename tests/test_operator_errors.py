@@ -297,6 +297,19 @@ def test_config_file_missing_is_66_and_typos_name_the_key_meant(tmp_path: Path) 
     assert "Extra inputs" not in line
     check = osteogate("config", "check", str(typo))
     assert check.returncode == ExitCode.CONFIG and "did you mean `port`?" in check.stdout + check.stderr
+    # `config check` of a file that is not there: 66 as well (it said 78, "a wrong file").
+    missing = osteogate("config", "check", str(tmp_path / "nosuch.toml"))
+    assert missing.returncode == ExitCode.NOINPUT and "does not exist" in missing.stdout, missing
+
+
+@pytest.mark.parametrize("option", ["--data-dir", "--config"])
+def test_long_paths_under_the_argument_limit_still_give_a_short_line(tmp_path: Path, option: str) -> None:
+    """A 3 kB path (below the 4096-character argument limit) once came back twice in a 6 kB
+    error line: the line names its start and end, and stays readable."""
+    path = "a/" * 1500 + "end"
+    line = one_line_error(osteogate("studies", option, path, cwd=tmp_path),
+                          ExitCode.NOINPUT, "characters]", "/end")
+    assert len(line) < 1200, len(line)
 
 
 HOSTILE = ["../../../etc/passwd", "1.2.3/../../x", "1.2.3;touch PWNED", "$(touch PWNED)", "`touch PWNED`",

@@ -302,3 +302,51 @@ def test_whole_study_resend_from_orthanc_succeeds_without_a_new_result(routed: R
     after = routed.gateway.studies()
     assert [s.get("sr_versions") for s in after] == [s.get("sr_versions") for s in before]
     assert len([t for t in routed.results() if osteogate_sr(t)]) == 1
+
+
+@pytest.mark.orthanc
+def test_heartbeat_path_resubmits_a_failed_forward_without_sleeping(tmp_path: Path, tiny_model: Path) -> None:
+    """Orthanc >= 1.11.2 calls OnHeartBeat every LuaHeartBeatPeriod s; this Orthanc (1.10) does
+    not, so the test calls it as Orthanc would, through /tools/execute-script (the scripts' own
+    Lua context). A failed forward then waits on a due time and is resubmitted at a heartbeat."""
+    if orthanc_binary() is None or dicomweb_plugin() is None:
+        pytest.skip("Orthanc with the DICOMweb plugin (orthanc, orthanc-dicomweb) not installed")
+    assert _recipe().get("LuaHeartBeatPeriod", 0) > 0
+    gateway_port = free_port()
+    orthanc = recipe_orthanc(tmp_path / "orthanc", gateway_port, stable_age=1)
+    assert orthanc.base_config is not None
+    orthanc.base_config["OsteoGateRetrySeconds"] = 1
+    orthanc.base_config["ExecuteLuaEnabled"] = True  # test only: lets the test be the heartbeat
+
+    def heartbeat() -> None:
+        orthanc._request("/tools/execute-script", data=b"OnHeartBeat()", method="POST",
+                         content_type="text/plain", timeout=10)
+
+    knee = sample_file("knee_dx.dcm")
+    study_uid = str(pydicom.dcmread(knee).StudyInstanceUID)
+    gateway = GatewayProcess(tmp_path / "gw", model=tiny_model, port=gateway_port,
+                             destinations=[f"{orthanc.ae_title}@127.0.0.1:{orthanc.port}"])
+    orthanc.start()
+    try:
+        heartbeat()  # Orthanc says it has a heartbeat: no more sleeping in the Lua thread
+        orthanc.upload(knee)
+        wait_until(lambda: "failed (attempt 1" in orthanc.log(), 60, interval=0.5)
+        started = time.monotonic()
+        heartbeat()  # answers at once: OnJobFailure returned instead of sleeping
+        assert time.monotonic() - started < 0.9
+        gateway.start()
+        try:
+            def returned() -> bool:
+                heartbeat()
+                return any(orthanc.instance_tags(i["ID"]).get("Manufacturer") == OWN_MANUFACTURER
+                           for i in orthanc.study_instances(study_uid))
+            try:
+                wait_until(returned, 120, interval=1)
+            except TimeoutError:
+                raise AssertionError(f"never resubmitted.\nOrthanc:\n{orthanc.log()[-4000:]}") from None
+        finally:
+            gateway.stop()
+        jobs = [j for j in orthanc.get("/jobs?expand") if j.get("Type") == "DicomModalityStore"]
+        assert len(jobs) == 1 and jobs[0]["State"] == "Success", jobs
+    finally:
+        orthanc.stop()

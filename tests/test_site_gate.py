@@ -142,3 +142,44 @@ def test_withheld_results_still_count_for_validation(db: Database) -> None:
     expected = synthetic_pairs(12)
     assert [p.referral for p in pairs] == [p.referral for p in sorted(expected, key=lambda p: p.study_date)]
     assert pairs[0].dxa_date == date(2025, 1, 1)
+
+
+def test_release_sends_only_each_studys_newest_held_result(db: Database) -> None:
+    """A study replayed while the gate was closed has two held results: the newest is released,
+    the older withdrawn (never sent, so never a predecessor), and nothing else moves."""
+    from osteogate.gateway.groundtruth.gate import release_held
+    from osteogate.gateway.store.db import Job, JobStatus, StudyStatus
+
+    store_pairs(db, synthetic_pairs(2))
+    with db.session() as session:
+        first, other = session.execute(select(StudyResult).order_by(StudyResult.id)).scalars().all()
+        job = Job(study_id=first.study_id, study_version=1, status=JobStatus.DONE)
+        session.add(job)
+        session.flush()
+        newer = StudyResult(study_id=first.study_id, job_id=job.id, version=2, status=StudyStatus.DONE, assessed=True,
+                            label="osteopenia", model_name="m", model_version="2", model_sha256="0" * 64, backend="onnx")
+        session.add(newer)
+        for result, status in ((first, DeliveryStatus.HELD), (newer, DeliveryStatus.HELD), (other, DeliveryStatus.SENT)):
+            result.deliveries.append(Delivery(destination="PACS@127.0.0.1:1", status=status))
+    assert release_held(db) == 1
+    with db.session() as session:
+        rows = session.execute(select(StudyResult.study_id, StudyResult.version, Delivery.status, Delivery.last_error)
+                               .join(Delivery).order_by(StudyResult.study_id, StudyResult.version)).all()
+    assert [(version, status) for _, version, status, _ in rows] == [
+        (1, DeliveryStatus.WITHDRAWN), (2, DeliveryStatus.PENDING), (1, DeliveryStatus.SENT)]
+    assert "superseded" in rows[0][3]
+    assert release_held(db) == 0
+
+
+def test_retention_is_not_blocked_by_a_withdrawn_delivery_but_waits_for_a_held_one() -> None:
+    from osteogate.gateway.operate.admin import _purge_safe
+    from osteogate.gateway.store.db import Instance, Study, StudyStatus
+
+    def study(*statuses: DeliveryStatus) -> Study:
+        results = [StudyResult(version=v, deliveries=[Delivery(destination="PACS@h:104", status=s)])
+                   for v, s in enumerate(statuses, start=1)]
+        return Study(status=StudyStatus.DONE, instances=[Instance(purged_at=None)], jobs=[], results=results)
+
+    assert _purge_safe(study(DeliveryStatus.WITHDRAWN, DeliveryStatus.SENT))
+    assert not _purge_safe(study(DeliveryStatus.HELD))
+    assert not _purge_safe(study(DeliveryStatus.WITHDRAWN, DeliveryStatus.HELD))

@@ -10,10 +10,12 @@
 -- A series counts as forwarded only once its job succeeded. A forward that fails (OsteoGate
 -- down or restarting) is resubmitted by this script after a wait that doubles from
 -- OsteoGateRetrySeconds (orthanc.json, default 10) up to 60 s, for as long as it fails: no one
--- has to resubmit it by hand. Each failed attempt logs one line. (Orthanc 1.10 has no timer for
--- Lua, so the wait holds this script's event thread; other Lua events wait meanwhile, which only
--- happens while the gateway is unreachable. Jobs pending when Orthanc restarts are not retried:
--- resubmit those from Orthanc Explorer's Jobs page or POST /jobs/<id>/resubmit.)
+-- has to resubmit it by hand. Each failed attempt logs one line. Where Orthanc calls OnHeartBeat
+-- (1.11.2 and later, LuaHeartBeatPeriod in orthanc.json: the compose image) the wait is a due
+-- time checked at each heartbeat and nothing blocks. Orthanc 1.10 (Debian 12) has no timer for
+-- Lua, so there the wait holds this script's event thread; other Lua events wait meanwhile, which
+-- only happens while the gateway is unreachable. Jobs pending when Orthanc restarts are not
+-- retried: resubmit those from Orthanc Explorer's Jobs page or POST /jobs/<id>/resubmit.)
 
 local TARGET = 'OSTEOGATE'                 -- key of the gateway in DicomModalities
 local OWN_MANUFACTURER = 'OsteoGate'       -- Manufacturer of OsteoGate's SR and result card
@@ -61,6 +63,10 @@ local RETRY_MAX = 60
 local PENDING = {}
 -- Series in one of those jobs, with the instance count sent: not forwarded a second time meanwhile.
 local IN_FLIGHT = {}
+-- Failed jobs waiting for their next attempt (heartbeat Orthanc only): job ID -> os.time() due.
+local DUE = {}
+-- Set at the first OnHeartBeat: from then on a wait is a due time, not a sleep.
+local HAS_HEARTBEAT = false
 
 local function forwarded_count(seriesId)
   -- The list of the series' metadata names, then the value only when present: asking for an
@@ -126,6 +132,21 @@ function OnJobFailure(jobId)
   local wait = math.min(RETRY_MAX, RETRY_FIRST * 2 ^ math.min(pending.attempts - 1, 10))
   print(string.format('OsteoGate: forward job %s failed (attempt %d; is the gateway up?): retrying in %g s',
                       jobId, pending.attempts, wait))
+  if HAS_HEARTBEAT then
+    DUE[jobId] = os.time() + wait
+    return
+  end
   os.execute('sleep ' .. string.format('%g', wait))
   RestApiPost('/jobs/' .. jobId .. '/resubmit', '')
+end
+
+function OnHeartBeat()
+  HAS_HEARTBEAT = true
+  local now = os.time()
+  for jobId, due in pairs(DUE) do
+    if due <= now then
+      DUE[jobId] = nil
+      RestApiPost('/jobs/' .. jobId .. '/resubmit', '')
+    end
+  end
 end

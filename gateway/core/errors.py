@@ -72,8 +72,19 @@ class OsteoGateError(Exception):
         text = self.what if not self.why else f"{self.what}: {self.why}"
         if self.fix:
             text = f"{text.rstrip('.')}. {self.fix}"
-        # One line, whatever a library put in its message.
-        return " ".join(text.split())
+        # One line, whatever a library put in its message; a path or value an operator typed
+        # (3 kB of ../, a pasted blob) is shortened, so the line stays one an operator can read.
+        return " ".join(_shortened(word) for word in text.split())
+
+
+# A word (no spaces) longer than this in an operator line is shown as its start and its end.
+LONGEST_WORD = 160
+
+
+def _shortened(word: str) -> str:
+    if len(word) <= LONGEST_WORD:
+        return word
+    return f"{word[:100]}...[{len(word) - 140} characters]...{word[-40:]}"
 
 
 class UsageError(OsteoGateError):

@@ -365,7 +365,8 @@ def check_stow(destination: Destination, timeout: float = 10) -> tuple[bool, str
         status = exc.response.status_code if exc.response is not None else 0
         return False, f"HTTP {status} on QIDO-RS search" + (" (check credentials)" if status in (401, 403) else "")
     except (RedirectRefused, AnswerCut) as exc:
-        return False, str(exc)
+        # The same refusal as for a delivery, named for the request that met it.
+        return False, f"QIDO-RS search: {str(exc).removeprefix('STOW-RS ')}"
     except requests.RequestException as exc:
         return False, f"unreachable: {_short(exc)}"
     return True, "DICOMweb service answers (QIDO-RS)"

@@ -32,10 +32,10 @@ from osteogate.gateway.core.metrics import SITE_GATE
 from osteogate.gateway.groundtruth.matching import MatchedPair, load_pairs
 from osteogate.gateway.groundtruth.stats import Figure, PatientBootstrap, auc
 from osteogate.gateway.groundtruth.validation import usable
-from osteogate.gateway.store.db import Database, Delivery, DeliveryStatus, utcnow
+from osteogate.gateway.store.db import Database, Delivery, DeliveryStatus, StudyResult, utcnow
 from osteogate.model.assessment import Assessment, StudyAssessment
 from osteogate.model.taxonomy import T_SCORE_OSTEOPENIA
-from sqlalchemy import update
+from sqlalchemy import func, select, update
 
 log = get_logger("osteogate.gateway.groundtruth.gate")
 SEED = 20261203
@@ -160,10 +160,27 @@ def withheld_figures(study: Assessment) -> dict[str, Any]:
 
 
 def release_held(db: Database) -> int:
-    """Held deliveries become pending (due now); returns how many."""
+    """Held deliveries of each study's newest result become pending (due now); those of older
+    results are withdrawn: an out-of-date result must not reach the PACS after the gate opens
+    (nor race its successor in the lanes), and since it was never sent no later SR names it.
+    Returns how many were released."""
+    now = utcnow()
     with db.session() as session:
-        done = session.execute(update(Delivery).where(Delivery.status == DeliveryStatus.HELD)
-                               .values(status=DeliveryStatus.PENDING, next_attempt_at=utcnow()))
+        held = session.execute(select(Delivery.id, StudyResult.study_id, StudyResult.version).join(StudyResult)
+                               .where(Delivery.status == DeliveryStatus.HELD)).all()
+        if not held:
+            return 0
+        newest = dict(session.execute(
+            select(StudyResult.study_id, func.max(StudyResult.version))
+            .where(StudyResult.study_id.in_({study for _, study, _ in held})).group_by(StudyResult.study_id)).all())
+        release = [d for d, study, version in held if version == newest[study]]
+        withdraw = [d for d, study, version in held if version != newest[study]]
+        if withdraw:
+            session.execute(update(Delivery).where(Delivery.id.in_(withdraw), Delivery.status == DeliveryStatus.HELD)
+                            .values(status=DeliveryStatus.WITHDRAWN,
+                                    last_error="held by the site gate, then superseded by a newer result"))
+        done = session.execute(update(Delivery).where(Delivery.id.in_(release), Delivery.status == DeliveryStatus.HELD)
+                               .values(status=DeliveryStatus.PENDING, next_attempt_at=now))
         return int(done.rowcount or 0)
 
 

@@ -181,7 +181,9 @@ def _purge_safe(study: Study) -> bool:
     if any(j.status in (JobStatus.PENDING, JobStatus.RUNNING) for j in study.jobs):
         return False
     deliveries = [d for r in study.results for d in r.deliveries]
-    if any(d.status != DeliveryStatus.SENT for d in deliveries):
+    # A withdrawn delivery (held by the site gate, then superseded) will never be sent: it does
+    # not keep the images; a held, pending or rejected one does (release or resend may need them).
+    if any(d.status not in (DeliveryStatus.SENT, DeliveryStatus.WITHDRAWN) for d in deliveries):
         return False
     if study.status == StudyStatus.DONE:
         latest = study.results[-1] if study.results else None

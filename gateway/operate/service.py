@@ -189,7 +189,7 @@ def site_gate(settings: Settings, db: Any, scheduler: GatewayScheduler) -> SiteG
 def replay_withheld(db: Any) -> list[int]:
     """Queue a replay of every study whose latest result the gate reported as not assessed
     ("required" mode): once the gate is open they reach the PACS as a new, assessed version."""
-    from osteogate.gateway.operate.admin import plan_replay, queue_replay
+    from osteogate.gateway.operate.replay import plan_replay, queue_replay
     from osteogate.gateway.store.db import Study, StudyResult
     from sqlalchemy import func, select
 

@@ -64,6 +64,9 @@ class DeliveryStatus(enum.StrEnum):
     SENT = "sent"
     REJECTED = "rejected"  # permanent refusal by the peer: not retried blindly
     HELD = "held"  # the site gate (shadow mode) holds it until the site's validation opens the gate
+    # Held, then superseded by a newer result of the study before the gate opened: never sent, so
+    # never named as a predecessor by a later SR.
+    WITHDRAWN = "withdrawn"
 
 
 def _enum(cls: type[enum.Enum]) -> Enum:

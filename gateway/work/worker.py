@@ -17,7 +17,7 @@ from osteogate.gateway.core.config import Settings
 from osteogate.gateway.core.logs import get_logger
 from osteogate.gateway.core.metrics import STUDIES_PROCESSED, STUDY_PROCESSING_SECONDS
 from osteogate.gateway.groundtruth.gate import SiteGate, withhold
-from osteogate.gateway.store.db import Database, Instance, Job
+from osteogate.gateway.store.db import Database, DeliveryStatus, Instance, Job
 from osteogate.gateway.store.spool import Spool
 from osteogate.gateway.work.jobs import JobClaims, worker_id
 from osteogate.gateway.work.outcome import Publisher, StudyOutcome
@@ -131,8 +131,10 @@ class ClassifierWorker:
             instances = list(study.instances)
             study_uid, study_id, key, version = study.study_uid, study.id, study.study_key, job.study_version
             model_path = job.model_path
-            # The newest SR actually sent for this study is the predecessor of the next one.
-            previous_sr = next((r.sr_path for r in reversed(study.results) if r.sr_path), None)
+            # The newest SR actually sent for this study is the predecessor of the next one; one the
+            # site gate holds (or withdrew) never reached the PACS, so no SR names it.
+            previous_sr = next((r.sr_path for r in reversed(study.results) if r.sr_path and not any(
+                d.status in (DeliveryStatus.HELD, DeliveryStatus.WITHDRAWN) for d in r.deliveries)), None)
         log.info("job_started", job=job_id, study_key=key, version=version, instances=len(instances))
 
         classifier = self.classifier_factory(model_path)

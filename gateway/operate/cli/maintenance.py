@@ -40,17 +40,19 @@ def cmd_db(args: argparse.Namespace) -> int:
 def cmd_config_check(args: argparse.Namespace) -> int:
     from osteogate.gateway.operate.preflight import preflight_problems
 
+    exit_code = ExitCode.CONFIG
     try:
         settings = load_settings(args.file)
     except ConfigError as exc:
         problems = exc.problems
+        exit_code = exc.exit_code  # a file that is not there: 66, as `serve --config` says
     else:
         problems = preflight_problems(settings, thorough=True)
     if problems:
         print(f"{args.file}: {len(problems)} problem(s):")
         for problem in problems:
             print(f"  - {problem}")
-        return ExitCode.CONFIG
+        return exit_code
     url = settings.storage.resolved_database_url()
     destinations = ", ".join(str(d) for d in settings.delivery.destinations) or "none"
     dicom = settings.dicom

@@ -2,7 +2,8 @@
 
 * study_results.withheld: the model's figures (label, probabilities, T-score and interval,
   decision) of a result reported as "not assessed: awaiting site validation" ("required" mode).
-* deliveries.status may be "held" (shadow mode): stored as a plain string, no schema change.
+* deliveries.status may be "held" (shadow mode) or "withdrawn" (held, then superseded): stored
+  as plain strings, no schema change.
 
 Revises 0008_job_destination (the head when the gate landed; the numbers are names, not an order).
 
