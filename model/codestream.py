@@ -15,6 +15,7 @@ import struct
 from dataclasses import dataclass
 
 import pydicom
+from osteogate.model.fragments import fragment_table_problem
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
@@ -228,87 +229,12 @@ def _first_frame(ds: Dataset) -> bytes:
         raise PixelDecodeError(f"encapsulated pixel data malformed: {type(exc).__name__}: {exc}") from exc
 
 
-_ITEM = b"\xfe\xff\x00\xe0"
-_SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0"
-
-
-def _malformed(reason: str) -> PixelDecodeError:
-    return PixelDecodeError(f"encapsulated pixel data malformed: {reason}")
-
-
-def _fragment_starts(data: bytes) -> tuple[tuple[int, ...], list[int]]:
-    """(Basic Offset Table entries, start of each fragment's item) of encapsulated pixel data,
-    offsets counted from the first fragment's item tag as PS3.5 A.4 counts them. Reads the
-    item headers only."""
-    if len(data) < 8 or data[:4] != _ITEM:
-        raise _malformed("no Basic Offset Table item first")
-    table_length = struct.unpack_from("<I", data, 4)[0]
-    if table_length % 4 or 8 + table_length > len(data):
-        raise _malformed(f"Basic Offset Table length {table_length} is not a multiple of 4 "
-                               "or runs past the pixel data")
-    table = struct.unpack_from(f"<{table_length // 4}I", data, 8)
-    first = pos = 8 + table_length
-    starts = []
-    while pos < len(data):
-        tag = data[pos:pos + 4]
-        if tag == _SEQUENCE_DELIMITER:
-            break
-        if tag != _ITEM or pos + 8 > len(data):
-            raise _malformed(f"no fragment item at byte {pos}")
-        length = struct.unpack_from("<I", data, pos + 4)[0]
-        if pos + 8 + length > len(data):
-            raise _malformed(f"fragment at byte {pos} is {length} bytes, past the end of the pixel data")
-        starts.append(pos - first)
-        pos += 8 + length
-    return table, starts
-
-
-def _check_offsets(name: str, offsets: tuple[int, ...], starts: list[int], frames: int) -> None:
-    if len(offsets) != frames:
-        raise _malformed(f"{name} has {len(offsets)} entries for {frames} frame(s)")
-    known = set(starts)
-    if offsets[0] != 0 or any(b <= a for a, b in zip(offsets, offsets[1:], strict=False)) \
-            or not all(offset in known for offset in offsets):
-        raise _malformed(f"{name} points between fragments (offsets {list(offsets[:4])}"
-                               f"{'...' if len(offsets) > 4 else ''})")
-
-
-def check_fragments(ds: Dataset) -> None:
-    """Refuse (PixelDecodeError) encapsulated pixel data whose item layout contradicts itself or
-    NumberOfFrames: fewer fragments than frames, or a Basic or Extended Offset Table that does not
-    hold one entry per frame, each at the start of a fragment, the first at 0. A decoder given such
-    a table reads the wrong bytes as a frame. Reads the item headers only, never a codestream."""
-    try:
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-    except (TypeError, ValueError) as exc:
-        raise PixelDecodeError(f"NumberOfFrames not numeric: {exc}") from exc
-    table, starts = _fragment_starts(ds.PixelData)
-    if not starts:
-        raise _malformed("no fragments")
-    if len(starts) < frames:
-        raise _malformed(f"{len(starts)} fragment(s) for {frames} frames")
-    if table:
-        _check_offsets("Basic Offset Table", table, starts, frames)
-    extended = ds.get("ExtendedOffsetTable")
-    if extended:
-        raw = bytes(extended)
-        if table:
-            raise _malformed("both a Basic and an Extended Offset Table (PS3.5 A.4 allows one)")
-        if len(raw) % 8:
-            raise _malformed("Extended Offset Table length is not a multiple of 8")
-        offsets = struct.unpack(f"<{len(raw) // 8}Q", raw)
-        _check_offsets("Extended Offset Table", offsets, starts, frames)
-        lengths = ds.get("ExtendedOffsetTableLengths")
-        if not lengths or len(bytes(lengths)) != len(raw):
-            raise _malformed("Extended Offset Table Lengths missing or not one per frame")
-
-
 def check_pixel_budget(ds: Dataset) -> CodestreamInfo | None:
     """Refuse (PixelDecodeError) before decoding when the first frame would be too large to decode or
     its codestream disagrees with the header: Rows x Columns over ``MAX_DECODED_PIXELS``; the
     codestream's own size or component count different from Rows/Columns/SamplesPerPixel; a
     precision over 16 bits; an RLE segment count that does not match SamplesPerPixel x bytes per
-    sample; fragments and offset tables that contradict each other (``check_fragments``). Returns
+    sample; fragments and offset tables that contradict each other (model/fragments.py). Returns
     the parsed codestream header (None for native pixel data)."""
     return checked_first_frame(ds, whole_frame=False)[0]
 
@@ -329,7 +255,8 @@ def checked_first_frame(ds: Dataset, whole_frame: bool = True) -> tuple[Codestre
     parsed = JPEG_SYNTAXES | JPEG_LS_SYNTAXES | JPEG_2000_SYNTAXES | {RLE_SYNTAX}
     if syntax not in parsed or "PixelData" not in ds:
         return None, None  # native (Rows x Columns is the truth) or a syntax we do not decode
-    check_fragments(ds)
+    if problem := fragment_table_problem(ds):  # offset tables that would hand out the wrong bytes
+        raise PixelDecodeError(problem)
     info, frame = None, None
     head = None if whole_frame else _frame_head(ds)
     if head is not None:

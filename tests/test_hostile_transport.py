@@ -67,6 +67,36 @@ def user_identity(primary: bytes, secondary: bytes = b"") -> bytes:
     return _item(0x58, body + struct.pack(">H", len(secondary)) + secondary)
 
 
+def recv_pdu(sock: socket.socket, timeout: float = 10) -> tuple[int, bytes] | None:
+    """The next PDU the gateway sends, as (type, body): 2 AC, 3 RJ, 4 P-DATA, 6 RELEASE-RP, 7 ABORT;
+    None once the connection is closed."""
+    sock.settimeout(timeout)
+    try:
+        head = b""
+        while len(head) < 6:
+            chunk = sock.recv(6 - len(head))
+            if not chunk:
+                return None
+            head += chunk
+    except ConnectionResetError:
+        return None
+    body = b""
+    length = struct.unpack(">I", head[2:6])[0]
+    while len(body) < length:
+        chunk = sock.recv(min(length - len(body), 65536))
+        if not chunk:
+            break
+        body += chunk
+    return head[0], body
+
+
+def command_status(p_data_body: bytes) -> int | None:
+    """Status (0000,0900) of a DIMSE response in a P-DATA-TF body (Implicit VR Little Endian command)."""
+    tag = b"\x00\x00\x00\x09\x02\x00\x00\x00"
+    at = p_data_body.find(tag)
+    return struct.unpack("<H", p_data_body[at + 8: at + 10])[0] if at >= 0 else None
+
+
 def recv_pdu_type(sock: socket.socket, timeout: float = 10) -> int | None:
     """The type of the next PDU the gateway sends (2 AC, 3 RJ, 6 RELEASE-RP, 7 ABORT), None if closed."""
     sock.settimeout(timeout)
@@ -269,8 +299,10 @@ def test_a_data_set_as_fast_as_the_socket_takes_it(gateway: GatewayProcess, tmp_
     pdus = store_pdus(body, uid, max_pdu=16384)
     sock = storage_association(gateway.port)
     sock.sendall(b"".join(pdus))
-    kind = recv_pdu_type(sock, 60)  # the C-STORE-RSP
-    assert kind == 0x04, kind
+    response = recv_pdu(sock, 60)  # the C-STORE-RSP
+    assert response is not None and response[0] == 0x04, response
+    status = command_status(response[1])
+    assert status == 0x0000, f"C-STORE answered 0x{status:04X}" if status is not None else "no status"
     sock.sendall(RELEASE_RQ)
     closed_or_answered(sock)
     sock.close()

@@ -314,7 +314,8 @@ def test_corrupt_codestream_headers():
     with pytest.raises(PixelDecodeError, match="segments"):
         read_codestream_info(RLELossless, struct.pack("<16I", 0, *([0] * 15)), 16)
     ds.PixelData = b"\xfe\xff\x00\xe0\x10\x00\x00\x00garbage"  # malformed item table
-    with pytest.raises(PixelDecodeError, match="encapsulated pixel data malformed"):
+    # the item layout check (model/fragments.py) names the broken table before pydicom is asked
+    with pytest.raises(PixelDecodeError, match="encapsulated pixel data malformed|Basic Offset Table length"):
         check_pixel_budget(ds)
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import pydicom
 from osteogate.gateway.core.uids import InvalidUIDError, require_uid
 from osteogate.model.codestream import PixelDecodeError, check_pixel_budget
+from osteogate.model.fragments import fragment_table_problem
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 from pynetdicom.presentation import AllStoragePresentationContexts
@@ -192,6 +193,8 @@ def validate(ds: Dataset, context_sop_class: str | None = None) -> tuple[str, st
                 f" for {rows}x{cols}x{frames} (Rows x Columns x frames)")
     elif not actual:
         raise RejectedInstance(DATASET_DOES_NOT_MATCH_SOP_CLASS, "Pixel Data is empty")
+    elif problem := fragment_table_problem(ds):  # offset tables that would split frames wrongly
+        raise RejectedInstance(DATASET_DOES_NOT_MATCH_SOP_CLASS, problem)
     try:  # codestream's own size (JPEG SOF, J2K SIZ, JPEG-LS SOF55, RLE header) vs header and budget
         check_pixel_budget(ds)
     except PixelDecodeError as exc:
