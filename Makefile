@@ -62,9 +62,16 @@ osteogate: $(SERVE_STAMP)
 demo: $(SERVE_STAMP)
 	$(VENV)/bin/osteogate demo $(ARGS)
 
+# The suite runs on TEST_WORKERS pytest-xdist workers (default 2, this project's CI cores);
+# --dist loadfile keeps each test file on one worker, so its module fixtures are built once.
+# Session fixtures (PostgreSQL cluster, tiny model) are per worker; servers take free ports and
+# tmp_path folders. TEST_WORKERS=0 runs it serially in this process.
+TEST_WORKERS ?= 2
+XDIST := $(if $(filter 0,$(TEST_WORKERS)),-p no:xdist,-n $(TEST_WORKERS) --dist loadfile)
+
 test: $(TEST_STAMP)
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(XDIST) $(PYTEST_ARGS)
 
 test-long: $(TEST_STAMP)
 	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)

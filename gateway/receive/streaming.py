@@ -130,13 +130,22 @@ class StreamingSocket(AssociationSocket):
         return bytearray(struct.pack(">BBL", 0x04, reserved, len(self._body)))
 
     def close(self) -> None:
+        self._discard_pending()
+        super().close()
+
+    def _shutdown_socket(self) -> None:
+        # What pynetdicom calls when the peer drops or aborts the association (AA-4, AR-5):
+        # close() is not called then, and a half-received data set would stay in the spool.
+        self._discard_pending()
+        super()._shutdown_socket()
+
+    def _discard_pending(self) -> None:
         with self._lock:
             pending = [r for r in [self._current, *self._received.values()] if r is not None]
             self._current = None
             self._received.clear()
         for item in pending:
             item.discard()
-        super().close()
 
     def take(self, message_id: int | None) -> Received | None:
         """The data set received for C-STORE ``message_id`` (the handler owns it from now on)."""

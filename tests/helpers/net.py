@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import random
 import socket
 import time
 from collections.abc import Callable
@@ -15,10 +17,25 @@ def free_port() -> int:
 
     The OS picks it (bind to port 0); there is an unavoidable race until the server binds it,
     which is acceptable for tests and far better than hard-coded ports colliding between runs.
+    Under pytest-xdist each worker only takes ports congruent to its index modulo the number of
+    workers (chosen at random, then probed: the kernel's own choice for port 0 is always odd), so
+    two workers of one run can never be handed the same port in that window.
     """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # "gw0", "gw1", ... or unset
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    index = int(worker[2:]) if worker.startswith("gw") and worker[2:].isdigit() else 0
+    for _ in range(1000):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            if count <= 1:
+                sock.bind(("127.0.0.1", 0))
+                return int(sock.getsockname()[1])
+            port = random.randrange(20000 // count, 32000 // count) * count + index  # below the ephemeral range
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free TCP port on 127.0.0.1")
 
 
 def wait_until(predicate: Callable[[], T], timeout: float, interval: float = 0.1) -> T:
