@@ -184,7 +184,29 @@ def read_codestream_info(syntax: str, frame: bytes, bits_allocated: int = 16,
                          frame_length: int | None = None) -> CodestreamInfo | None:
     """Parse the header of one encapsulated frame; None for a syntax this module does not parse
     (deflate, video, ...). Pure: reads at most the main header, never decodes. ``frame`` may be the
-    frame's first bytes only; ``frame_length`` is then the whole frame's length (RLE offsets)."""
+    frame's first bytes only; ``frame_length`` is then the whole frame's length (RLE offsets).
+
+    Parameters
+    ----------
+    syntax : str
+        Transfer Syntax UID of the frame.
+    frame : bytes
+        The frame's bytes (or its first bytes).
+    bits_allocated : int
+        BitsAllocated of the dataset (RLE segments per sample).
+    frame_length : int or None
+        The whole frame's length when ``frame`` is only its head.
+
+    Returns
+    -------
+    CodestreamInfo or None
+        Size, components and precision the codestream declares; None for an unparsed syntax.
+
+    Raises
+    ------
+    PixelDecodeError
+        When the header is malformed or truncated.
+    """
     syntax = str(syntax)
     if syntax in JPEG_2000_SYNTAXES:
         return _j2k_info(frame)
@@ -235,13 +257,47 @@ def check_pixel_budget(ds: Dataset) -> CodestreamInfo | None:
     codestream's own size or component count different from Rows/Columns/SamplesPerPixel; a
     precision over 16 bits; an RLE segment count that does not match SamplesPerPixel x bytes per
     sample; fragments and offset tables that contradict each other (model/fragments.py). Returns
-    the parsed codestream header (None for native pixel data)."""
+    the parsed codestream header (None for native pixel data).
+
+    Parameters
+    ----------
+    ds : pydicom.dataset.Dataset
+        The instance, pixel data included (only item headers and the first frame's head are read).
+
+    Returns
+    -------
+    CodestreamInfo or None
+        The first frame's codestream header; None for native pixel data.
+
+    Raises
+    ------
+    PixelDecodeError
+        With the reason, when decoding must not be attempted.
+    """
     return checked_first_frame(ds, whole_frame=False)[0]
 
 
 def checked_first_frame(ds: Dataset, whole_frame: bool = True) -> tuple[CodestreamInfo | None, bytes | None]:
     """``check_pixel_budget`` that also hands back the first frame's bytes (for the reduced decode);
-    ``whole_frame=False``: only the frame's head is read where the layout allows (frame is None)."""
+    ``whole_frame=False``: only the frame's head is read where the layout allows (frame is None).
+
+    Parameters
+    ----------
+    ds : pydicom.dataset.Dataset
+        The instance.
+    whole_frame : bool
+        Return the first frame's bytes (True) or only check its head (False).
+
+    Returns
+    -------
+    tuple of (CodestreamInfo or None, bytes or None)
+        The codestream header and the first frame.
+
+    Raises
+    ------
+    PixelDecodeError
+        As :func:`check_pixel_budget`.
+    """
     try:
         rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
         samples = int(ds.get("SamplesPerPixel", 1) or 1)
@@ -280,7 +336,18 @@ def checked_first_frame(ds: Dataset, whole_frame: bool = True) -> tuple[Codestre
 
 
 def transfer_syntax(ds: Dataset) -> UID:
-    """The dataset's transfer syntax; native little endian for an in-memory dataset without file meta."""
+    """The dataset's transfer syntax; native little endian for an in-memory dataset without file meta.
+
+    Parameters
+    ----------
+    ds : pydicom.dataset.Dataset
+        Any dataset.
+
+    Returns
+    -------
+    pydicom.uid.UID
+        Its Transfer Syntax UID.
+    """
     meta = getattr(ds, "file_meta", None)
     syntax = meta.get("TransferSyntaxUID") if meta is not None else None
     if syntax is None:

@@ -41,6 +41,20 @@ DEFAULT_CACHE_DIR = Path("~/.cache/osteogate")
 
 @dataclass
 class Prediction:
+    """The image network's output for one image (legacy ``Classifier.predict``).
+
+    Attributes
+    ----------
+    probabilities : dict of str to float
+        Class name -> probability, from the image alone.
+    label : str
+        The most probable class.
+    region : str
+        The region head that scored it.
+    n_inputs : int
+        Network inputs pooled into it (patches per image in patches mode).
+    """
+
     probabilities: dict[str, float]
     label: str
     region: str
@@ -48,6 +62,14 @@ class Prediction:
 
 
 class Backend(Protocol):
+    """An inference engine for the image network: ONNX Runtime on CPU, torch on CUDA.
+
+    Attributes
+    ----------
+    name : str
+        The backend's name as results record it ("onnxruntime", "torch-cuda").
+    """
+
     name: str
 
     def run(self, batch: np.ndarray) -> np.ndarray:

@@ -34,17 +34,13 @@ the decoded-pixel budget (model/codestream.py, ``check_pixel_budget``): a 64x64 
 
 from __future__ import annotations
 
-import functools
-from io import BytesIO
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pydicom
 from osteogate.model.codestream import (
     MAX_DECODED_PIXELS,
     RLE_SYNTAX_UID,
-    CodestreamInfo,
     PixelDecodeError,
     check_pixel_budget,
     checked_first_frame,
@@ -52,6 +48,7 @@ from osteogate.model.codestream import (
 )
 from osteogate.model.codestream import transfer_syntax as _transfer_syntax
 from osteogate.model.preprocess import resize_long_side
+from osteogate.model.reduced import decode_reduced, reduction_steps
 from pydicom.dataset import Dataset
 
 # Re-exported: callers that decode also check codestreams (model/codestream.py owns them).
@@ -65,7 +62,6 @@ MAX_SIDE = 16384  # radiographs are at most ~4-5k px; anything bigger is corrupt
 # pydicom's default choice (the path before issue #11).
 PREFERRED_PLUGINS: dict[str, str] = {"1.2.840.10008.1.2.4.80": "pyjpegls", "1.2.840.10008.1.2.4.81": "pyjpegls",
                                      RLE_SYNTAX_UID: "pylibjpeg"}
-MAX_REDUCTION_STEPS = 2  # deepest reduced decode: 1/4 (1/8 deviates more: tests/test_decode_parity.py)
 LOW_PERCENTILE, HIGH_PERCENTILE = 0.5, 99.5
 _PERCENTILE_SAMPLES = 1_000_000  # subsample big images for the percentiles: same result, 4x faster
 
@@ -119,104 +115,19 @@ def _decode_first_frame(ds: Dataset) -> np.ndarray:
 def is_decoder_panic(exc: BaseException) -> bool:
     """True for a decoder plugin's panic: pylibjpeg-rle (Rust, pyo3) raises PanicException, a
     BaseException, on RLE segments longer than Rows x Columns. Such data is the sender's fault;
-    interrupts and exits are not."""
+    interrupts and exits are not.
+
+    Parameters
+    ----------
+    exc : BaseException
+        What a decoder raised.
+
+    Returns
+    -------
+    bool
+        True when it is a decoder's panic (to be treated as undecodable data).
+    """
     return not isinstance(exc, (KeyboardInterrupt, SystemExit, GeneratorExit))
-
-
-def reduction_steps(long: int, long_side: int, deepest: int) -> int:
-    """Largest k <= ``deepest`` such that halving ``long`` k times (rounding up, as JPEG 2000 and
-    libjpeg do) still leaves at least ``long_side``: the model never gets an enlarged image."""
-    steps = 0
-    while steps < deepest and -(-long // 2 ** (steps + 1)) >= long_side:
-        steps += 1
-    return steps
-
-
-# JPEG 2000 analysis low-pass filters (T.800 Annex F), DC gain 1: a reduced resolution level is the
-# image filtered by these and decimated by 2, once per level.
-_J2K_LOWPASS = {
-    True: np.array([-1, 2, 6, 2, -1]) / 8.0,  # 5/3 reversible (lossless)
-    False: np.array([0.026748757411, -0.016864118443, -0.078223266529, 0.266864118443, 0.602949018236,
-                     0.266864118443, -0.078223266529, -0.016864118443, 0.026748757411]),  # 9/7 irreversible
-}
-
-
-@functools.cache
-def box_matching_filter(reversible: bool, levels: int) -> np.ndarray:
-    """3-tap correlation kernel (offsets -1, 0, +1 on the reduced grid) that turns a JPEG 2000 image
-    reduced by ``levels`` into the closest match of the 2**levels box average cv2.INTER_AREA makes
-    of the full image, which is what "decode full, then resize" gives.
-
-    Why: the wavelet low-pass keeps more fine texture and noise than a box average and its samples
-    sit half a full-resolution pixel from the box's; uncorrected, the model input differs up to 0.13
-    (in [0, 1]) near edges and patch choices flip; corrected, max 0.05 (tests/test_decode_parity.py).
-    Derivation: by the noble identity, filtering with g after decimation equals filtering with g
-    upsampled before it, so g is the least-squares fit, on the full-resolution grid (aliasing
-    included), of g(z**D) H(z) H(z**2)... to the D-pixel box, with the DC gain held at 1."""
-    lowpass = _J2K_LOWPASS[reversible]
-    factor = 2**levels
-    cascade, centre = np.array([1.0]), 0
-    for level in range(levels):
-        spread = np.zeros((len(lowpass) - 1) * 2**level + 1)
-        spread[:: 2**level] = lowpass
-        cascade = np.convolve(cascade, spread)
-        centre += (len(lowpass) // 2) * 2**level
-    offsets = np.arange(-1, 2)
-    positions = np.arange(-centre - 2 * factor, centre + 3 * factor)
-    target = ((positions >= 0) & (positions < factor)) / factor
-    design = np.zeros((len(positions), len(offsets)))
-    for column, offset in enumerate(offsets):
-        index = positions - factor * offset + centre
-        inside = (index >= 0) & (index < len(cascade))
-        design[inside, column] = cascade[index[inside]]
-    weight = 1e3  # the DC-gain row: brightness must not change
-    taps, *_ = np.linalg.lstsq(np.vstack([design, weight * np.ones(len(offsets))]),
-                               np.concatenate([target, [weight]]), rcond=None)
-    return taps.astype(np.float32)
-
-
-def _decode_reduced(ds: Dataset, info: CodestreamInfo, frame: bytes, long_side: int) -> np.ndarray | None:
-    """The first frame decoded directly at a reduced size, or None when this codestream cannot be
-    (then the caller decodes it at full size). Monochrome only: colour goes through pydicom."""
-    from PIL import Image
-
-    if info.rows is None or info.columns is None or info.components != 1:
-        return None
-    long = max(info.rows, info.columns)
-    signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
-    try:
-        if info.kind == "jpeg2000" and info.signed == signed:
-            steps = reduction_steps(long, long_side, min(info.levels, MAX_REDUCTION_STEPS))
-            if steps == 0:
-                return None
-            with Image.open(BytesIO(frame)) as opened:
-                opened.reduce = steps  # OpenJPEG skips the finest `steps` resolution levels
-                opened.load()
-                array = np.asarray(opened)
-            # Pillow scales samples up to its container (8 or 16 bits) and offsets signed ones by
-            # 2**(precision-1): undo both to get the stored values pydicom would have returned.
-            container = 16 if array.dtype == np.uint16 else 8
-            values = array.astype(np.int32)
-            if container > info.precision:
-                values >>= container - info.precision
-            if info.signed:
-                values -= 1 << (info.precision - 1)
-            kernel = box_matching_filter(info.reversible, steps)
-            return cv2.sepFilter2D(values.astype(np.float32), -1, kernel, kernel, borderType=cv2.BORDER_REPLICATE)
-        if (info.kind == "jpeg" and info.precision == 8 and not signed
-                and info.process in ("baseline", "extended", "progressive")):
-            steps = reduction_steps(long, long_side, min(3, MAX_REDUCTION_STEPS))  # libjpeg: 1/2, 1/4, 1/8
-            if steps == 0:
-                return None
-            with Image.open(BytesIO(frame)) as opened:
-                if opened.mode != "L":
-                    return None
-                factor = 2**steps
-                opened.draft("L", (max(1, opened.width // factor), max(1, opened.height // factor)))
-                return np.asarray(opened)
-    except Exception:  # Pillow/OpenJPEG refused this stream: the full decode reports any real error
-        return None
-    return None
 
 
 def _colour_to_gray(array: np.ndarray, ds: Dataset) -> np.ndarray:
@@ -306,7 +217,27 @@ def dataset_to_image(ds: Dataset, long_side: int | None = None, *, reduced: bool
     ``long_side``: the long side the model needs (``model.preprocess.needed_long_side(card.input)``);
     the image is returned with that long side (smaller images as they are) and, where the codestream
     allows it, decoded at reduced resolution. ``reduced=False`` forces the full-size decode (the
-    reference the parity tests and benchmarks compare with). ``long_side=None``: full resolution."""
+    reference the parity tests and benchmarks compare with). ``long_side=None``: full resolution.
+
+    Parameters
+    ----------
+    ds : pydicom.dataset.Dataset
+        The instance, with its pixel data.
+    long_side : int or None
+        The long side wanted, or None for full resolution.
+    reduced : bool
+        Allow the reduced-resolution decode.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 2-D image in [0, 1], bone bright.
+
+    Raises
+    ------
+    PixelDecodeError
+        When the pixels cannot or must not be decoded (the reason is the message).
+    """
     if "PixelData" not in ds:
         kind = "float/double pixel data" if ("FloatPixelData" in ds or "DoubleFloatPixelData" in ds) else "no PixelData"
         raise PixelDecodeError(f"{kind}: not a decodable radiograph")
@@ -317,7 +248,7 @@ def dataset_to_image(ds: Dataset, long_side: int | None = None, *, reduced: bool
     array = None
     if (reduced and long_side and info is not None and frame is not None
             and photometric in ("MONOCHROME1", "MONOCHROME2")):
-        array = _decode_reduced(ds, info, frame, long_side)
+        array = decode_reduced(ds, info, frame, long_side)
     del frame
     if array is None:
         array = _decode_first_frame(ds)
@@ -378,7 +309,25 @@ def load_image_file(path: Path | str, long_side: int | None = None) -> np.ndarra
 
     ``long_side`` as in ``dataset_to_image`` (training passes the working size, so it sees the
     pixels serving sees). PNG/JPEG files are decoded at full size, then resized: they are training
-    material, and keeping their decode unchanged keeps the training distribution unchanged."""
+    material, and keeping their decode unchanged keeps the training distribution unchanged.
+
+    Parameters
+    ----------
+    path : pathlib.Path or str
+        The file.
+    long_side : int or None
+        As in :func:`dataset_to_image`.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 2-D image in [0, 1].
+
+    Raises
+    ------
+    PixelDecodeError
+        When the file cannot be decoded.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image not found: {path}")
