@@ -110,6 +110,12 @@ def test_resend_reuses_a_pending_delivery_instead_of_a_second_retry_loop() -> No
     assert plan_resend(existing, [A], [B]) == [ResendTarget(A, "retry-now", 1)]
 
 
+def test_resend_never_doubles_a_delivery_the_site_gate_holds() -> None:
+    existing = [(1, A, DeliveryStatus.HELD), (2, B, DeliveryStatus.SENT)]
+    assert plan_resend(existing, [], [A, B]) == [ResendTarget(A, "held"), ResendTarget(B, "skip")]
+    assert plan_resend(existing, [A], []) == [ResendTarget(A, "held")]
+
+
 def test_resend_goes_where_asked_even_if_delivered() -> None:
     existing = [(1, A, DeliveryStatus.SENT)]
     assert plan_resend(existing, [A, C], [B]) == [ResendTarget(A, "queue"), ResendTarget(C, "queue")]

@@ -71,7 +71,8 @@ def latest_sr_result(db: Database, study: str) -> tuple[int, str]:
 class ResendTarget:
     destination: str
     # "queue": a new delivery; "retry-now": the pending delivery ``delivery_id`` is made due now
-    # (never a second retry loop for the same SR and destination); "skip": already delivered.
+    # (never a second retry loop for the same SR and destination); "skip": already delivered;
+    # "held": the site gate holds it (it goes when the gate opens; a second one would be a double).
     action: str
     delivery_id: int | None = None
 
@@ -83,9 +84,11 @@ def plan_resend(existing: Sequence[tuple[int, str, DeliveryStatus]], asked: Sequ
     Asked (``--to``): exactly there, even where it was sent before (that is what was asked).
     Not asked: the configured destinations (or, with none, those the SR was queued for before),
     except where the SR is already delivered. Either way, a destination with a delivery of this
-    SR still pending gets that delivery retried now rather than a second one.
+    SR still pending gets that delivery retried now rather than a second one, and one the site
+    gate holds stays held: the gate, not an admin, decides when it goes.
     """
     pending = {dest: row_id for row_id, dest, status in sorted(existing) if status == DeliveryStatus.PENDING}
+    held = {dest for _, dest, status in existing if status == DeliveryStatus.HELD}
     sent = {dest for _, dest, status in existing if status == DeliveryStatus.SENT}
     earlier = list(dict.fromkeys(dest for _, dest, _ in sorted(existing)))
     targets = list(dict.fromkeys(asked or configured or earlier))
@@ -93,6 +96,8 @@ def plan_resend(existing: Sequence[tuple[int, str, DeliveryStatus]], asked: Sequ
     for destination in targets:
         if destination in pending:
             plan.append(ResendTarget(destination, "retry-now", pending[destination]))
+        elif destination in held:
+            plan.append(ResendTarget(destination, "held"))
         elif destination in sent and not asked:
             plan.append(ResendTarget(destination, "skip"))
         else:

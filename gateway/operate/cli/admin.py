@@ -116,6 +116,9 @@ def cmd_resend(args: argparse.Namespace) -> int:
         if target.action == "skip":
             print(f"SR {sr_uid} -> {target.destination}: already delivered, not sent again "
                   f"(--to {target.destination} sends it anyway)")
+        elif target.action == "held":
+            print(f"SR {sr_uid} -> {target.destination}: held by the site gate; it is sent when the gate "
+                  "opens (osteogate validate shows how far the site's evidence is)")
     ids = [t.delivery_id for t in plan if t.delivery_id is not None]
     states: list[tuple[str, str, str | None]] = []
     deadline = time.monotonic() + args.timeout
