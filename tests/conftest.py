@@ -133,3 +133,22 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     create_untrained_checkpoint(path, architecture="osteogate_smallcnn")
     export_onnx(path)
     return path
+
+
+@pytest.fixture(autouse=True)
+def _fresh_logging() -> Iterator[None]:
+    """Each test starts from structlog's defaults: a test that configured logging onto its own
+    captured stream (the CLI does, on every call) must not leave later tests in the same worker
+    writing into that stale stream."""
+    yield
+    import logging
+
+    import structlog
+
+    from osteogate.gateway.core.logs import _OurHandler
+
+    structlog.reset_defaults()
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, _OurHandler)]:
+        root.removeHandler(handler)
+    logging.captureWarnings(False)
