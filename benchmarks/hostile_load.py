@@ -12,8 +12,11 @@ Five phases against one gateway, each measured while a prober sends a C-ECHO eve
 
 Per phase: the prober's p99 C-ECHO latency against its idle median (the reference, measured
 first in the same run), instances/s or requests/s, and the gateway's peak RSS (VmHWM). Goals:
-p99 C-ECHO <= 2 s during every phase, peak RSS < 600 MB, every instance acknowledged or refused
-with a status (never a hang), C-ECHO answered throughout.
+p99 C-ECHO <= 2 s during every phase; peak RSS at most 150 MB above the same gateway's peak
+after one ordinary study of 64 images (the memory reference, measured first: model loaded, full
+batches run), so memory is bounded by the configuration, not by the load; every instance
+acknowledged or refused with a status (never a hang); C-ECHO answered throughout. The study phase
+lasts until that study is classified.
 """
 
 from __future__ import annotations
@@ -81,18 +84,50 @@ class EchoProber:
         return float(np.percentile(self.latencies, 99)) if self.latencies else float("nan")
 
 
+MAX_ASSOCIATIONS = 16  # dicom.max_associations of the gateway under test: the shipped default
+# Memory goal: the load may add at most this much to the peak of the same gateway after one
+# ordinary study (model loaded, full batches run): memory bounded by the configuration, not the load.
+ADDED_MB = 150
+WARM_IMAGES = 64
+
+
 def _peak_mb(gw: GatewayProcess) -> float:
     assert gw.proc is not None
     return (proc_status_kib(gw.proc.pid, "VmHWM") or 0) / 1024
 
 
-def _report(name: str, prober: EchoProber, reference: float, gw: GatewayProcess, rate: str) -> bool:
-    p99 = prober.p99()
-    ok = prober.failures == 0 and p99 <= 2.0 and _peak_mb(gw) < 600
+def _report(name: str, prober: EchoProber, reference: float, gw: GatewayProcess, rate: str,
+            warm_mb: float) -> bool:
+    p99, peak = prober.p99(), _peak_mb(gw)
+    ok = prober.failures == 0 and p99 <= 2.0 and peak <= warm_mb + ADDED_MB
     print(f"{name:<11} {rate:<28} C-ECHO p99 {p99 * 1000:7.0f} ms ({p99 / reference:5.1f}x idle median, "
-          f"{len(prober.latencies)} echoes, {prober.failures} failed); peak RSS {_peak_mb(gw):5.0f} MB: "
-          f"{'OK' if ok else 'MISSED'}")
+          f"{len(prober.latencies)} echoes, {prober.failures} failed); peak RSS {peak:5.0f} MB "
+          f"(+{peak - warm_mb:.0f} MB over warm): {'OK' if ok else 'MISSED'}")
     return ok
+
+
+def _processed(gw: GatewayProcess, study_uid: str, timeout: float) -> float:
+    """Seconds until the gateway has finished the study (done, skipped or failed)."""
+    started = time.perf_counter()
+    while time.perf_counter() - started < timeout:
+        rows = [r for r in gw.studies() if r.get("study_uid") == study_uid]
+        if rows and rows[0].get("status") in ("done", "skipped", "failed"):
+            return time.perf_counter() - started
+        time.sleep(1)
+    raise TimeoutError(f"study not processed within {timeout:.0f} s")
+
+
+def warm_up(gw: GatewayProcess, work: Path) -> float:
+    """One ordinary study through the whole pipeline; the peak RSS after it is the memory reference.
+
+    It has WARM_IMAGES images, eight model batches (model.batch_size, default 8) and more than the
+    prefetch window, so the reference holds the steady working set of inference and decoding.
+    """
+    uid = generate_uid()
+    paths = [write_dataset(make_dataset(study_uid=uid), work / "warm" / f"{i}.dcm") for i in range(WARM_IMAGES)]
+    assert storescu(paths, "127.0.0.1", gw.port, "OSTEOGATE").returncode == 0
+    _processed(gw, uid, 300)
+    return _peak_mb(gw)
 
 
 def swarm(gw: GatewayProcess, work: Path, peers: int) -> str:
@@ -101,9 +136,15 @@ def swarm(gw: GatewayProcess, work: Path, peers: int) -> str:
     started = time.perf_counter()
     procs = [subprocess.Popen([exe, "-aec", "OSTEOGATE", "-to", "60", "-ta", "60", "127.0.0.1", str(gw.port), str(f)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for f in files]
-    codes = [p.wait(300) for p in procs]
+    codes = [p.wait(300) for p in procs]  # a hang raises TimeoutExpired: the phase fails
     seconds = time.perf_counter() - started
-    return f"{codes.count(0)}/{peers} stored, {codes.count(0) / seconds:5.1f} inst/s"
+    events = [e.get("event") for e in gw.events()]
+    # A peer beyond dicom.max_associations is refused transiently (A-ASSOCIATE-RJ 0x02/0x03/0x02,
+    # or the connection closed while too many wait): a modality keeps its images and retries.
+    refused = events.count("association_rejected") + events.count("connection_refused")
+    return (f"{codes.count(0)}/{peers} stored, {refused} refused transiently (gateway log; "
+            f"limit {MAX_ASSOCIATIONS}), "
+            f"{len(codes) - codes.count(0)} storescu exits non-zero, {codes.count(0) / seconds:5.1f} inst/s")
 
 
 def study(gw: GatewayProcess, work: Path, instances: int) -> str:
@@ -113,7 +154,9 @@ def study(gw: GatewayProcess, work: Path, instances: int) -> str:
     started = time.perf_counter()
     result = storescu(files, "127.0.0.1", gw.port, "OSTEOGATE", timeout=900)
     seconds = time.perf_counter() - started
-    return f"exit {result.returncode}, {instances / seconds:6.1f} inst/s"
+    # The phase lasts until the study is classified, so its peak RSS includes the worker's share.
+    processed = _processed(gw, uid, 1800)
+    return f"exit {result.returncode}, {instances / seconds:6.1f} inst/s, processed +{processed:.0f} s"
 
 
 def multiframe(gw: GatewayProcess, work: Path, frames: int) -> str:
@@ -173,13 +216,14 @@ def main() -> int:
         model = resolve_model(args.model, work)
         http_port = free_port()
         env = {"OSTEOGATE_HTTP_ENABLED": "true", "OSTEOGATE_HTTP_PORT": str(http_port),
-               "OSTEOGATE_DICOM_MAX_ASSOCIATIONS": "32"}
+               "OSTEOGATE_DICOM_MAX_ASSOCIATIONS": str(MAX_ASSOCIATIONS)}
         with GatewayProcess(work / "gw", model=model, env=env, stable_seconds=5) as gw:
             with EchoProber(gw.port) as idle:
                 time.sleep(3)
             reference = statistics.median(idle.latencies)
+            warm = warm_up(gw, work)
             print(f"reference: idle C-ECHO median {reference * 1000:.0f} ms over {len(idle.latencies)} echoes; "
-                  f"peak RSS {_peak_mb(gw):.0f} MB")
+                  f"peak RSS {warm:.0f} MB after one ordinary study (goal: load adds <= {ADDED_MB} MB)")
             results = []
             for name, run in (("swarm", lambda: swarm(gw, work, args.peers)),
                               ("study", lambda: study(gw, work, args.instances)),
@@ -188,7 +232,7 @@ def main() -> int:
                               ("http", lambda: http(http_port, args.requests))):
                 with EchoProber(gw.port) as prober:
                     rate = run()
-                results.append(_report(name, prober, reference, gw, rate))
+                results.append(_report(name, prober, reference, gw, rate, warm))
             alive = gw.proc is not None and gw.proc.poll() is None
     print(f"gateway alive at the end: {alive}")
     return 0 if all(results) and alive else 1

@@ -144,7 +144,6 @@ def _fresh_logging() -> Iterator[None]:
     import logging
 
     import structlog
-
     from osteogate.gateway.core.logs import _OurHandler
 
     structlog.reset_defaults()

@@ -254,3 +254,15 @@ def test_concurrent_scanners_queue_a_study_once(ingestor: Ingestor) -> None:
     assert sum(counts) == 5
     with ingestor.db.session() as session:
         assert session.query(Job).count() == 5
+
+
+def test_malloc_arenas_capped_for_the_service_unless_the_operator_chose(monkeypatch) -> None:
+    """serve and worker cap glibc's arenas (memory kept per thread); MALLOC_ARENA_MAX wins."""
+    import platform
+
+    from osteogate.gateway.operate.cli.serving import limit_malloc_arenas
+
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert limit_malloc_arenas() is False
+    monkeypatch.delenv("MALLOC_ARENA_MAX")
+    assert limit_malloc_arenas() is (platform.libc_ver()[0] == "glibc")

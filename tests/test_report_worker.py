@@ -83,3 +83,33 @@ def test_card_failure_does_not_withhold_the_sr(tmp_path: Path, image_model: Path
     with db.session() as session:
         assert session.execute(select(Study.status)).scalar_one() == StudyStatus.DONE
     db.dispose()
+
+
+def test_a_study_beyond_max_images_is_read_up_to_the_cap_and_the_sr_says_so(tmp_path: Path,
+                                                                           image_model: Path) -> None:
+    """A study of thousands of instances costs what `model.max_images_per_study` images cost: the
+    first ones received are scored and itemized, the rest are listed in one SR comment with the reason."""
+    db = Database(f"sqlite:///{tmp_path / 'gw.db'}")
+    db.migrate()
+    spool, reports = Spool(tmp_path / "spool"), Spool(tmp_path / "reports")
+    base = make_dataset(size=(64, 64))
+    study_uid = str(base.StudyInstanceUID)
+    ingestor = Ingestor(db, spool)
+    for number in range(1, 8):
+        ds = make_dataset(study_uid=study_uid, size=(64, 64), seed=number)
+        ds.InstanceNumber = number
+        ingestor.store(write_dataset(ds, tmp_path / f"{number}.dcm").read_bytes(), calling_ae="TEST")
+    StudyTracker(db, 0).queue_stable_studies()
+    settings = load_settings(environ={}, overrides={"storage": {"data_dir": str(tmp_path), "min_free_mb": 0},
+                                                    "model": {"path": str(image_model), "max_images_per_study": 3}})
+    worker = ClassifierWorker(settings, db, spool, ReportPublisher(settings, reports), ClassifierCache(settings))
+    assert worker.run_once()
+    sr = next(o for o in objects(db) if o.kind == "sr")
+    reading = read_result(pydicom.dcmread(reports.absolute(sr.path)))
+    image_groups = [g for g in reading.groups if g.identifier.startswith("image")]
+    assert len(image_groups) == 3, [g.identifier for g in reading.groups]
+    assert ("Image not classified: not read: the study has 7 images, more than model.max_images_per_study (3); "
+            "the first 3 received were read (4 images)") in reading.notes
+    with db.session() as session:
+        assert session.execute(select(Study.status)).scalar_one() == StudyStatus.DONE
+    db.dispose()

@@ -174,6 +174,23 @@ def test_max_instance_size_and_association_limit(tmp_path: Path, tiny_model: Pat
             # The one allowed association is busy: a second is rejected, transiently.
             second = ae.associate("127.0.0.1", gw.port, ae_title="OSTEOGATE")
             assert second.is_rejected and second.acceptor.primitive.result == 0x02
+            # A monitoring C-ECHO is still answered: Verification-only associations have a few
+            # slots of their own (four), held open here at once; a fifth needs a storage slot.
+            echo_ae = AE(ae_title="MONITOR")
+            echo_ae.add_requested_context(Verification)
+            echoes = [echo_ae.associate("127.0.0.1", gw.port, ae_title="OSTEOGATE") for _ in range(5)]
+            try:
+                assert [a.is_established for a in echoes] == [True] * 4 + [False]
+                assert all(int(a.send_c_echo().Status) == 0 for a in echoes[:4])
+            finally:
+                for a in echoes:
+                    if a.is_established:
+                        a.release()
+            # An association proposing storage *and* Verification is a storage association.
+            mixed_ae = AE(ae_title="MODALITY")
+            mixed_ae.add_requested_context(Verification)
+            mixed_ae.add_requested_context(DigitalXRayImageStorageForPresentation)
+            assert mixed_ae.associate("127.0.0.1", gw.port, ae_title="OSTEOGATE").is_rejected
         finally:
             first.release()
     assert len(list((tmp_path / "gw" / "spool").rglob("*.dcm"))) == 1

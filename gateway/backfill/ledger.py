@@ -17,6 +17,7 @@ from osteogate.gateway.core.errors import TemporaryFailure
 from osteogate.gateway.core.logs import get_logger, study_key
 from osteogate.gateway.store.backfill import BackfillRun, BackfillState, BackfillStudy
 from osteogate.gateway.store.db import (
+    STUDY_FINISHED,
     Database,
     Instance,
     Job,
@@ -30,7 +31,6 @@ from sqlalchemy import func, select, update
 
 log = get_logger("osteogate.gateway.backfill.ledger")
 
-_FINISHED = (StudyStatus.DONE, StudyStatus.SKIPPED, StudyStatus.FAILED)
 # A run's hold on the store lasts this long without renewal (the engine renews it at every step,
 # and at least every poll while waiting).
 HOLD_SECONDS = 600
@@ -156,7 +156,7 @@ class PlanRecords(_LedgerBase):
                 return row.state.value
             if study is None:
                 return "retrieve"
-            if study.status not in _FINISHED:
+            if study.status not in STUDY_FINISHED:
                 return "queued"
             purged = session.execute(select(Instance.id).where(Instance.study_id == study.id,
                                                                Instance.purged_at.is_not(None)).limit(1)).first()
@@ -260,7 +260,7 @@ class StudyStates(_LedgerBase):
                 .where(BackfillStudy.state == BackfillState.RECEIVED)
             ).all()
             for row, study in rows:
-                if self._screened_now(session, study.id) and study.status in _FINISHED:
+                if self._screened_now(session, study.id) and study.status in STUDY_FINISHED:
                     row.state, row.screened_at, row.reason = BackfillState.SCREENED, utcnow(), None
                     changed += 1
                 elif study.status == StudyStatus.FAILED:

@@ -6,10 +6,10 @@ growing the main configuration file.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from pathlib import Path
 
+from osteogate.gateway.core.sections import check_networks
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # LOINC T-score codes read by default: the DXA T-scores of panel 83311-1 ("Bone density
@@ -62,9 +62,7 @@ class GroundTruthConfig(BaseModel):
     @field_validator("allowed_hosts")
     @classmethod
     def _valid_networks(cls, value: list[str]) -> list[str]:
-        for item in value:
-            ipaddress.ip_network(item, strict=False)  # ValueError names the bad entry
-        return value
+        return check_networks(value)
 
     @field_validator("loinc_codes")
     @classmethod

@@ -21,6 +21,16 @@ from pydantic import (
 )
 
 
+def check_networks(value: list[str]) -> list[str]:
+    """An allow-list of hosts or networks (``10.0.0.0/8``, ``127.0.0.1``); a ValueError names a bad entry.
+
+    Shared by every listener's ``allowed_hosts`` (DICOM, HL7 MLLP).
+    """
+    for item in value:
+        ipaddress.ip_network(item, strict=False)
+    return value
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -76,9 +86,7 @@ class DicomConfig(Section):
     @field_validator("allowed_hosts")
     @classmethod
     def _valid_networks(cls, value: list[str]) -> list[str]:
-        for item in value:
-            ipaddress.ip_network(item, strict=False)  # ValueError names the bad entry
-        return value
+        return check_networks(value)
 
     @field_validator("ae_title")
     @classmethod
@@ -127,6 +135,10 @@ class ModelConfig(Section):
     # most 4. Others are decoded one at a time beside the model (gateway/work/prefetch.py decode_plan).
     decoders: int = Field(0, ge=0, le=64)
     decode_in_subprocess: bool = True  # those decoders are processes (gateway/work/decoding.py); false: threads
+    # Images of one study that are read and scored (the first received); the rest are listed in the
+    # SR as not read, with this reason. Knee and spine studies hold a few images; the cap keeps a
+    # study of thousands from costing memory and CPU in proportion (the SR itemizes every read image).
+    max_images_per_study: int = Field(64, ge=1, le=10000)
 
 
 class ReportConfig(Section):

@@ -19,6 +19,7 @@ from osteogate.gateway.core.errors import ExitCode, OsteoGateError
 from osteogate.gateway.core.logs import get_logger
 from osteogate.gateway.operate.queries import find_study
 from osteogate.gateway.store.db import (
+    STUDY_FINISHED,
     Database,
     Delivery,
     DeliveryStatus,
@@ -36,7 +37,7 @@ from sqlalchemy.orm import selectinload
 
 log = get_logger("osteogate.gateway.operate.admin")
 
-FINISHED = (StudyStatus.DONE, StudyStatus.SKIPPED, StudyStatus.FAILED)
+FINISHED = STUDY_FINISHED
 Progress = Callable[[int], None]  # called with how many items were completed since the last call
 
 

@@ -3,7 +3,9 @@
 the connection's own thread, never in the accept loop, and a connection that has not completed it
 *and* sent its A-ASSOCIATE-RQ within ``dicom.handshake_timeout_seconds`` is closed. Connections
 still waiting to associate do not hold association slots (``dicom.max_associations`` counts
-associations that have been requested); they are capped per host instead.
+associations that have been requested); they are capped per host instead. Verification-only
+associations (a monitoring C-ECHO) have ``ECHO_SLOTS`` of their own beyond those, so an echo is
+answered while every storage slot is busy.
 """
 
 from __future__ import annotations
@@ -27,6 +29,11 @@ from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 log = get_logger("osteogate.gateway.receive.scp")
 
+# Associations that propose only the Verification SOP Class are short and cost no spool, so a
+# few may run beyond dicom.max_associations: the PACS's or the monitoring's C-ECHO keeps its answer
+# under a storage swarm. Few, so a flood of echoes cannot hold many threads either.
+ECHO_SLOTS = 4
+
 
 class Gate(Protocol):
     """What the listener asks of the SCP that owns it (gateway/receive/scp.py StorageSCP)."""
@@ -46,6 +53,7 @@ class _Connection:
     opened: float = field(default_factory=time.monotonic)
     assoc: Association | None = None
     requested: bool = False
+    echo_only: bool = False  # holds one of the ECHO_SLOTS, not a storage slot
     closed: bool = False
 
     def alive(self) -> bool:
@@ -121,6 +129,9 @@ class AssociationListener(ThreadedAssociationServer):
 
     daemon_threads = True
     block_on_close = False
+    # listen() backlog: socketserver's 5 is kept on purpose. A burst of peers beyond it waits for
+    # its SYN retransmit, which spreads the burst out; with 256 all of a 200-peer swarm got in at
+    # once and C-ECHO latency during the swarm doubled (benchmarks/hostile_load.py, 2 cores).
 
     def __init__(self, *args: Any, gate: Gate, tls: ssl.SSLContext | None, **kwargs: Any) -> None:
         self.gate = gate
@@ -234,15 +245,20 @@ class AssociationListener(ThreadedAssociationServer):
 
     # -- association slots ----------------------------------------------------------------------
 
-    def claim_slot(self, assoc: Association) -> bool:
-        """Called when the A-ASSOCIATE-RQ arrives: True if one of the slots is free for it."""
+    def claim_slot(self, assoc: Association, *, echo_only: bool = False) -> bool:
+        """Called when the A-ASSOCIATE-RQ arrives: True if one of the slots is free for it.
+
+        A Verification-only association takes one of the ECHO_SLOTS, else a storage slot.
+        """
         conn = getattr(assoc, "osteogate_connection", None)
         with self._lock:
-            busy = sum(1 for c in self._connections if c.requested and c.alive() and c is not conn)
-            if busy >= self.slots:
+            holding = [c for c in self._connections if c.requested and c.alive() and c is not conn]
+            echoes = sum(1 for c in holding if c.echo_only)
+            reserve = echo_only and echoes < ECHO_SLOTS
+            if not reserve and len(holding) - echoes >= self.slots:
                 return False
             if conn is not None:
-                conn.requested = True
+                conn.requested, conn.echo_only = True, reserve
         return True
 
     def shutdown(self) -> None:

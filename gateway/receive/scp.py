@@ -33,7 +33,7 @@ from osteogate.gateway.core.metrics import (
     INSTANCES_REFUSED,
     ae_label,
 )
-from osteogate.gateway.receive.connections import AssociationListener
+from osteogate.gateway.receive.connections import ECHO_SLOTS, AssociationListener
 from osteogate.gateway.receive.ingest import Ingestor
 from osteogate.gateway.receive.streaming import ANNOUNCED_PDU_BYTES, StreamingSocket
 from osteogate.gateway.receive.validation import (
@@ -60,6 +60,7 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, _config, evt
+from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification
 
 __all__ = ["TRANSFER_SYNTAXES", "StorageSCP", "client_tls_context", "server_tls_context"]
@@ -99,7 +100,7 @@ def make_ae(config: DicomConfig) -> AE:
     ae = AE(ae_title=config.ae_title)
     # Our own slot count (AssociationListener.claim_slot) applies to requested associations;
     # pynetdicom's would count connections still waiting to associate, so keep it out of the way.
-    ae.maximum_associations = config.max_associations + max(64, 4 * config.max_associations) + 1
+    ae.maximum_associations = config.max_associations + ECHO_SLOTS + max(64, 4 * config.max_associations) + 1
     ae.maximum_pdu_size = ANNOUNCED_PDU_BYTES
     ae.network_timeout = config.network_timeout_seconds
     ae.dimse_timeout = config.network_timeout_seconds
@@ -184,7 +185,8 @@ class StorageSCP:
         """Before negotiation: refuse when the spool is short of space or every slot is busy."""
         assoc = event.assoc
         reason = self.accepting()
-        if reason is None and self._server is not None and not self._server.claim_slot(assoc):
+        if reason is None and self._server is not None and \
+                not self._server.claim_slot(assoc, echo_only=_verification_only(assoc)):
             reason = f"local limit exceeded: all {self.config.max_associations} association slots busy"
         if reason is None:
             return
@@ -257,3 +259,9 @@ class StorageSCP:
         if self.on_stored and stored.stored:
             self.on_stored(stored.study_uid)
         return _status(0x0000)
+
+
+def _verification_only(assoc: Association) -> bool:
+    """True when the A-ASSOCIATE-RQ proposes the Verification SOP Class and nothing else."""
+    contexts = getattr(assoc.requestor.primitive, "presentation_context_definition_list", None) or []
+    return bool(contexts) and all(str(c.abstract_syntax) == str(Verification) for c in contexts)

@@ -24,7 +24,7 @@ sr_groups.py, reading back in sr_read.py; this module assembles the document. Co
           values), plus IMAGE Source of Measurement
       CONTAINS         Qualitative Evaluations (UMLS C0034375)              TID 1500 row 12
         TEXT Comment (DCM 121106) = screening disclaimer
-        TEXT Comment (DCM 121106) = "Image not classified: <reason>" per skipped image
+        TEXT Comment (DCM 121106) = "Image not classified: <reason>" per reason (" (N images)")
 
 Nothing that is "not assessed" carries a probability, a T-score, a category or a decision: the
 group says "Not assessed: <reason>" instead. Every number derives from the model's one T-score
@@ -35,6 +35,7 @@ decision cannot disagree.
 from __future__ import annotations
 
 import datetime
+from collections import Counter
 from collections.abc import Sequence
 from importlib import metadata
 
@@ -203,6 +204,13 @@ def _observation_context(report: StudyReport, device_observer_uid: str | None) -
     )
 
 
+def _skipped_texts(skipped: Sequence[SkippedImage]) -> list[str]:
+    """One comment per reason, in first-seen order, with how many images it applies to when more
+    than one (a study of hundreds of images not read gives one line, not hundreds)."""
+    counts = Counter(s.reason for s in skipped)
+    return [f"{SKIPPED_PREFIX}{reason}" + (f" ({n} images)" if n > 1 else "") for reason, n in counts.items()]
+
+
 def _content(report: StudyReport, groups: list[hd.sr.MeasurementsAndQualitativeEvaluations],
              ordered_headers: list[pydicom.Dataset], device_observer_uid: str | None) -> pydicom.Dataset:
     """The root CONTAINER: TID 1500 from highdicom, the summary first, the disclaimer container last."""
@@ -222,7 +230,7 @@ def _content(report: StudyReport, groups: list[hd.sr.MeasurementsAndQualitativeE
         len(root.ContentSequence),
     )
     root.ContentSequence.insert(first_contains, text_item(SUMMARY, reporting.summary_text(report.assessment)))
-    texts = [DISCLAIMER, *(f"{SKIPPED_PREFIX}{s.reason}" for s in report.skipped)]
+    texts = [DISCLAIMER, *_skipped_texts(report.skipped)]
     root.ContentSequence.extend(QualitativeEvaluationsContainer(texts))
     return root
 

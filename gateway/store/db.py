@@ -52,6 +52,10 @@ class StudyStatus(enum.StrEnum):
     FAILED = "failed"
 
 
+# A study in one of these has its outcome: replay, resend and backfill may act on it.
+STUDY_FINISHED = (StudyStatus.DONE, StudyStatus.SKIPPED, StudyStatus.FAILED)
+
+
 class JobStatus(enum.StrEnum):
     PENDING = "pending"
     RUNNING = "running"

@@ -15,7 +15,11 @@ from osteogate.gateway.store.db import Instance
 from osteogate.gateway.store.spool import Spool
 from osteogate.gateway.work.decoding import DecodeRequest, DecoderPool, decode_for_model
 from osteogate.gateway.work.outcome import ImageOutcome, StudyOutcome, study_covariates, study_region
+from pydicom import dcmread
 from pydicom.dataset import Dataset
+
+_IDENTITY = ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "InstanceNumber",
+             "SpecificCharacterSet"]
 
 
 class StudyPipeline:
@@ -61,7 +65,10 @@ class StudyPipeline:
         pool = self._decoder_pool(workers) if in_processes else None
         decoded = Prefetcher(lambda instance: self._decode_instance(instance, classifier, long_side, pool),
                              workers=workers)
-        with closing(decoded.map(sorted(instances, key=lambda i: i.received_at))) as stream:
+        ordered = sorted(instances, key=lambda i: i.received_at)
+        cap = self.settings.model.max_images_per_study
+        ordered, beyond = ordered[:cap], ordered[cap:]
+        with closing(decoded.map(ordered)) as stream:
             for _, (item, image) in stream:
                 outcome.images.append(item)
                 if image is not None:
@@ -71,9 +78,20 @@ class StudyPipeline:
                     batch = []
         if batch:
             self.score_batch(batch, classifier, outcome.timings)
+        reason = (f"not read: the study has {len(instances)} images, more than model.max_images_per_study "
+                  f"({cap}); the first {cap} received were read")
+        outcome.images.extend(ImageOutcome(instance, self._identity(instance), skip_reason=reason)
+                              for instance in beyond)
         outcome.timings["decode_ms"] = sum(i.decode_ms or 0.0 for i in outcome.images)
         self.assess(outcome, classifier)
         return outcome
+
+    def _identity(self, instance: Instance) -> Dataset:
+        """The identifying attributes of an image that is not read (for the SR's list of them)."""
+        try:
+            return dcmread(self.spool.absolute(instance.path), stop_before_pixels=True, specific_tags=_IDENTITY)
+        except Exception:
+            return Dataset()  # gone or unreadable: counted in the study's images, not listed
 
     def _decode_instance(self, instance: Instance, classifier: Any, long_side: int,
                          decoders: DecoderPool | None) -> tuple[ImageOutcome, Any]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -24,9 +26,26 @@ from osteogate.gateway.operate.cli.common import (
 )
 
 
+def limit_malloc_arenas(arenas: int = 2) -> bool:
+    """Cap glibc's malloc arenas (before the service starts its threads). True if set.
+
+    glibc gives threads that allocate at once arenas of their own (up to 8 per core) and keeps
+    freed memory in each, so a receiver with dozens of association threads holds memory it no
+    longer uses: benchmarks/hostile_load.py measured +145 MB over a warm gateway during a
+    200-peer swarm, +44 MB with 2 arenas. An operator's MALLOC_ARENA_MAX wins; not glibc: no-op.
+    """
+    if os.environ.get("MALLOC_ARENA_MAX") or not sys.platform.startswith("linux"):
+        return False
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(-8, arenas))  # -8: M_ARENA_MAX
+    except (OSError, AttributeError):
+        return False
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from osteogate.gateway.operate.service import Gateway
 
+    limit_malloc_arenas()
     settings = settings_from_args(args)
     configure_logging(settings.logging.format, settings.logging.level)
     Gateway(settings).serve_forever()
@@ -36,6 +55,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     from osteogate.gateway.operate.service import WorkerService
 
+    limit_malloc_arenas()
     settings = settings_from_args(args)
     configure_logging(settings.logging.format, settings.logging.level)
     WorkerService(settings).serve_forever()
