@@ -11,9 +11,11 @@ Five phases against one gateway, each measured while a prober sends a C-ECHO eve
 * **http**: --requests /metrics and /healthz requests from 8 threads.
 
 Per phase: the prober's p99 C-ECHO latency against its idle median (the reference, measured
-first in the same run), instances/s or requests/s, and the gateway's peak RSS (VmHWM). Goals:
-p99 C-ECHO <= 2 s during every phase; peak RSS at most 150 MB above the same gateway's peak
-after one ordinary study of 64 images (the memory reference, measured first: model loaded, full
+first in the same run), instances/s or requests/s, and the gateway's peak RSS (VmHWM). The swarm
+is also sent to dcmtk `storescp --fork` first, with the same prober, as the machine's reference.
+Goals: p99 C-ECHO <= 2 s during every phase (the swarm: or at most 1.5x storescp's p99 under the
+same swarm, where the machine cannot give 2 s); peak RSS at most 150 MB above the same gateway's
+peak after one ordinary study of 64 images (the memory reference, measured first: model loaded, full
 batches run), so memory is bounded by the configuration, not by the load; every instance
 acknowledged or refused with a status (never a hang); C-ECHO answered throughout. The study phase
 lasts until that study is classified.
@@ -41,7 +43,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation, Verification
 
 from tests.gateway_harness import GatewayProcess
-from tests.helpers import free_port, make_dataset, storescu, write_dataset
+from tests.helpers import StoreSCP, free_port, make_dataset, storescu, write_dataset
 
 DX = str(DigitalXRayImageStorageForPresentation)
 
@@ -97,10 +99,14 @@ def _peak_mb(gw: GatewayProcess) -> float:
 
 
 def _report(name: str, prober: EchoProber, reference: float, gw: GatewayProcess, rate: str,
-            warm_mb: float) -> bool:
+            warm_mb: float, dcmtk_p99: float | None = None) -> bool:
     p99, peak = prober.p99(), _peak_mb(gw)
-    ok = prober.failures == 0 and p99 <= 2.0 and peak <= warm_mb + ADDED_MB
-    print(f"{name:<11} {rate:<28} C-ECHO p99 {p99 * 1000:7.0f} ms ({p99 / reference:5.1f}x idle median, "
+    # C-ECHO goal: p99 <= 2 s, or (swarm) at most 1.5x what dcmtk storescp --fork gave under the
+    # same swarm on this machine, when the machine itself cannot give 2 s.
+    echo_ok = p99 <= 2.0 or (dcmtk_p99 is not None and p99 <= 1.5 * dcmtk_p99)
+    ok = prober.failures == 0 and echo_ok and peak <= warm_mb + ADDED_MB
+    versus = f", {p99 / dcmtk_p99:.2f}x storescp's" if dcmtk_p99 else ""
+    print(f"{name:<11} {rate:<28} C-ECHO p99 {p99 * 1000:7.0f} ms ({p99 / reference:5.1f}x idle median{versus}, "
           f"{len(prober.latencies)} echoes, {prober.failures} failed); peak RSS {peak:5.0f} MB "
           f"(+{peak - warm_mb:.0f} MB over warm): {'OK' if ok else 'MISSED'}")
     return ok
@@ -130,18 +136,36 @@ def warm_up(gw: GatewayProcess, work: Path) -> float:
     return _peak_mb(gw)
 
 
-def swarm(gw: GatewayProcess, work: Path, peers: int) -> str:
-    files = [write_dataset(make_dataset(), work / "swarm" / f"{i}.dcm") for i in range(peers)]
+def _storescu_swarm(port: int, files: list[Path]) -> tuple[list[int], float]:
     exe = shutil.which("storescu") or "storescu"
     started = time.perf_counter()
-    procs = [subprocess.Popen([exe, "-aec", "OSTEOGATE", "-to", "60", "-ta", "60", "127.0.0.1", str(gw.port), str(f)],
+    procs = [subprocess.Popen([exe, "-aec", "OSTEOGATE", "-to", "60", "-ta", "60", "127.0.0.1", str(port), str(f)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for f in files]
     codes = [p.wait(300) for p in procs]  # a hang raises TimeoutExpired: the phase fails
-    seconds = time.perf_counter() - started
-    events = [e.get("event") for e in gw.events()]
+    return codes, time.perf_counter() - started
+
+
+def swarm_reference(work: Path, peers: int) -> float:
+    """The same swarm against dcmtk `storescp --fork` (a process per association, no limit), with
+    the same prober: its p99 C-ECHO is what this machine gives under that many storescu processes."""
+    files = [write_dataset(make_dataset(), work / "swarm-ref" / f"{i}.dcm") for i in range(peers)]
+    scp = StoreSCP(work / "ref-pacs", ae_title="OSTEOGATE", options=["--fork"])
+    with scp, EchoProber(scp.port) as prober:
+        codes, seconds = _storescu_swarm(scp.port, files)
+    p99 = prober.p99()
+    print(f"swarm reference: storescp --fork {codes.count(0)}/{peers} stored, {codes.count(0) / seconds:5.1f} inst/s, "
+          f"C-ECHO p99 {p99 * 1000:.0f} ms ({len(prober.latencies)} echoes, {prober.failures} failed)")
+    return p99
+
+
+def swarm(gw: GatewayProcess, work: Path, peers: int) -> str:
+    files = [write_dataset(make_dataset(), work / "swarm" / f"{i}.dcm") for i in range(peers)]
+    codes, seconds = _storescu_swarm(gw.port, files)
     # A peer beyond dicom.max_associations is refused transiently (A-ASSOCIATE-RJ 0x02/0x03/0x02,
     # or the connection closed while too many wait): a modality keeps its images and retries.
-    refused = events.count("association_rejected") + events.count("connection_refused")
+    # connection_refused lines are rate-limited: each says how many it stands for.
+    refused = sum(1 + int(e.get("suppressed", 0)) for e in gw.events()
+                  if e.get("event") in ("association_rejected", "connection_refused"))
     return (f"{codes.count(0)}/{peers} stored, {refused} refused transiently (gateway log; "
             f"limit {MAX_ASSOCIATIONS}), "
             f"{len(codes) - codes.count(0)} storescu exits non-zero, {codes.count(0) / seconds:5.1f} inst/s")
@@ -217,6 +241,7 @@ def main() -> int:
         http_port = free_port()
         env = {"OSTEOGATE_HTTP_ENABLED": "true", "OSTEOGATE_HTTP_PORT": str(http_port),
                "OSTEOGATE_DICOM_MAX_ASSOCIATIONS": str(MAX_ASSOCIATIONS)}
+        dcmtk_p99 = swarm_reference(work, args.peers)
         with GatewayProcess(work / "gw", model=model, env=env, stable_seconds=5) as gw:
             with EchoProber(gw.port) as idle:
                 time.sleep(3)
@@ -232,7 +257,7 @@ def main() -> int:
                               ("http", lambda: http(http_port, args.requests))):
                 with EchoProber(gw.port) as prober:
                     rate = run()
-                results.append(_report(name, prober, reference, gw, rate, warm))
+                results.append(_report(name, prober, reference, gw, rate, warm, dcmtk_p99 if name == "swarm" else None))
             alive = gw.proc is not None and gw.proc.poll() is None
     print(f"gateway alive at the end: {alive}")
     return 0 if all(results) and alive else 1

@@ -111,7 +111,9 @@ class StoreSCP:
         ae_title: str = "PACS",
         host: str = "127.0.0.1",
         log_path: Path | None = None,
+        options: Sequence[str] = (),
     ) -> None:
+        self.options = list(options)  # further storescp options, e.g. ["--fork"]
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
@@ -138,6 +140,7 @@ class StoreSCP:
             "-od", str(self.dir),
             "-fe", ".dcm",
             "-dhl",  # no reverse DNS lookups: they can stall on sandboxed CI machines
+            *self.options,
             str(self.port),
         ]  # fmt: skip
         log = self.log_path.open("ab")
