@@ -126,8 +126,12 @@ def test_validate_command_json_and_offline_report(tmp_path: Path) -> None:
     assert page.count("data:image/png;base64,") == 3
     assert "http://" not in page and "https://" not in page and "<script" not in page
     assert json.loads((tmp_path / "report" / "report.json").read_text())["pairs"] == 60
-    assert "P0001" not in page
+    assert "P0001" not in page and "; all pairs." in page
     # --region filters; text output names the verdicts.
     text = subprocess.run([*cli, "--region", "spine", "--quiet"], capture_output=True, text=True, timeout=300)
     assert text.returncode == 0, text.stderr
     assert text.stdout.startswith("15 DXA-matched studies") and "low-BMD AUC" in text.stdout
+    narrowed = subprocess.run([*cli, "--region", "knee", "--quiet", "--out", str(tmp_path / "knee")],
+                              capture_output=True, text=True, timeout=300)
+    assert narrowed.returncode == 0, narrowed.stderr
+    assert "; only region knee." in (tmp_path / "knee" / "report.html").read_text()

@@ -94,7 +94,7 @@ def render_html(result: SiteValidation, pngs: dict[str, str]) -> str:
              f"<p>{result.pairs} DXA-matched studies with a result, {result.patients} patients "
              f"({result.pairs_without_figures} more matched studies were not assessed). Made "
              f"{datetime.now(UTC).replace(microsecond=0).isoformat()}; model card "
-             f"{html.escape(result.card_name or '-')}; filters {html.escape(json.dumps(result.filters))}.</p>",
+             f"{html.escape(result.card_name or '-')}; {html.escape(_filters_text(result.filters))}.</p>",
              "<p class='note'>Truth: the DXA exam's lowest T-score (low bone density T &lt; -1.0, osteoporosis "
              "T &le; -2.5). Intervals: 95 % bootstrap over patients "
              f"({result.n_boot} resamples, seed {result.seed}). Claimed: the model card's grouped "
@@ -131,3 +131,9 @@ def write_report(result: SiteValidation, out_dir: Path) -> tuple[Path, Path]:
     html_path = out_dir / "report.html"
     html_path.write_text(render_html(result, figures_png(result)), encoding="utf-8")
     return html_path, json_path
+
+
+def _filters_text(filters: dict[str, str]) -> str:
+    """"all pairs" or "since 2026-01-01, region knee": what narrowed the report, in words."""
+    shown = [f"{key} {value}" for key, value in filters.items() if value not in (None, "", [])]
+    return "all pairs" if not shown else "only " + ", ".join(shown)
