@@ -67,7 +67,12 @@ def send_each(port: int, paths: list[Path], statuses: dict[str, int], *, stop: t
             if stop is not None and stop.is_set() or not assoc.is_established:
                 break
             ds = pydicom.dcmread(path)
-            status = assoc.send_c_store(ds)
+            try:
+                status = assoc.send_c_store(ds)
+            except RuntimeError:  # the gateway died between the check above and this request
+                if assoc.is_established:
+                    raise
+                break
             if status and "Status" in status:
                 statuses[str(ds.SOPInstanceUID)] = int(status.Status)
                 if callable(on_sent):

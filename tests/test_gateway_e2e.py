@@ -163,6 +163,7 @@ def _send_raw(port: int, path: Path) -> int:
     return int(status.Status)
 
 
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI:UserWarning")  # the test writes hostile UIDs
 def test_bad_inputs_refused_and_gateway_keeps_serving(tmp_path: Path, pacs: StoreSCP, tiny_model: Path) -> None:
     work = tmp_path / "bad"
     work.mkdir()

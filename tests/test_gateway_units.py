@@ -176,6 +176,7 @@ def test_tracker_waits_for_quiet(ingestor: Ingestor) -> None:
     assert StudyTracker(ingestor.db, stable_seconds=0).queue_stable_studies() == 0
 
 
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI:UserWarning")  # the test writes hostile UIDs
 def test_ingest_refusals(ingestor: Ingestor) -> None:
     good = encode(make_dataset())
     with pytest.raises(RejectedInstance) as info:
