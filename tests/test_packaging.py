@@ -132,6 +132,10 @@ def test_wheel_carries_samples_model_migrations_and_configs(wheel: tuple[Path, s
         "osteogate/gateway/store/migrations/env.py",
         *(f"osteogate/gateway/store/migrations/versions/{p.name}" for p in (REPO / "gateway/store/migrations/versions").glob("*.py")),
         *(f"osteogate/training/configs/{p.name}" for p in (REPO / "training/configs").glob("*.toml")),
+        # Every module of the installed packages: a sub-package missing from pyproject's explicit
+        # list (operate/cli once was) breaks a serving install while the editable one works.
+        *(f"osteogate/{p.relative_to(REPO).as_posix()}" for folder in ("gateway", "model", "training", "sample_dicom")
+          for p in (REPO / folder).rglob("*.py") if "__pycache__" not in p.parts),
     }
     assert len(expected) > 10
     assert not expected - names, sorted(expected - names)
