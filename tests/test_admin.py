@@ -323,6 +323,8 @@ def test_studies_filters(store: Store, tmp_path: Path) -> None:
     assert _listing(store) == {knee, chest, fresh}
     assert _listing(store, "--status", "done") == {knee}
     assert _listing(store, "--status", "skipped") == {chest}
+    shown = osteogate("show", chest, *store.cli_args()).stdout
+    assert "not screened: no knee or spine image the model reads" in shown and "no decision recorded" not in shown
     assert _listing(store, "--status", "receiving") == {fresh}
     assert _listing(store, "--since", "1d") == {fresh}
     assert _listing(store, "--since", "2000-01-01") == {knee, chest, fresh}

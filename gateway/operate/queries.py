@@ -214,6 +214,8 @@ def _describe_result(lines: list[str], result: StudyResult) -> None:
 
     if result.assessed is False:
         outcome = f"NOT ASSESSED: {result.reason}"
+    elif result.status == StudyStatus.SKIPPED:
+        outcome = "not screened: no knee or spine image the model reads (each image's reason below)"
     else:
         category = CATEGORY_WORDS.get(result.label or "", result.label or "-")
         outcome = f"{result.decision or 'no decision recorded'}; {category}  {_fmt_probs(result)}".rstrip()
