@@ -85,6 +85,29 @@ def test_every_bad_row_is_named_and_nothing_is_imported(data_dir: Path, tmp_path
     assert json.loads(osteogate("dxa", "stats", "--json", data_dir=data_dir).stdout)["exams"] == 0
 
 
+@pytest.mark.parametrize(("text", "encoding"), [
+    ("\ufeffPatient_ID,Issuer_of_Patient_ID,DXA_Date,Site,T_Score\r\nP1,,20250101,Total hip,-1.5\r\n"
+     "P2,HOSP,20250102,L1-L4,-2.7\r\n", "utf-8"),
+    ("patient_id;issuer_of_patient_id;dxa_date;site;t_score\nP1;;20250101;Total hip;-1,5\nP2;HOSP;20250102;L1-L4;-2,7\n",
+     "utf-8-sig"),
+    ("patient_id\tissuer_of_patient_id\tdxa_date\tsite\tt_score\nP1\t\t20250101\tTotal hip\t-1.5\n"
+     "P2\tHOSP\t20250102\tL1-L4\t-2.7\n", "utf-8"),
+], ids=["excel-bom-crlf-case", "semicolon-decimal-comma", "tab"])
+def test_spreadsheet_exports_are_read(tmp_path: Path, text: str, encoding: str) -> None:
+    path = tmp_path / "export.csv"
+    path.write_bytes(text.encode(encoding))
+    results, rows = read_csv(path)
+    assert rows == 2
+    assert [(r.patient_id, r.issuer_of_patient_id, r.sites[0].t_score) for r in results] == [
+        ("P1", None, -1.5), ("P2", "HOSP", -2.7)]
+
+
+def test_decimal_comma_is_not_guessed_in_a_comma_separated_file(tmp_path: Path) -> None:
+    with pytest.raises(DxaImportError) as raised:
+        read_csv(write(tmp_path, 'P1,,20250101,Total hip,"-1,5"\n'))
+    assert "t_score '-1,5' is not a number" in raised.value.problems[0]
+
+
 def test_header_and_file_problems(tmp_path: Path) -> None:
     missing = tmp_path / "m.csv"
     missing.write_text("patient_id,dxa_date,t_score\nP,20250101,-1\n")

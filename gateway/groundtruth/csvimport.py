@@ -1,7 +1,9 @@
 """``osteogate dxa import FILE.csv``: DXA results exported from the RIS or the DXA software.
 
 Columns ``patient_id,issuer_of_patient_id,dxa_date,site,t_score`` (one row per measured site;
-issuer may be empty; dates YYYYMMDD). Every row is checked before anything is stored; any bad
+issuer may be empty; dates YYYYMMDD). A spreadsheet's own export is read as well: byte-order mark,
+CRLF, header names in any case, and a semicolon- or tab-separated file (what Excel writes where the
+decimal separator is a comma), whose T-scores may then use a decimal comma. Every row is checked before anything is stored; any bad
 row (each named with its line number) and nothing is imported. The import is one transaction and
 idempotent: an exam already present with the same sites is counted, not added again.
 """
@@ -60,7 +62,16 @@ def _date(text: str, today: date) -> tuple[date | None, str | None]:
     return value, None
 
 
-def _row(line: int, row: dict[str, str | None], name: str, today: date) -> tuple[DxaResult | None, list[str]]:
+def _delimiter(header: str) -> str:
+    """The separator that splits ``header`` into all of COLUMNS (comma when none does)."""
+    for delimiter in (",", ";", "\t"):
+        if set(COLUMNS) <= {name.strip().strip('"').lower() for name in header.split(delimiter)}:
+            return delimiter
+    return ","
+
+
+def _row(line: int, row: dict[str, str | None], name: str, today: date,
+         decimal_comma: bool = False) -> tuple[DxaResult | None, list[str]]:
     values = {k: (row.get(k) or "").strip() for k in COLUMNS}
     problems = []
     if not values["patient_id"]:
@@ -75,7 +86,7 @@ def _row(line: int, row: dict[str, str | None], name: str, today: date) -> tuple
         problems.append(problem)
     t_score = None
     try:
-        t_score = float(values["t_score"])
+        t_score = float(values["t_score"].replace(",", ".", 1) if decimal_comma else values["t_score"])
     except ValueError:
         problems.append(f"t_score {values['t_score'][:20]!r} is not a number")
     else:
@@ -120,7 +131,10 @@ def read_csv(path: Path, *, today: date | None = None) -> tuple[list[DxaResult],
     seen: dict[tuple[str, str, date, str], tuple[int, float]] = {}
     try:
         with path.open(newline="", encoding="utf-8-sig") as handle:  # -sig: Excel's byte-order mark
-            reader = csv.DictReader(handle)
+            delimiter = _delimiter(handle.readline())
+            handle.seek(0)
+            reader = csv.DictReader(handle, delimiter=delimiter)
+            reader.fieldnames = [(n or "").strip().lower() for n in reader.fieldnames or []]
             missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
             if missing:
                 raise DxaImportError(path, [f"line 1: the header lacks column(s) {', '.join(missing)} "
@@ -132,7 +146,7 @@ def read_csv(path: Path, *, today: date | None = None) -> tuple[list[DxaResult],
                     continue
                 if not any((v or "").strip() for v in row.values()):
                     continue  # a blank line (spreadsheets add them at the end)
-                result, row_problems = _row(line, row, path.name, today)
+                result, row_problems = _row(line, row, path.name, today, decimal_comma=delimiter != ",")
                 problems.extend(row_problems)
                 if result is None:
                     continue
