@@ -360,6 +360,10 @@ def test_config_check_good_and_bad(tmp_path: Path, tiny_model: Path) -> None:
     result = osteogate("config", "check", str(missing_model), check=False)
     assert result.returncode == 78 and "model.path" in result.stdout
     assert osteogate("config", "check", str(tmp_path / "absent.toml"), check=False).returncode == 66  # a missing input, as for serve --config
+    # --config FILE as every other command takes it; nothing at all is a usage error.
+    assert osteogate("config", "check", "--config", str(good)).stdout == ok.stdout
+    nothing = osteogate("config", "check", check=False)
+    assert nothing.returncode == 64 and "--config FILE" in nothing.stderr
 
 
 # -- stale jobs ----------------------------------------------------------------------------------

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from osteogate.gateway.core.config import ConfigError, load_settings
 from osteogate.gateway.core.errors import (
     ExitCode,
+    UsageError,
 )
 from osteogate.gateway.operate.cli.common import Commands, add_config, admin_settings, admin_store, examples
 
@@ -40,6 +42,12 @@ def cmd_db(args: argparse.Namespace) -> int:
 def cmd_config_check(args: argparse.Namespace) -> int:
     from osteogate.gateway.operate.preflight import preflight_problems
 
+    # FILE, or --config FILE as every other command takes it, or OSTEOGATE_CONFIG.
+    args.file = args.file or args.config_file or (Path(os.environ["OSTEOGATE_CONFIG"])
+                                                  if os.environ.get("OSTEOGATE_CONFIG") else None)
+    if args.file is None:
+        raise UsageError("config check needs a configuration file", None,
+                         "Give it as FILE or --config FILE (or set OSTEOGATE_CONFIG)")
     exit_code = ExitCode.CONFIG
     try:
         settings = load_settings(args.file)
@@ -106,7 +114,9 @@ def add_parsers(cmds: Commands) -> None:
     config_sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     text = "validate a configuration file (and what serve needs: model, certificates); list every problem"
     check = config_sub.add_parser("check", help=text, description=text)
-    check.add_argument("file", type=Path, metavar="FILE", help="the TOML file (environment overrides apply)")
+    check.add_argument("file", type=Path, nargs="?", metavar="FILE",
+                       help="the TOML file (environment overrides apply; default: OSTEOGATE_CONFIG)")
+    check.add_argument("--config", dest="config_file", type=Path, metavar="FILE", help="the same, as other commands take it")
     check.set_defaults(func=cmd_config_check)
 
     selfcheck = cmds.add_parser("selfcheck", help="disk space, database, C-ECHO of each destination",
