@@ -25,7 +25,7 @@ from pydicom.uid import generate_uid
 from sqlalchemy import text
 
 from tests.gateway_harness import REPO
-from tests.helpers import make_dataset, write_dataset
+from tests.helpers import free_port, make_dataset, write_dataset
 
 # -- window ---------------------------------------------------------------------------------------
 
@@ -191,6 +191,19 @@ def test_backfill_command_line_errors_are_one_line(tmp_path: Path) -> None:
         result = subprocess.run([sys.executable, "-m", "osteogate.gateway.operate.cli", "backfill", *args],
                                 cwd=REPO, capture_output=True, text=True, timeout=60)
         assert result.returncode == 64 and words in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("source", ["PACS@127.0.0.1:{port}", "http://127.0.0.1:{port}/dicom-web"], ids=["dimse", "dicomweb"])
+def test_a_pacs_that_is_not_there_is_one_line_and_exit_69(tmp_path: Path, source: str) -> None:
+    _db(tmp_path).dispose()  # a gateway's store
+    port = free_port()  # nothing listens: connection refused at once
+    result = subprocess.run([sys.executable, "-m", "osteogate.gateway.operate.cli", "backfill", "--from",
+                             source.format(port=port), "--dry-run", "--data-dir", str(tmp_path)],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 69, result.stderr
+    last = result.stderr.strip().splitlines()[-1]  # after the progress line
+    assert last.startswith("osteogate: backfill query to") and "Traceback" not in result.stderr, result.stderr
+    assert "bug" not in last and "connection refused (nothing listens there" in last, last
 
 
 # -- the store --------------------------------------------------------------------------------------

@@ -67,6 +67,9 @@ class DicomwebSource:
         self.timeout = timeout
         self.scratch = scratch
         self.client = DICOMwebClient(self.name, session=session, timeout=timeout)
+        # dicomweb-client retries 5 times from 2 s up (31 s for a refused connection); a failed
+        # query stops the run, which resumes when run again, so a short retry is enough here.
+        self.client.set_http_retry_params(max_attempts=3, wait_exponential_multiplier=500)
 
     def _search(self, call: Callable[..., list[dict[str, Any]]], **kwargs: Any) -> Iterator[dict[str, Any]]:
         offset = 0
@@ -78,7 +81,7 @@ class DicomwebSource:
                 code = exc.response.status_code if exc.response is not None else "?"
                 raise FindError(f"QIDO-RS to {self.name}: HTTP {code}") from None
             except (requests.RequestException, OSError) as exc:
-                raise FindError(f"QIDO-RS to {self.name}: {type(exc).__name__} (no answer)") from None
+                raise FindError(f"QIDO-RS to {self.name}: {_why(exc, self.timeout)}") from None
             yield from page
             if len(page) < PAGE:
                 return
@@ -139,3 +142,15 @@ class DicomwebSource:
                 ds.save_as(path, enforce_file_format=True)
                 files.append(path)
             return forward(files, self.forward_to, self.calling_aet, self.timeout)
+
+
+def _why(exc: BaseException, timeout: float) -> str:
+    """What went wrong, in words, without quoting the exception (its text holds the query URL,
+    which names a patient under --patients)."""
+    if isinstance(exc, requests.exceptions.SSLError):
+        return "TLS handshake failed (is ca_file the CA that signed the server's certificate?)"
+    if isinstance(exc, requests.Timeout):
+        return f"no answer within {timeout:g} s"
+    if "refused" in str(exc).lower():
+        return "connection refused (nothing listens there: is the server up, the URL right?)"
+    return f"{type(exc).__name__} (no answer)"

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 
-from osteogate.gateway.core.dicomnet import Peer, response_status, status_text
+from osteogate.gateway.core.dicomnet import AssociationError, Peer, response_status, status_text
 from osteogate.gateway.core.logs import get_logger, hashed
 from pydicom.dataset import Dataset
 from pynetdicom.association import Association
@@ -178,7 +178,10 @@ class StudyFinder:
         self.find_limit = find_limit
 
     def _find(self, identifier: Dataset) -> FindAnswer:
-        assoc = self.associate()
+        try:
+            assoc = self.associate()
+        except AssociationError as exc:  # refused, rejected, unreachable: said in words, not a bug
+            raise FindError(exc.detail) from None
         try:
             answer = c_find(assoc, identifier)
         finally:
