@@ -203,7 +203,7 @@ def test_a_pacs_that_is_not_there_is_one_line_and_exit_69(tmp_path: Path, source
     assert result.returncode == 69, result.stderr
     last = result.stderr.strip().splitlines()[-1]  # after the progress line
     assert last.startswith("osteogate: backfill query to") and "Traceback" not in result.stderr, result.stderr
-    assert "bug" not in last and "connection refused (nothing listens there" in last, last
+    assert "bug" not in last and "connection refused" in last and "nothing listens there" in last, last
 
 
 # -- the store --------------------------------------------------------------------------------------
