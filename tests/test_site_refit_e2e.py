@@ -58,6 +58,7 @@ def test_site_refit_from_the_command_line_and_its_card_served(tmp_path: Path, dc
     rows = tmp_path / "site-rows.npz"
     exported = osteogate("validate", "--data-dir", str(data_dir), "--export-rows", str(rows))
     assert exported.returncode == 0, exported.stderr[-3000:]
+    assert f"refit with `osteogate refit-site {rows} --checkpoint " in exported.stderr  # the command that exists
     checkpoint = tmp_path / "site-model" / "osteogate-knee-site.safetensors"
     refit = osteogate("refit-site", str(rows), "--checkpoint", str(SHIPPED_MODEL), "--out", str(checkpoint),
                       "--bootstrap", "100")

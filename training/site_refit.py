@@ -1,4 +1,4 @@
-"""Refit the fusion heads on the site's own DXA-matched studies (``osteogate train --site``).
+"""Refit the fusion heads on the site's own DXA-matched studies (``osteogate refit-site``).
 
 Input: the rows ``osteogate validate --export-rows FILE.npz`` wrote (header covariates, the served
 image network's probabilities, the DXA T-score, the patient as a salted hash). The same procedure

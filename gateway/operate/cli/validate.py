@@ -53,9 +53,13 @@ def _export_rows(args: argparse.Namespace, settings: object, pairs: list) -> int
                                      f"reading paired studies: {d}/{n}", file=sys.stderr, flush=True))
     finally:
         store.dispose()
+    from osteogate.gateway.operate.preflight import SHIPPED_MODEL
+
     write_site_rows(args.export_rows, rows)
+    served = settings.model.path or SHIPPED_MODEL  # type: ignore[attr-defined]
     print(f"wrote {args.export_rows}: {len(rows['t'])} DXA-matched studies ({int(rows['skipped'])} no longer in "
-          f"the spool or out of scope); refit with `osteogate train --site {args.export_rows}`", file=sys.stderr)
+          f"the spool or out of scope); refit with `osteogate refit-site {args.export_rows} --checkpoint {served} "
+          f"--out site/osteogate-site.safetensors`", file=sys.stderr)
     return 0
 
 
@@ -111,6 +115,6 @@ def add_parsers(cmds: Commands) -> None:
     parser.add_argument("--seed", type=int, default=20261203, help="bootstrap seed (fixed: same pairs, same report)")
     parser.add_argument("--export-rows", type=Path, metavar="FILE.npz",
                         help="instead: write the site's refit data (covariates, image scores, DXA T-scores; "
-                             "patients hashed) for `osteogate train --site`")
+                             "patients hashed) for `osteogate refit-site`")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
     parser.set_defaults(func=cmd_validate)
