@@ -200,3 +200,23 @@ def test_patch_sampler_uses_the_serving_rule() -> None:
     windows = sampler.sample(3, np.random.default_rng(0))
     assert windows.shape == (3, sampler.window, sampler.window) and windows.dtype == np.uint8
     assert all(w.mean() > image.mean() for w in windows)
+
+
+@pytest.mark.parametrize(("argv", "code", "words"), [
+    (["train", "{missing}", "--out", "{tmp}/x.safetensors"], 66, "no such file or folder"),
+    (["dataset", "audit", "{missing}"], 66, "no such file or folder"),
+    (["evaluate", "{missing}", "{missing}"], 66, "checkpoint not found"),
+    (["export", "{missing}"], 66, "cannot read"),
+    (["refit-site", "{garbage}", "--checkpoint", "{missing}", "--out", "{tmp}/site.safetensors"], 65,
+     "is not a rows file written by `osteogate validate --export-rows`"),
+], ids=["train", "audit", "evaluate", "export", "refit-site"])
+def test_model_commands_fail_in_one_line_with_the_gateways_exit_codes(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], code: int, words: str) -> None:
+    from osteogate.training.cli import main
+
+    garbage = tmp_path / "rows.npz"
+    garbage.write_text("not numpy\n")
+    values = {"missing": str(tmp_path / "absent"), "tmp": str(tmp_path), "garbage": str(garbage)}
+    assert main([a.format(**values) for a in argv]) == code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("osteogate: ") and words in err[-1], err

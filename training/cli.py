@@ -2,7 +2,10 @@
 
 gateway/operate/cli.py imports this module on every CLI call just to build the parser, so nothing heavy
 (torch, numpy, sklearn) is imported at module level: handlers import what they need.
-Exit codes: 0 success, 1 failure, 2 bad input (data, config, arguments).
+Exit codes are the gateway's (sysexits.h, README "Exit codes"; training never imports the gateway,
+so the numbers are repeated here): 0 success, 64 wrong option or configuration value, 65 data that
+is not what it should be, 66 a named file that does not exist, 69 pretrained weights unavailable
+(no network), 73 an output that cannot be written. Every failure is one line on stderr.
 """
 
 from __future__ import annotations
@@ -12,11 +15,26 @@ import shlex
 import sys
 from pathlib import Path
 
-EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_USAGE, EXIT_DATAERR, EXIT_NOINPUT, EXIT_UNAVAILABLE, EXIT_CANTCREAT = 0, 64, 65, 66, 69, 73
 
 
 def _error(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
+    print(f"osteogate: {message}", file=sys.stderr)
+
+
+def _failed(exc: BaseException, *, writing: Path | None = None) -> int:
+    """One line for ``exc``, and its exit code: an input that is missing or unreadable 66, an
+    output (``writing``, or a temporary file beside it) that cannot be written 73, anything else
+    (bad data, unusable file) 65."""
+    if isinstance(exc, OSError) and exc.filename is not None:
+        name = Path(str(exc.filename))
+        if writing is not None and (name == Path(writing) or name.parent == Path(writing).parent):
+            _error(f"cannot write {writing}: {exc.strerror or exc}")
+            return EXIT_CANTCREAT
+        _error(f"cannot read {name}: {exc.strerror or exc}")
+        return EXIT_NOINPUT
+    _error(str(exc).strip() or type(exc).__name__)
+    return EXIT_NOINPUT if isinstance(exc, FileNotFoundError) else EXIT_DATAERR
 
 
 def _train_flags(parser: argparse.ArgumentParser) -> None:
@@ -126,10 +144,9 @@ def train_command(args: argparse.Namespace) -> int:
                      args.cv_only)
     except PretrainedUnavailable as exc:
         _error(f"--pretrained: {exc}")
-        return EXIT_USAGE
-    except (DataError, FileNotFoundError) as exc:
-        _error(str(exc))
-        return EXIT_USAGE
+        return EXIT_UNAVAILABLE
+    except (DataError, OSError, ValueError) as exc:
+        return _failed(exc, writing=args.out)
     return EXIT_OK
 
 
@@ -140,8 +157,7 @@ def refit_site_command(args: argparse.Namespace) -> int:
         checkpoint, report = refit_site(args.rows, args.checkpoint, args.out, seed=args.seed, n_boot=args.bootstrap,
                                         log=lambda line: print(line, file=sys.stderr, flush=True))
     except (OSError, ValueError, KeyError) as exc:
-        _error(str(exc))
-        return EXIT_USAGE
+        return _failed(exc, writing=args.out)
     print(f"wrote {checkpoint}, its ONNX sibling and {report}")
     return EXIT_OK
 
@@ -156,9 +172,8 @@ def evaluate_command(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     try:
         report = evaluate_checkpoint(args.checkpoint, args.data, args.out, args.bootstrap, args.gradcam, args.cache_dir)
-    except (DataError, FileNotFoundError, ValueError) as exc:
-        _error(str(exc))
-        return EXIT_USAGE
+    except (DataError, OSError, ValueError) as exc:
+        return _failed(exc)
     print(f"{report['n_images']} images {report['class_counts']}, temperature {report['temperature']:.3f}")
     print(format_metrics(report["metrics"]))
     print(f"wrote {Path(args.out) / 'evaluation.json'} and {len(report['plots'])} plots")
@@ -171,9 +186,8 @@ def export_command(args: argparse.Namespace) -> int:
     try:
         onnx_path = export_onnx(args.checkpoint, args.onnx)
         difference = check_parity(args.checkpoint, onnx_path, args.atol)
-    except (FileNotFoundError, ValueError) as exc:
-        _error(str(exc))
-        return EXIT_FAIL
+    except (OSError, ValueError) as exc:
+        return _failed(exc, writing=args.onnx)
     print(f"wrote {onnx_path}; parity max |p_torch - p_onnx| = {difference:.2e} (atol {args.atol:g})")
     return EXIT_OK
 
@@ -184,9 +198,8 @@ def audit_command(args: argparse.Namespace) -> int:
 
     try:
         print(audit_table(args.data, args.working_size, args.phash_distance, args.cache_dir))
-    except (DataError, FileNotFoundError) as exc:
-        _error(str(exc))
-        return EXIT_USAGE
+    except (DataError, OSError) as exc:
+        return _failed(exc)
     return EXIT_OK
 
 

@@ -89,6 +89,10 @@ class DataError(ValueError):
     """Bad manifest or folder layout (message is shown to the user as is)."""
 
 
+class MissingData(DataError, FileNotFoundError):
+    """The data folder or manifest named does not exist (exit 66, not 65)."""
+
+
 def _check(sample: Sample, where: str) -> Sample:
     if sample.label not in CLASSES:
         raise DataError(f"{where}: label {sample.label!r} is not one of {', '.join(CLASSES)}")
@@ -152,7 +156,7 @@ def load_samples(data: Path, default_region: str = "knee") -> list[Sample]:
     """A manifest CSV, or a folder holding `manifest.csv`, or a folder layout."""
     data = Path(data)
     if not data.exists():
-        raise DataError(f"{data}: no such file or folder")
+        raise MissingData(f"{data}: no such file or folder")
     if data.is_file():
         samples = load_manifest(data, default_region)
     elif (data / "manifest.csv").is_file():

@@ -15,6 +15,7 @@ name it (algorithm version).
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -104,8 +105,13 @@ def refit_site(rows_path: Path, checkpoint: Path, out: Path, *, seed: int = 0, n
     from osteogate.model.checkpoint import load_checkpoint, save_checkpoint
     from osteogate.model.export import export_onnx
 
-    with np.load(rows_path, allow_pickle=False) as loaded:
-        rows = {k: loaded[k] for k in loaded.files}
+    try:
+        with np.load(rows_path, allow_pickle=False) as loaded:
+            rows = {k: loaded[k] for k in loaded.files}
+        if "t" not in rows:  # the DXA T-scores: every rows file has them
+            raise KeyError("t")
+    except (ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        raise ValueError(f"{rows_path} is not a rows file written by `osteogate validate --export-rows`") from None
     if len(rows["t"]) < MIN_ROWS:
         raise ValueError(f"{rows_path}: {len(rows['t'])} DXA-matched studies; a site refit needs at least {MIN_ROWS} "
                          "(and far more for figures worth shipping)")
