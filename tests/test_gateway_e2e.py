@@ -261,6 +261,9 @@ def test_send_cli_sends_folder_untranscoded(tmp_path: Path, pacs: StoreSCP) -> N
     bad = subprocess.run([sys.executable, "-m", "osteogate.gateway.operate.cli", "send", str(SAMPLE_DIR / "README.md"), "--to",
                           f"PACS@127.0.0.1:{pacs.port}"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 66 and "not a DICOM file" in bad.stderr  # EX_NOINPUT: nothing to send
+    absent = subprocess.run([sys.executable, "-m", "osteogate.gateway.operate.cli", "send", str(tmp_path / "absent.dcm"),
+                             "--to", f"PACS@127.0.0.1:{pacs.port}"], capture_output=True, text=True, timeout=60)
+    assert absent.returncode == 66 and "absent.dcm: no such file or folder" in absent.stderr
 
 
 def test_demo_prints_sr_summaries(tiny_model: Path, tmp_path: Path) -> None:

@@ -122,7 +122,8 @@ def cmd_send(args: argparse.Namespace) -> int:
 
     files, bad = _dicom_files(args.paths)
     for path in bad:
-        print(f"skip {path}: not a DICOM file (no DICM preamble) or unreadable", file=sys.stderr)
+        why = "no such file or folder" if not path.exists() else "not a DICOM file (no DICM preamble) or unreadable"
+        print(f"skip {path}: {why}", file=sys.stderr)
     # Headers only: the pixel data is streamed from the file by pynetdicom, never held in memory.
     headers = {}
     for path in files:
